@@ -1,0 +1,1 @@
+"""Anneal operator: kopf handlers, one module per kind."""
