@@ -1,0 +1,147 @@
+"""CompressionJob: prune and/or quantize a model, then gate it on accuracy retention."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from anneal.api.common import (
+    ApiModel,
+    DatasetRef,
+    MlflowTarget,
+    ModelRef,
+    RayTarget,
+    Resources,
+    StatusBase,
+    cross_field,
+)
+from anneal.api.distillation import DepthPlan, KDConfig, WidthPlan
+
+Scheme = Literal["W8A16", "W4A16", "W8A8", "FP8"]
+
+
+class RecoveryConfig(ApiModel):
+    """A short distillation from the unpruned model after pruning."""
+
+    steps: int = Field(default=100, ge=1, description="Optimizer steps of recovery distillation.")
+    dataset: DatasetRef = Field(default_factory=DatasetRef)
+    kd: KDConfig = Field(default_factory=lambda: KDConfig(alpha=1.0))
+    batch_size: int = Field(default=8, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+
+
+class PruningConfig(ApiModel):
+    """Structured pruning by importance measured on calibration data."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "has(self.depth) || has(self.width)", "message": "set depth and/or width"}
+            ]
+        }
+    )
+
+    depth: DepthPlan | None = None
+    width: WidthPlan | None = None
+    calibration: DatasetRef = Field(default_factory=lambda: DatasetRef(samples=64))
+    recovery: RecoveryConfig | None = Field(default=None, description="Optional KD from the unpruned model.")
+
+    @model_validator(mode="after")
+    def _some(self) -> "PruningConfig":
+        if self.depth is None and self.width is None:
+            raise cross_field("", None, "set depth and/or width")
+        return self
+
+
+class QuantizationConfig(ApiModel):
+    """Weight (and activation) quantization with llm-compressor."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.algorithm != 'awq' || self.scheme in ['W4A16', 'W8A16']",
+                    "message": "awq is weight-only: use it with W4A16 or W8A16",
+                    "fieldPath": ".algorithm",
+                },
+                {
+                    "rule": "self.scheme != 'FP8' || self.algorithm == 'rtn'",
+                    "message": "FP8 (dynamic) needs no calibration: use algorithm rtn",
+                    "fieldPath": ".algorithm",
+                },
+            ]
+        }
+    )
+
+    scheme: Scheme = Field(description="W8A16 | W4A16 | W8A8 | FP8.")
+    algorithm: Literal["rtn", "gptq", "awq"] = Field(default="gptq", description="rtn | gptq | awq.")
+    group_size: int = Field(default=128, ge=1, le=65536, description="Weights per quantization group.")
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="Modules left unquantized.")
+    calibration: DatasetRef = Field(default_factory=lambda: DatasetRef(samples=64))
+
+    @model_validator(mode="after")
+    def _rules(self) -> "QuantizationConfig":
+        if self.algorithm == "awq" and self.scheme not in ("W4A16", "W8A16"):
+            raise cross_field("algorithm", self.algorithm, "awq is weight-only: use it with W4A16 or W8A16")
+        if self.scheme == "FP8" and self.algorithm != "rtn":
+            raise cross_field("algorithm", self.algorithm, "FP8 (dynamic) needs no calibration: use algorithm rtn")
+        return self
+
+
+class CompressionEvaluation(ApiModel):
+    """Accuracy gate of a compression job."""
+
+    dataset: DatasetRef = Field(default_factory=lambda: DatasetRef(split="eval"))
+    samples: int = Field(default=64, ge=1, le=100000)
+    reasoning_modes: list[Literal["on", "off"]] = Field(default_factory=lambda: ["on", "off"], max_length=2)
+    min_retention: float | None = Field(
+        default=None, ge=0, le=1, description="Required share of the source model's accuracy (0..1)."
+    )
+    max_new_tokens: int = Field(default=96, ge=1, le=32768)
+
+
+class CompressionJobSpec(ApiModel):
+    """Spec of a CompressionJob."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.pruning) || has(self.quantization)",
+                    "message": "set at least one of pruning and quantization",
+                }
+            ]
+        }
+    )
+
+    model: ModelRef = Field(description="The source model.")
+    pruning: PruningConfig | None = None
+    quantization: QuantizationConfig | None = None
+    evaluation: CompressionEvaluation = Field(default_factory=CompressionEvaluation)
+    resources: Resources = Field(default_factory=Resources)
+    ray: RayTarget = Field(default_factory=RayTarget)
+    mlflow: MlflowTarget = Field(default_factory=MlflowTarget)
+    backoff_limit: int = Field(default=2, ge=0, le=100)
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _some(self) -> "CompressionJobSpec":
+        if self.pruning is None and self.quantization is None:
+            raise cross_field("", None, "set at least one of pruning and quantization")
+        return self
+
+
+class CompressionJobStatus(StatusBase):
+    """Status of a CompressionJob."""
+
+    phase: Literal["Pending", "Submitted", "Running", "Succeeded", "Failed", "Cancelled", "Rejected"] | None = None
+    submission_id: str | None = None
+    ray_cluster: str | None = None
+    mlflow_run_id: str | None = None
+    model_uri: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
+    attempts: int = 0
+    start_time: str | None = None
+    completion_time: str | None = None

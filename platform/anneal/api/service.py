@@ -1,0 +1,330 @@
+"""ModelService: a Ray Serve app with weighted variants, routing policies and staged rollouts."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from anneal.api.common import (
+    ApiModel,
+    DatasetRef,
+    Duration,
+    MlflowTarget,
+    ModelRef,
+    Name,
+    RayTarget,
+    Resources,
+    StatusBase,
+    cross_field,
+)
+
+
+class Autoscaling(ApiModel):
+    """Ray Serve autoscaling of a variant."""
+
+    min_replicas: int = Field(default=1, ge=0, le=1000)
+    max_replicas: int = Field(default=2, ge=1, le=1000)
+    target_ongoing_requests: float = Field(default=2, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Autoscaling":
+        if self.max_replicas < self.min_replicas:
+            raise cross_field("maxReplicas", self.max_replicas, f"must be >= minReplicas ({self.min_replicas})")
+        return self
+
+
+class Generation(ApiModel):
+    """Default generation settings of a variant."""
+
+    max_tokens: int = Field(default=128, ge=1, le=32768)
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+
+
+class Variant(ApiModel):
+    """One model behind the service."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "!(has(self.replicas) && has(self.autoscaling))", "message": "set replicas or autoscaling, not both"}
+            ]
+        }
+    )
+
+    name: Name = Field(description="Variant name (DNS label).")
+    model: ModelRef
+    weight: int | None = Field(
+        default=None, ge=0, le=100, description="Share of traffic 0..100; all weights sum to 100."
+    )
+    engine: Literal["transformers", "vllm"] = Field(default="transformers")
+    replicas: int | None = Field(default=None, ge=0, le=1000, description="Fixed replicas (default 1).")
+    autoscaling: Autoscaling | None = None
+    resources: Resources = Field(
+        default_factory=Resources, description="Per replica: cpusPerWorker, gpusPerWorker, memory."
+    )
+    generation: Generation = Field(default_factory=Generation)
+
+    @model_validator(mode="after")
+    def _scale(self) -> "Variant":
+        if self.replicas is not None and self.autoscaling is not None:
+            raise cross_field("autoscaling", "set", "set replicas or autoscaling, not both")
+        return self
+
+
+class StickyRouting(ApiModel):
+    header: str = Field(default="x-user-id", max_length=128, description="Header whose value keeps a variant.")
+
+
+class ShadowRouting(ApiModel):
+    variant: Name = Field(description="Variant that receives mirrored traffic.")
+    percent: float = Field(default=10, ge=0, le=100, description="Share of requests mirrored.")
+
+
+class ReasoningRouting(ApiModel):
+    default: Literal["on", "off"] = "on"
+    header: str = Field(default="x-anneal-reasoning", max_length=128)
+    on_prompt: str = Field(default="detailed thinking on", max_length=1024)
+    off_prompt: str = Field(default="detailed thinking off", max_length=1024)
+    max_tokens_on: int | None = Field(default=None, ge=1, le=32768)
+    max_tokens_off: int | None = Field(default=None, ge=1, le=32768)
+
+
+class DynamicRouting(ApiModel):
+    small: Name = Field(description="Variant for easy requests.")
+    large: Name = Field(description="Variant for hard requests.")
+    threshold: float = Field(default=0.5, ge=0, description="Difficulty above which a request goes to large.")
+    large_share: float = Field(default=1.0, ge=0, le=1, description="Cap on the share sent to large.")
+
+
+class Routing(ApiModel):
+    sticky: StickyRouting | None = None
+    override_header: str = Field(default="x-anneal-variant", max_length=128)
+    shadow: ShadowRouting | None = None
+    reasoning: ReasoningRouting = Field(default_factory=ReasoningRouting)
+    policy: Literal["weighted", "dynamic"] = "weighted"
+    dynamic: DynamicRouting | None = None
+
+
+Metric = Literal["errorRate", "latencyP95Ms", "accuracy", "errorRateVsStable"]
+
+
+class Gate(ApiModel):
+    """A threshold on one analysis metric of the candidate."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "has(self.max) != has(self.min)", "message": "set exactly one of max or min"}
+            ]
+        }
+    )
+
+    metric: Metric
+    max: float | None = None
+    min: float | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "Gate":
+        if (self.max is None) == (self.min is None):
+            raise cross_field("", self.to_dict(), "set exactly one of max or min")
+        return self
+
+
+class Probes(ApiModel):
+    """Labelled probe requests the controller sends to measure `accuracy`."""
+
+    dataset: DatasetRef = Field(default_factory=lambda: DatasetRef(split="test"))
+    per_interval: int = Field(default=8, ge=1, le=1000)
+    reasoning: Literal["on", "off"] = "off"
+
+
+class Analysis(ApiModel):
+    interval: Duration = "30s"
+    min_requests: int = Field(default=20, ge=0)
+    failure_limit: int = Field(default=2, ge=0, le=100)
+    gates: list[Gate] = Field(default_factory=list, max_length=16)
+    probes: Probes = Field(default_factory=Probes)
+
+
+class RolloutStep(ApiModel):
+    """Exactly one of setWeight, pause or analysis."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "[has(self.setWeight), has(self.pause), has(self.analysis)].filter(x, x).size() == 1",
+                    "message": "a step is exactly one of setWeight, pause or analysis",
+                }
+            ]
+        }
+    )
+
+    set_weight: int | None = Field(default=None, ge=0, le=100)
+    pause: Duration | dict[str, Any] | None = Field(
+        default=None, description="A duration, or {} to wait for promote."
+    )
+    analysis: dict[str, Any] | None = Field(default=None, description="{}: run the analysis gates now.")
+
+    @model_validator(mode="after")
+    def _one(self) -> "RolloutStep":
+        chosen = [n for n in ("set_weight", "pause", "analysis") if getattr(self, n) is not None]
+        if len(chosen) != 1:
+            raise cross_field("", chosen or None, "a step is exactly one of setWeight, pause or analysis")
+        if isinstance(self.pause, dict) and self.pause:
+            raise cross_field("pause", self.pause, "pause is a duration or {} (wait for promote)")
+        return self
+
+
+class Rollout(ApiModel):
+    stable: Name
+    candidate: Name
+    steps: list[RolloutStep] = Field(
+        default_factory=lambda: [
+            RolloutStep(set_weight=10),
+            RolloutStep(analysis={}),
+            RolloutStep(set_weight=50),
+            RolloutStep(analysis={}),
+            RolloutStep(set_weight=100),
+        ],
+        max_length=64,
+    )
+    analysis: Analysis = Field(default_factory=Analysis)
+    auto_rollback: bool = True
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "Rollout":
+        if self.stable == self.candidate:
+            raise cross_field("candidate", self.candidate, "candidate must differ from stable")
+        return self
+
+
+class ServiceMlflow(MlflowTarget):
+    champion_alias: str = Field(default="champion", pattern=r"^[A-Za-z0-9_-]+$", max_length=64)
+    challenger_alias: str = Field(default="challenger", pattern=r"^[A-Za-z0-9_-]+$", max_length=64)
+
+
+class ModelServiceSpec(ApiModel):
+    """Spec of a ModelService."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.variants.all(v, self.variants.exists_one(w, w.name == v.name))",
+                    "message": "variant names must be unique",
+                    "fieldPath": ".variants",
+                },
+                {
+                    "rule": "(self.variants.size() == 1 && !has(self.variants[0].weight)) || "
+                    "self.variants.map(v, has(v.weight) ? v.weight : 0).sum() == 100",
+                    "message": "the weights of all variants must sum to 100",
+                    "fieldPath": ".variants",
+                },
+                {
+                    "rule": "!has(self.rollout) || (self.variants.exists(v, v.name == self.rollout.stable) && "
+                    "self.variants.exists(v, v.name == self.rollout.candidate))",
+                    "message": "rollout.stable and rollout.candidate must name variants",
+                    "fieldPath": ".rollout",
+                },
+            ]
+        }
+    )
+
+    variants: list[Variant] = Field(min_length=1, max_length=8)
+    routing: Routing = Field(default_factory=Routing)
+    rollout: Rollout | None = None
+    ray: RayTarget = Field(default_factory=RayTarget)
+    mlflow: ServiceMlflow = Field(default_factory=ServiceMlflow)
+
+    @model_validator(mode="after")
+    def _rules(self) -> "ModelServiceSpec":
+        names = [v.name for v in self.variants]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise cross_field(f"variants[{i}].name", name, "variant names must be unique")
+        if not (len(self.variants) == 1 and self.variants[0].weight is None):
+            total = sum(v.weight or 0 for v in self.variants)
+            if total != 100:
+                i = len(self.variants) - 1
+                raise cross_field(
+                    f"variants[{i}].weight",
+                    self.variants[i].weight,
+                    f"the weights of all variants must sum to 100 (they sum to {total})",
+                )
+        known = set(names)
+        r = self.routing
+        if r.shadow is not None and r.shadow.variant not in known:
+            raise cross_field("routing.shadow.variant", r.shadow.variant, f"must name a variant ({sorted(known)})")
+        if r.policy == "dynamic":
+            if r.dynamic is None:
+                raise cross_field("routing.dynamic", None, "policy dynamic needs routing.dynamic {small, large}")
+            for field in ("small", "large"):
+                if getattr(r.dynamic, field) not in known:
+                    raise cross_field(
+                        f"routing.dynamic.{field}", getattr(r.dynamic, field), f"must name a variant ({sorted(known)})"
+                    )
+        if self.rollout is not None:
+            for field in ("stable", "candidate"):
+                if getattr(self.rollout, field) not in known:
+                    raise cross_field(
+                        f"rollout.{field}", getattr(self.rollout, field), f"must name a variant ({sorted(known)})"
+                    )
+        return self
+
+    def weights(self) -> dict[str, int]:
+        """The weights as declared (a lone variant without a weight gets 100)."""
+        if len(self.variants) == 1 and self.variants[0].weight is None:
+            return {self.variants[0].name: 100}
+        return {v.name: int(v.weight or 0) for v in self.variants}
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+
+class ServicePhase(str, enum.Enum):
+    DEPLOYING = "Deploying"
+    READY = "Ready"
+    ROLLING_OUT = "RollingOut"
+    PAUSED = "Paused"
+    PROMOTED = "Promoted"
+    ROLLED_BACK = "RolledBack"
+    FAILED = "Failed"
+
+
+class AnalysisResult(ApiModel):
+    model_config = ConfigDict(extra="allow")
+
+    time: str
+    step: int
+    verdict: Literal["pass", "fail", "wait"]
+    figures: dict[str, float | None] = Field(default_factory=dict)
+    failed_gates: list[str] = Field(default_factory=list)
+    reason: str = ""
+
+
+class RolloutStatus(ApiModel):
+    model_config = ConfigDict(extra="allow")
+
+    step: int = 0
+    step_started_at: float | None = None
+    candidate_model: str | None = None
+    consecutive_failures: int = 0
+    last_analysis: AnalysisResult | None = None
+    history: list[AnalysisResult] = Field(default_factory=list)
+    outcome: str | None = None
+
+
+class ModelServiceStatus(StatusBase):
+    phase: Literal["Deploying", "Ready", "RollingOut", "Paused", "Promoted", "RolledBack", "Failed"] | None = None
+    endpoint: str | None = None
+    weights: dict[str, int] = Field(default_factory=dict)
+    weights_summary: str | None = None
+    models: dict[str, str] = Field(default_factory=dict)
+    rollout: RolloutStatus | None = None
