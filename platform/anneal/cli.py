@@ -1,0 +1,219 @@
+"""The `anneal` command: validate, generate CRDs, run manifests locally, and talk to services."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="anneal",
+    help="Distill, compress and serve LLMs as declarative resources on Ray, tracked in MLflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True)
+
+DEFAULT_CRD_DIR = Path("charts/anneal/crds")
+SUCCESS_PHASES = {"Succeeded", "Ready", "Promoted"}
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+@app.command()
+def config() -> None:
+    """Print the effective settings (ANNEAL_* environment variables and their defaults)."""
+    from anneal.settings import Settings
+
+    for key, value in Settings().effective().items():
+        typer.echo(f"{key}={value}")
+
+
+@app.command()
+def crds(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the CRD YAML files.")] = DEFAULT_CRD_DIR,
+    check: Annotated[bool, typer.Option("--check", help="Exit 1 if the files differ from the models.")] = False,
+) -> None:
+    """Generate the CustomResourceDefinitions from the typed API models."""
+    from anneal.api.crd import diff_crds, write_crds
+
+    if check:
+        stale = diff_crds(out)
+        if stale:
+            raise fail(f"CRDs in {out} are out of date: {', '.join(stale)} (run `anneal crds`)")
+        typer.echo(f"CRDs in {out} are up to date")
+        return
+    for path in write_crds(out):
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="Manifest files (multi-document YAML).")],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print problems only.")] = False,
+) -> None:
+    """Validate manifests offline with the same models the operator uses."""
+    from anneal.api.loader import load_file
+
+    failed = 0
+    for path in files:
+        for report in load_file(path):
+            for line in report.lines():
+                typer.echo(line, err=not report.ok)
+            if not report.ok:
+                failed += 1
+            elif not quiet:
+                typer.echo(f"{report.file}: document {report.index} ({report.label}): valid")
+    if failed:
+        raise fail(f"{failed} document(s) failed validation")
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(enabled: bool) -> Iterator[None]:
+    """Keep stdout clean for JSON output: everything else (Ray, libraries) goes to stderr."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    real_stdout = sys.stdout
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        sys.stdout = real_stdout
+
+
+class _ProgressView:
+    """A rich progress line on stderr, fed by status updates."""
+
+    def __init__(self, label: str):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), console=err, transient=False,
+        )
+        self.task = self.progress.add_task(label, total=None, info="starting")
+
+    def __enter__(self) -> "_ProgressView":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def update(self, status: dict[str, Any]) -> None:
+        p = status.get("progress") or {}
+        info = status.get("phase", "")
+        if status.get("message"):
+            info += f" · {status['message']}"
+        if p.get("loss") is not None:
+            info += f" · loss {p['loss']:.4f}"
+        if p.get("step") is not None and p.get("totalSteps"):
+            self.progress.update(self.task, completed=p["step"], total=p["totalSteps"], info=info)
+        else:
+            self.progress.update(self.task, info=info)
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="A manifest with one resource.")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="`json`: print the resource with its status.")] = None,
+    duration: Annotated[Optional[float], typer.Option("--duration", help="ModelService: serve for N seconds, then stop.")] = None,
+    traffic: Annotated[float, typer.Option("--traffic", help="ModelService: send N req/s of built-in-task traffic.")] = 0.0,
+    port: Annotated[int, typer.Option("--port", help="ModelService: HTTP port on 127.0.0.1.")] = 8000,
+) -> None:
+    """Run a manifest on this machine (local Ray, local MLflow store) until it finishes."""
+    from anneal.api.loader import load_file
+    from anneal.runtime.embedded import NotSupportedError, ResolutionError, run_manifest
+    from anneal.settings import Settings
+
+    if output not in (None, "json"):
+        raise fail(f"--output {output!r}: only 'json' is supported")
+    settings = Settings()
+    logging.basicConfig(level=settings.anneal.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    reports = load_file(file, settings.anneal.namespace)
+    problems = [line for r in reports for line in r.lines() if not r.ok]
+    if problems:
+        for line in problems:
+            err.print(line, highlight=False, markup=False)
+        raise fail("the manifest is invalid")
+    if len(reports) != 1:
+        raise fail(f"{file}: `anneal run` takes one resource per file ({len(reports)} found)")
+    report = reports[0]
+    for w in report.warnings:
+        err.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+    manifest = report.manifest
+    assert manifest is not None
+    err.print(f"running {manifest.kind}/{manifest.name} (namespace {manifest.namespace}), MLflow at {settings.tracking_uri}")
+    try:
+        with _stdout_to_stderr(output == "json"), _ProgressView(f"{manifest.kind}/{manifest.name}") as view:
+            status = run_manifest(manifest, settings, on_progress=view.update, duration=duration, traffic=traffic, port=port)
+    except (NotSupportedError, ResolutionError) as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted", 130) from None
+    phase = status.get("phase")
+    if output == "json":
+        resource = {
+            "apiVersion": manifest.raw.get("apiVersion"),
+            "kind": manifest.kind,
+            "metadata": {"name": manifest.name, "namespace": manifest.namespace},
+            "spec": manifest.raw.get("spec"),
+            "status": status,
+        }
+        typer.echo(json.dumps(resource, indent=2, default=str))
+    else:
+        _print_status(status)
+    if phase not in SUCCESS_PHASES:
+        raise fail(f"{manifest.kind}/{manifest.name} ended {phase}: {status.get('message', '')}")
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None)
+    for key in ("phase", "message", "modelUri", "mlflowRunId", "endpoint"):
+        if status.get(key):
+            table.add_row(key, str(status[key]))
+    for key, value in sorted((status.get("metrics") or {}).items()):
+        table.add_row(f"metrics.{key}", f"{value:.4g}" if isinstance(value, float) else str(value))
+    for w in status.get("warnings") or []:
+        table.add_row("warning", w)
+    err.print(table)
+
+
+@app.command()
+def operator(
+    namespace: Annotated[Optional[list[str]], typer.Option("--namespace", "-n", help="Namespaces to watch (default: all).")] = None,
+) -> None:
+    """Run the Kubernetes operator (same as `python -m anneal_operator`)."""
+    try:
+        from anneal_operator.main import run_operator
+    except ImportError as exc:
+        raise fail(f"the operator is not available: {exc}") from None
+    run_operator(namespaces=namespace or [])
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Model evaluation on the reasoning task: exact-answer accuracy per reasoning mode and perplexity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What to evaluate a model on."""
+
+    dataset_uri: str = "builtin://reasoning"
+    split: str = "eval"
+    format: str = "chat"
+    samples: int = 64
+    modes: tuple[str, ...] = ("on", "off")
+    max_new_tokens: int = 96
+    max_seq_length: int = 256
+    batch_size: int = 32
+    perplexity: bool = True
+
+
+@dataclass
+class Scored:
+    """One scored generation, for reports."""
+
+    mode: str
+    prompt: str
+    output: str
+    answer: int | None
+    correct: bool
+
+
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy completions of `prompts` (left-padded batches), without the prompt text.
+
+    Args:
+        model: a causal LM in eval mode.
+        tokenizer: its tokenizer (needs a pad token).
+        prompts: already chat-formatted prompts.
+        max_new_tokens: generation cap per prompt.
+        batch_size: prompts per generate() call.
+
+    Returns:
+        One decoded completion per prompt (special tokens removed).
+    """
+    import torch
+
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    out: list[str] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            chunk = list(prompts[i : i + batch_size])
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.no_grad():
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            new = gen[:, enc["input_ids"].shape[1] :]
+            out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def perplexity(model: Any, tokenizer: Any, samples: Sequence[Any], max_seq_length: int, batch_size: int = 16) -> float:
+    """exp(mean cross-entropy) over completion tokens of `samples` (anneal.data Samples)."""
+    import torch
+    import torch.nn.functional as F
+
+    from anneal.data.datasets import collate, tokenize_sample
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(samples), batch_size):
+        batch = collate(
+            [tokenize_sample(tokenizer, s, max_seq_length) for s in samples[i : i + batch_size]],
+            tokenizer.pad_token_id,
+        )
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+        total += loss.item()
+        count += int((labels != -100).sum())
+    return math.exp(total / max(count, 1))
+
+
+def evaluate(model: Any, tokenizer: Any, plan: EvalPlan, *, cache_dir: Path | None = None) -> tuple[dict[str, float], list[Scored]]:
+    """Accuracy per reasoning mode (``accuracyOn``, ``accuracyOff``), their mean ``accuracy``, and ``perplexity``.
+
+    Args:
+        model: a causal LM (eval mode).
+        tokenizer: its tokenizer.
+        plan: data set, sample count, modes and generation cap.
+        cache_dir: cache for remote data sets.
+
+    Returns:
+        The metrics and the scored generations.
+    """
+    from anneal.data.datasets import load_samples
+    from anneal.data.reasoning import check_answer
+
+    metrics: dict[str, float] = {}
+    scored: list[Scored] = []
+    accs = []
+    ppl_samples = []
+    for mode in plan.modes:
+        samples = load_samples(
+            plan.dataset_uri, split=plan.split, format=plan.format, samples=plan.samples, reasoning=mode, cache_dir=cache_dir
+        )
+        ppl_samples.extend(samples)
+        with_answer = [s for s in samples if s.answer is not None]
+        if with_answer:
+            outputs = generate(model, tokenizer, [s.prompt for s in with_answer], plan.max_new_tokens, plan.batch_size)
+            ok = [check_answer(o, s.answer) for o, s in zip(outputs, with_answer)]
+            acc = sum(ok) / len(ok)
+            metrics[f"accuracy{mode.capitalize()}"] = acc
+            accs.append(acc)
+            scored.extend(Scored(mode, s.prompt, o, s.answer, c) for s, o, c in zip(with_answer, outputs, ok))
+    if accs:
+        metrics["accuracy"] = sum(accs) / len(accs)
+    if plan.perplexity and ppl_samples:
+        metrics["perplexity"] = perplexity(model, tokenizer, ppl_samples, plan.max_seq_length)
+    return metrics, scored
+
+
+def evaluate_dir(model_dir: str | Path, plan: EvalPlan, *, cache_dir: Path | None = None, device: str = "cpu") -> dict[str, float]:
+    """Load a checkpoint directory and evaluate it (see `evaluate`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(device).eval()
+    metrics, _ = evaluate(model, tokenizer, plan, cache_dir=cache_dir)
+    return metrics
+
+
+def cached_evaluate_dir(model_dir: str | Path, plan: EvalPlan, key: str, cache_dir: Path, device: str = "cpu") -> dict[str, float]:
+    """`evaluate_dir`, cached on disk by (model key, plan): a teacher is scored once per version."""
+    digest = hashlib.sha256(json.dumps([key, plan.__dict__], sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = cache_dir / "eval" / f"{digest}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    metrics = evaluate_dir(model_dir, plan, cache_dir=cache_dir, device=device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics))
+    return metrics
+
+
+def model_key(model_dir: str | Path) -> str:
+    """A content key of a checkpoint directory (file names, sizes and mtimes)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(model_dir).rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(model_dir)}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()

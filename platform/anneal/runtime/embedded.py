@@ -1,0 +1,181 @@
+"""Embedded mode: run a manifest on this machine with a local Ray and the local MLflow store."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from anneal.api.resources import Manifest
+from anneal.settings import Settings
+from anneal.tracking import mlflow_store as store
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+class NotSupportedError(RuntimeError):
+    """A kind (or option) the embedded runtime cannot run yet."""
+
+
+class ResolutionError(RuntimeError):
+    """A fromResource reference that names nothing usable."""
+
+
+@contextlib.contextmanager
+def ray_session(settings: Settings) -> Iterator[None]:
+    """A Ray for the duration of a command: `ANNEAL_RAY_ADDRESS`, else a local one started and stopped here."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    env = {"TOKENIZERS_PARALLELISM": "false", "ANNEAL_HOME": str(settings.anneal.root)}
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    if settings.ray.address:
+        ray.init(address=settings.ray.address, **kwargs)
+    else:
+        ray.init(
+            num_cpus=settings.ray.num_cpus or os.cpu_count(),
+            include_dashboard=settings.ray.include_dashboard,
+            configure_logging=True,
+            logging_level=logging.WARNING,
+            **kwargs,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def resolve_from_resource(tracking_uri: str, namespace: str, kind: str, name: str) -> str:
+    """The registered output (`models:/...`) of the newest successful run of another resource."""
+    c = store.client(tracking_uri)
+    exps = [e.experiment_id for e in c.search_experiments()]
+    runs = c.search_runs(
+        exps,
+        filter_string=(
+            f"tags.`{store.TAG_KIND}` = '{kind}' and tags.`{store.TAG_NAME}` = '{name}' and "
+            f"tags.`{store.TAG_NAMESPACE}` = '{namespace}' and tags.`{store.TAG_PHASE}` = 'Succeeded'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs or not runs[0].data.tags.get(store.TAG_MODEL_URI):
+        raise ResolutionError(
+            f"fromResource {kind}/{name} (namespace {namespace}): no successful run with a registered model "
+            f"in {tracking_uri}; run that resource first"
+        )
+    return runs[0].data.tags[store.TAG_MODEL_URI]
+
+
+def job_context(manifest: Manifest, settings: Settings, resolved: dict[str, str], uid: str | None = None):
+    """The JobContext of an embedded run (fresh uid per run; work under ANNEAL_HOME/work)."""
+    from anneal.distill.recipe import JobContext
+
+    mlflow = manifest.spec.mlflow
+    uid = uid or f"embedded-{uuid.uuid4().hex[:12]}"
+    work = settings.anneal.work_dir / manifest.namespace / manifest.kind.lower() / manifest.name / uid
+    return JobContext(
+        kind=manifest.kind,
+        namespace=manifest.namespace,
+        name=manifest.name,
+        uid=uid,
+        tracking_uri=mlflow.tracking_uri or settings.tracking_uri,
+        artifact_root=None if mlflow.tracking_uri else settings.artifact_root,
+        experiment=mlflow.experiment or settings.mlflow.experiment,
+        registered_model_name=mlflow.registered_model_name or manifest.name,
+        work_dir=str(work),
+        cache_dir=str(settings.anneal.cache_dir),
+        resolved_uris=resolved,
+        extra_tags=dict(mlflow.tags),
+    )
+
+
+def _resolve_refs(manifest: Manifest, tracking_uri: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    spec = manifest.spec
+    for key, ref in (("teacher", getattr(spec, "teacher", None)), ("student", getattr(spec, "student", None)),
+                     ("model", getattr(spec, "model", None))):
+        if ref is not None and getattr(ref, "from_resource", None) is not None:
+            fr = ref.from_resource
+            out[key] = resolve_from_resource(tracking_uri, manifest.namespace, fr.kind, fr.name)
+    return out
+
+
+def _watch_progress(tracking_uri: str, run_id_of: Callable[[], str | None], on_progress: ProgressFn, stop: threading.Event) -> None:
+    """Level-based progress: read the run's latest metrics from MLflow every two seconds."""
+    while not stop.wait(2.0):
+        run_id = run_id_of()
+        if not run_id:
+            continue
+        try:
+            m = store.latest_metrics(tracking_uri, run_id)
+        except Exception:
+            continue
+        if "train/step" in m:
+            on_progress({"phase": "Running", "progress": {
+                "step": int(m["train/step"]), "totalSteps": int(m.get("train/total_steps", 0)) or None,
+                "loss": m.get("train/loss")}})
+
+
+def run_distillation(manifest: Manifest, settings: Settings, on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Run a DistillationJob to the end; returns its status."""
+    from anneal.distill.recipe import run
+
+    tracking_uri = manifest.spec.mlflow.tracking_uri or settings.tracking_uri
+    ctx = job_context(manifest, settings, _resolve_refs(manifest, tracking_uri))
+    ctx.run_id = store.create_run(ctx.target, ctx.run_name(), ctx.lineage_tags())
+    if on_progress:
+        on_progress({"phase": "Submitted", "mlflowRunId": ctx.run_id})
+    stop = threading.Event()
+    watcher = None
+    if on_progress:
+        watcher = threading.Thread(target=_watch_progress, args=(ctx.tracking_uri, lambda: ctx.run_id, on_progress, stop), daemon=True)
+        watcher.start()
+    try:
+        with ray_session(settings):
+            result = run(manifest.spec, ctx, on_progress=on_progress)
+    finally:
+        stop.set()
+    status = result.to_status()
+    status["attempts"] = 1
+    status["observedGeneration"] = manifest.generation or 1
+    return status
+
+
+def run_manifest(manifest: Manifest, settings: Settings, on_progress: ProgressFn | None = None, **options: Any) -> dict[str, Any]:
+    """Run one resource on this machine; returns its final status (a dict in the CRD's shape)."""
+    if manifest.kind == "DistillationJob":
+        return run_distillation(manifest, settings, on_progress)
+    if manifest.kind == "CompressionJob":
+        try:
+            from anneal.compress.runner import run_compression
+        except ImportError:
+            raise NotSupportedError("CompressionJob is not yet supported by `anneal run`") from None
+        return run_compression(manifest, settings, on_progress)
+    if manifest.kind == "ModelService":
+        try:
+            from anneal.serve.embedded import run_service_manifest
+        except ImportError:
+            raise NotSupportedError("ModelService is not yet supported by `anneal run`") from None
+        return run_service_manifest(manifest, settings, on_progress, **options)
+    if manifest.kind == "ModelPipeline":
+        try:
+            from anneal.runtime.pipeline import run_pipeline
+        except ImportError:
+            raise NotSupportedError("ModelPipeline is not yet supported by `anneal run`") from None
+        return run_pipeline(manifest, settings, on_progress, **options)
+    raise NotSupportedError(f"kind {manifest.kind!r} cannot be run")
+
+
+def spec_digest(spec: dict[str, Any]) -> str:
+    import json
+
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
