@@ -432,7 +432,7 @@ def _apply_command(p: _Pass, command: Command) -> bool:
             if command.full or rs.step >= len(r.steps) - 1:
                 p.finish(Phase.PROMOTED, f"promoted by the user{why}")
                 return True
-            skipped = _describe_step(r.steps[min(rs.step, len(r.steps) - 1)])
+            skipped = describe_step(r.steps[min(rs.step, len(r.steps) - 1)])
             rs.consecutive_failures = 0
             p.advance()
             p.event("Normal", Reason.STEP_PROMOTED, f"step {rs.step - 1} ({skipped}) skipped by the user{why}")
@@ -450,7 +450,7 @@ def _apply_command(p: _Pass, command: Command) -> bool:
     return False
 
 
-def _describe_step(s: RolloutStep) -> str:
+def describe_step(s: RolloutStep) -> str:
     if s.set_weight is not None:
         return f"setWeight {s.set_weight}"
     if s.pause is not None:

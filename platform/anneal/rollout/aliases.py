@@ -1,0 +1,198 @@
+"""MLflow follows the rollout: challenger/champion aliases, a rolled-back tag, analyses as run metrics.
+
+Acts only on variants whose model is an MLflow registry URI (``models:/Name/N`` or
+``models:/Name@alias``; the alias is resolved to its version once, when the rollout starts,
+so later alias moves cannot change which version the rollout is about). Everything else —
+paths, ``hf://``, ``s3://`` — is left alone.
+
+* rollout starts → the candidate version gets the challenger alias;
+* promoted → it gets the champion alias and loses the challenger alias;
+* rolled back → the champion stays; the candidate version is tagged ``rolled-back`` with the
+  reason and loses the challenger alias;
+* every analysis → metrics of one MLflow run per rollout attempt, tagged with both versions
+  (and the versions are tagged with that run's id).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
+
+ROLLED_BACK_TAG = "rolled-back"
+TAG_RUN = "anneal.rollout.run_id"
+TAG_OUTCOME = "anneal.rollout.outcome"
+_REGISTRY_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[0-9]+)|@(?P<alias>[A-Za-z0-9_-]+))$")
+
+
+@dataclass(frozen=True)
+class ModelVersionRef:
+    """A registered model version: ``models:/name/version``."""
+
+    name: str
+    version: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def parse_registry_uri(uri: str | None) -> tuple[str, str | None, str | None] | None:
+    """(name, version, alias) of a ``models:/`` URI, None for any other URI."""
+    m = _REGISTRY_RE.match((uri or "").strip())
+    if not m:
+        return None
+    return m.group("name"), m.group("version"), m.group("alias")
+
+
+def resolve_version(client: Any, uri: str | None) -> ModelVersionRef | None:
+    """The registered version a URI names (an alias resolved through `client`), else None."""
+    parsed = parse_registry_uri(uri)
+    if parsed is None:
+        return None
+    name, version, alias = parsed
+    if version is not None:
+        return ModelVersionRef(name, version)
+    return ModelVersionRef(name, str(client.get_model_version_by_alias(name, alias).version))
+
+
+class RolloutTracker:
+    """Moves aliases and logs analyses for one service's rollouts.
+
+    Failures to reach MLflow are logged, never raised: the rollout itself must not stop
+    because the registry is down.
+
+    Args:
+        tracking_uri: the MLflow tracking URI.
+        experiment: the experiment the rollout runs go to.
+        service: the service name (run names and tags).
+        champion_alias, challenger_alias: from ``spec.mlflow``.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, service: str,
+                 champion_alias: str = "champion", challenger_alias: str = "challenger"):
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.experiment = experiment
+        self.service = service
+        self.champion_alias = champion_alias
+        self.challenger_alias = challenger_alias
+        self.candidate: ModelVersionRef | None = None
+        self.stable: ModelVersionRef | None = None
+        self.run_id: str | None = None
+        self._analyses = 0
+
+    # --------------------------------------------------------------------- events
+
+    def started(self, candidate_uri: str | None, stable_uri: str | None, attempt: int = 1) -> None:
+        """A rollout (attempt) began: pin both versions, set the challenger alias, open a run."""
+        self._close_run("superseded")
+        self.candidate = self._resolve(candidate_uri)
+        self.stable = self._resolve(stable_uri)
+        self._analyses = 0
+        if self.candidate is not None:
+            self._safe(self.client.set_registered_model_alias, self.candidate.name, self.challenger_alias,
+                       self.candidate.version)
+        self._open_run(candidate_uri, stable_uri, attempt)
+
+    def analysed(self, figures: Mapping[str, float | None], verdict: str, step: int, weight: int) -> None:
+        """Log one analysis as metrics of the rollout run."""
+        if self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        n = self._analyses
+        self._analyses += 1
+        metrics = [Metric(f"analysis.{k}", float(v), ts, n) for k, v in figures.items() if v is not None]
+        metrics += [
+            Metric("analysis.verdict", {"pass": 1.0, "wait": 0.0, "fail": -1.0}[verdict], ts, n),
+            Metric("rollout.step", float(step), ts, n),
+            Metric("rollout.candidateWeight", float(weight), ts, n),
+        ]
+        self._safe(self.client.log_batch, self.run_id, metrics=metrics)
+
+    def promoted(self, reason: str = "") -> None:
+        """The candidate becomes champion and stops being challenger."""
+        c = self.candidate
+        if c is not None:
+            self._safe(self.client.set_registered_model_alias, c.name, self.champion_alias, c.version)
+            self._drop_challenger(c)
+        self._close_run("Promoted", reason)
+
+    def rolled_back(self, reason: str) -> None:
+        """The champion stays; the candidate version is tagged rolled-back = reason."""
+        c = self.candidate
+        if c is not None:
+            self._safe(self.client.set_model_version_tag, c.name, c.version, ROLLED_BACK_TAG, reason[:5000] or "rolled back")
+            self._drop_challenger(c)
+        self._close_run("RolledBack", reason)
+
+    def close(self) -> None:
+        self._close_run("stopped")
+
+    # -------------------------------------------------------------------- helpers
+
+    def _resolve(self, uri: str | None) -> ModelVersionRef | None:
+        try:
+            return resolve_version(self.client, uri)
+        except Exception as exc:  # noqa: BLE001 - a missing alias must not stop the rollout
+            log.warning("cannot resolve %s in the MLflow registry: %s", uri, exc)
+            return None
+
+    def _drop_challenger(self, version: ModelVersionRef) -> None:
+        try:
+            current = self.client.get_model_version_by_alias(version.name, self.challenger_alias)
+        except Exception:  # noqa: BLE001 - no such alias
+            return
+        if str(current.version) == version.version:
+            self._safe(self.client.delete_registered_model_alias, version.name, self.challenger_alias)
+
+    def _open_run(self, candidate_uri: str | None, stable_uri: str | None, attempt: int) -> None:
+        try:
+            exp = self.client.get_experiment_by_name(self.experiment)
+            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(self.experiment)
+            tags = {
+                "anneal.kind": "ModelService",
+                "anneal.name": self.service,
+                "anneal.rollout.attempt": str(attempt),
+                "anneal.rollout.candidate_model": candidate_uri or "",
+                "anneal.rollout.stable_model": stable_uri or "",
+                "mlflow.runName": f"rollout-{self.service}-{int(time.time())}",
+            }
+            if self.candidate is not None:
+                tags["anneal.rollout.candidate_version"] = self.candidate.uri
+            if self.stable is not None:
+                tags["anneal.rollout.stable_version"] = self.stable.uri
+            run = self.client.create_run(exp_id, tags=tags)
+            self.run_id = run.info.run_id
+        except Exception as exc:  # noqa: BLE001
+            log.warning("cannot open the MLflow run of the rollout: %s", exc)
+            self.run_id = None
+            return
+        for version in (self.candidate, self.stable):
+            if version is not None:
+                self._safe(self.client.set_model_version_tag, version.name, version.version, TAG_RUN, self.run_id)
+
+    def _close_run(self, outcome: str, reason: str = "") -> None:
+        if self.run_id is None:
+            return
+        run_id, self.run_id = self.run_id, None
+        self._safe(self.client.set_tag, run_id, TAG_OUTCOME, outcome)
+        if reason:
+            self._safe(self.client.set_tag, run_id, "anneal.rollout.reason", reason[:5000])
+        self._safe(self.client.set_terminated, run_id, "FINISHED" if outcome == "Promoted" else "KILLED"
+                   if outcome in ("stopped", "superseded") else "FAILED")
+
+    @staticmethod
+    def _safe(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - MLflow trouble is logged, the rollout goes on
+            log.warning("MLflow %s failed: %s", getattr(fn, "__name__", fn), exc)
+            return None
