@@ -1,0 +1,165 @@
+"""What every handler shares: settings, Kubernetes clients, metrics, per-object locks, status writes, events."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import kopf
+
+from anneal import API_GROUP, API_VERSION
+from anneal.api.common import Condition, set_condition
+from anneal.api.resources import KINDS, ManifestError
+from anneal_operator.metrics import OperatorMetrics
+from anneal_operator.settings import OperatorSettings
+
+log = logging.getLogger("anneal_operator")
+
+#: status keys kopf itself may keep (never ours to diff or drop).
+KOPF_KEYS = ("kopf",)
+
+
+def load_api_client(kubeconfig: str | None = None):
+    """A kubernetes ApiClient: the given kubeconfig, else in-cluster, else $KUBECONFIG / ~/.kube/config."""
+    from kubernetes import client, config
+
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)
+    try:
+        config.load_incluster_config()
+        return client.ApiClient()
+    except config.ConfigException:
+        return config.new_client_from_config()
+
+
+@dataclass
+class OperatorContext:
+    """Built once in `main`, closed over by every kind's handlers."""
+
+    settings: OperatorSettings
+    api_client: Any
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    #: Factory of Ray Jobs API clients by address (tests and the benchmark pass a stubbed transport).
+    jobs_client_factory: Callable[[str], Any] | None = None
+    _locks: dict[str, threading.Lock] = field(default_factory=dict)
+    #: uid → (resourceVersion, status) of our last status write: a pass that runs before the
+    #: watch delivered that write must not act on the older status it was handed.
+    _written: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    _locks_guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        from kubernetes import client
+
+        self.custom = client.CustomObjectsApi(self.api_client)
+
+    # ------------------------------------------------------------------ concurrency
+
+    def lock(self, uid: str) -> threading.Lock:
+        """The lock of one object: its timer, delete and update handlers never overlap."""
+        with self._locks_guard:
+            return self._locks.setdefault(uid, threading.Lock())
+
+    def forget(self, uid: str) -> None:
+        with self._locks_guard:
+            self._locks.pop(uid, None)
+            self._written.pop(uid, None)
+
+    def current_status(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The object's status: the body's, or our own newer write if the watch has not caught up."""
+        meta = body.get("metadata") or {}
+        status = clean_status(body.get("status"))
+        seen = self._written.get(meta.get("uid", ""))
+        if seen is not None:
+            try:
+                if int(meta.get("resourceVersion") or 0) < seen[0]:
+                    return clean_status(seen[1])
+            except ValueError:
+                pass
+        return status
+
+    # --------------------------------------------------------------------- Ray
+
+    def jobs_client(self, address: str):
+        if self.jobs_client_factory is not None:
+            return self.jobs_client_factory(address)
+        from anneal.runtime.jobs_api import JobsApiClient
+
+        return JobsApiClient(address)
+
+    # -------------------------------------------------------------- Kubernetes IO
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """An Anneal resource of this namespace, or None."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, KINDS[kind].plural, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def write_status(self, kind: str, namespace: str, name: str, old: Mapping[str, Any], new: Mapping[str, Any],
+                     uid: str | None = None) -> bool:
+        """Merge-patch `status` to `new` if it differs from `old`; returns whether it wrote.
+
+        Keys present before and absent now are removed (null in the merge patch).
+        """
+        old_clean = {k: v for k, v in old.items() if k not in KOPF_KEYS}
+        new_clean = {k: v for k, v in new.items() if k not in KOPF_KEYS}
+        if old_clean == new_clean:
+            return False
+        patch: dict[str, Any] = {k: v for k, v in new_clean.items() if old_clean.get(k) != v}
+        for k in old_clean:
+            if k not in new_clean:
+                patch[k] = None
+        written = self.custom.patch_namespaced_custom_object_status(
+            API_GROUP, API_VERSION, namespace, KINDS[kind].plural, name, {"status": patch}
+        )
+        if uid:
+            try:
+                rv = int((written.get("metadata") or {}).get("resourceVersion") or 0)
+                self._written[uid] = (rv, clean_status(written.get("status")))
+            except (AttributeError, ValueError):
+                pass
+        return True
+
+
+def event(body: Any, type: str, reason: str, message: str) -> None:
+    """A Kubernetes Event on the resource (kopf posts it in the background)."""
+    try:
+        kopf.event(body, type=type, reason=reason, message=message[:1000])
+    except Exception as exc:  # events are best effort; never fail a reconcile pass for one
+        log.debug("could not post event %s: %s", reason, exc)
+
+
+def conditions_of(status: Mapping[str, Any]) -> list[Condition]:
+    return [Condition.model_validate(c) for c in status.get("conditions") or []]
+
+
+def with_condition(status: dict[str, Any], type: str, value: str, reason: str, message: str = "") -> dict[str, Any]:
+    """`status` with condition `type` set (lastTransitionTime moves only on a flip)."""
+    conds = set_condition(conditions_of(status), type, value, reason, message)
+    status["conditions"] = [c.to_dict() for c in conds]
+    return status
+
+
+def invalid_spec_status(status: Mapping[str, Any], exc: ManifestError, generation: int | None,
+                        failed_phase: str | None = "Failed") -> dict[str, Any]:
+    """The status of a resource whose spec breaks a rule the CRD schema could not express."""
+    first = exc.errors[0]
+    new = dict(status)
+    if failed_phase:
+        new["phase"] = failed_phase
+    new["message"] = f"invalid spec: {exc}"
+    new["observedGeneration"] = generation
+    return with_condition(new, "Ready", "False", "InvalidSpec", f"{first.path}: {first.rule}")
+
+
+def clean_status(status: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A plain, deep-copied dict of a kopf status view (kopf's own keys dropped)."""
+    import copy
+
+    return {k: copy.deepcopy(v) for k, v in dict(status or {}).items() if k not in KOPF_KEYS}

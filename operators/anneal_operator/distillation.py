@@ -1,0 +1,14 @@
+"""DistillationJob handlers: a reconcile timer and a finalizer that stops the Ray job (logic in `jobs`)."""
+
+from __future__ import annotations
+
+import kopf
+
+from anneal_operator.context import OperatorContext
+from anneal_operator.jobs import JobReconciler, register_job_handlers
+
+KIND = "DistillationJob"
+
+
+def register(registry: kopf.OperatorRegistry, op: OperatorContext) -> JobReconciler:
+    return register_job_handlers(registry, op, KIND)

@@ -1,0 +1,576 @@
+"""Reconciling the two job kinds (DistillationJob, CompressionJob): plan, submit once, observe, retry.
+
+A job runs either on a shared Ray cluster (`spec.ray.address`: Ray Jobs API) or on a KubeRay
+`RayJob` owned by the resource. Each reconcile pass is level-based: it reads the resource, Ray
+and MLflow and acts on the gap. Ids (submission id, MLflow run id) are written to status
+*before* anything is submitted, so a restarted operator re-submits the same id and Ray (or the
+API server) answers "already there".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+import kopf
+
+from anneal import API_GROUP, API_VERSION
+from anneal.api.common import now_iso
+from anneal.api.resources import KINDS, FieldError, ManifestError, parse_spec
+from anneal.runtime import jobs_api, kuberay
+from anneal.runtime.plan import JobInputs, JobPlan, build_job_plan, spec_hash
+from anneal.tracking import mlflow_store as store
+from anneal_operator.context import (
+    OperatorContext,
+    clean_status,
+    event,
+    invalid_spec_status,
+    with_condition,
+)
+
+log = logging.getLogger("anneal_operator.jobs")
+
+PENDING, SUBMITTED, RUNNING = "Pending", "Submitted", "Running"
+SUCCEEDED, FAILED, CANCELLED, REJECTED = "Succeeded", "Failed", "Cancelled", "Rejected"
+TERMINAL = {SUCCEEDED, FAILED, CANCELLED, REJECTED}
+#: Phases a recipe may report as its result.
+RESULT_PHASES = {SUCCEEDED, FAILED, REJECTED}
+
+
+# ------------------------------------------------------------------------- pure parts
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one pass read about the current attempt.
+
+    Attributes:
+        ray_status: the Ray job state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED), or None
+            when Ray does not know the submission.
+        ray_message: Ray's message for it.
+        result: the recipe's result from its MLflow run (None while it has none).
+        progress: `{step, totalSteps, loss}` from the run's metrics (None: unknown).
+    """
+
+    ray_status: str | None
+    ray_message: str = ""
+    result: Mapping[str, Any] | None = None
+    progress: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Retry:
+    backoff_limit: int
+    base_delay: float = 10.0
+    max_delay: float = 300.0
+
+    def delay(self, attempts: int) -> float:
+        """Seconds before attempt `attempts + 1`: base, doubling, capped."""
+        return min(self.max_delay, self.base_delay * (2 ** max(0, attempts - 1)))
+
+
+@dataclass
+class Outcome:
+    status: dict[str, Any]
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def observe(status: Mapping[str, Any], obs: Observation, retry: Retry, now: float) -> Outcome:
+    """The next status of a submitted job, given what Ray and MLflow say (pure).
+
+    The recipe's result wins (it carries the model URI and metrics). A Ray job that ends
+    without a result, fails, or vanishes is a failed attempt: retried after a backoff while
+    `attempts <= backoffLimit`, else the job fails. A stopped Ray job is Cancelled.
+    """
+    new = dict(status)
+    out = Outcome(new)
+    phase = new.get("phase")
+    if obs.progress:
+        new["progress"] = {**(new.get("progress") or {}), **{k: v for k, v in obs.progress.items() if v is not None}}
+    result = obs.result
+    if result and result.get("phase") in RESULT_PHASES:
+        final = result["phase"]
+        new["phase"] = final
+        for key in ("modelUri", "metrics", "warnings"):
+            if result.get(key):
+                new[key] = result[key]
+        if result.get("progress"):
+            new["progress"] = {**(new.get("progress") or {}), **result["progress"]}
+        new["message"] = result.get("message") or final.lower()
+        new["completionTime"] = result.get("completionTime") or _iso(now)
+        if final == FAILED:
+            return _attempt_failed(out, new["message"], retry, now)
+        ok = final == SUCCEEDED
+        with_condition(new, "Ready", "True" if ok else "False", final, new["message"])
+        out.events.append(("Normal" if ok else "Warning", final, new["message"]))
+        return out
+    rs = obs.ray_status
+    if rs is None:
+        return _attempt_failed(out, f"Ray has no job {new.get('submissionId')} (the cluster lost it)", retry, now)
+    if rs == jobs_api.PENDING:
+        new["phase"] = SUBMITTED if phase in (PENDING, SUBMITTED, None) else phase
+    elif rs == jobs_api.RUNNING:
+        new["phase"] = RUNNING
+        new["message"] = "running"
+    elif rs == jobs_api.STOPPED:
+        new["phase"] = CANCELLED
+        new["message"] = f"Ray job stopped: {obs.ray_message}".strip(": ")
+        new["completionTime"] = _iso(now)
+        with_condition(new, "Ready", "False", CANCELLED, new["message"])
+        out.events.append(("Warning", CANCELLED, new["message"]))
+        return out
+    elif rs in (jobs_api.SUCCEEDED, jobs_api.FAILED):
+        why = obs.ray_message or rs.lower()
+        return _attempt_failed(out, f"Ray job {rs.lower()} without a result in MLflow: {why}", retry, now)
+    if new.get("phase") != phase and new["phase"] in (SUBMITTED, RUNNING):
+        with_condition(new, "Ready", "False", new["phase"], new.get("message") or "")
+        out.events.append(("Normal", new["phase"], f"attempt {new.get('attempts', 1)}: {new['phase'].lower()}"))
+    return out
+
+
+def _attempt_failed(out: Outcome, message: str, retry: Retry, now: float) -> Outcome:
+    new = out.status
+    attempts = int(new.get("attempts") or 1)
+    if attempts <= retry.backoff_limit:
+        delay = retry.delay(attempts)
+        new["phase"] = PENDING
+        new["retryAt"] = _iso(now + delay)
+        new["message"] = f"attempt {attempts} failed: {message}; retrying in {delay:g}s"
+        new.pop("completionTime", None)
+        with_condition(new, "Ready", "False", "Retrying", new["message"])
+        out.events.append(("Warning", "Retrying", new["message"]))
+        return out
+    new["phase"] = FAILED
+    new["message"] = f"attempt {attempts} failed (backoffLimit {retry.backoff_limit} reached): {message}"
+    new["completionTime"] = _iso(now)
+    new.pop("retryAt", None)
+    with_condition(new, "Ready", "False", FAILED, new["message"])
+    out.events.append(("Warning", FAILED, new["message"]))
+    return out
+
+
+def retry_due(status: Mapping[str, Any], now: float) -> bool:
+    at = status.get("retryAt")
+    if not at:
+        return False
+    return datetime.strptime(at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp() <= now
+
+
+def check_limits(spec: Any, max_workers: int, max_gpus: float, use_jobs_api: bool, address: str | None) -> list[FieldError]:
+    """Operator-level rules on a parsed job spec (limits set by the cluster admin)."""
+    errors = []
+    r = spec.resources
+    if r.workers > max_workers:
+        errors.append(FieldError("spec.resources.workers", r.workers, f"must be <= {max_workers} (operator limit)"))
+    if r.gpus_per_worker > max_gpus:
+        errors.append(FieldError("spec.resources.gpusPerWorker", r.gpus_per_worker, f"must be <= {max_gpus:g} (operator limit)"))
+    if use_jobs_api and address and not address.startswith(("http://", "https://")):
+        errors.append(FieldError("spec.ray.address", address,
+                                 "the operator submits through the Ray Jobs API: use the dashboard URL, e.g. http://ray-head:8265"))
+    return errors
+
+
+def ray_job_state(rayjob: Mapping[str, Any] | None) -> tuple[str | None, str]:
+    """(Ray job state, message) of a KubeRay RayJob object; (None, ...) when it is gone."""
+    if rayjob is None:
+        return None, "RayJob not found"
+    st = rayjob.get("status") or {}
+    deployment = st.get("jobDeploymentStatus") or ""
+    job = st.get("jobStatus") or ""
+    message = st.get("message") or st.get("reason") or ""
+    if deployment == "Failed" and job not in (jobs_api.SUCCEEDED, jobs_api.STOPPED):
+        return jobs_api.FAILED, message or "RayJob failed"
+    if job in (jobs_api.PENDING, jobs_api.RUNNING, jobs_api.SUCCEEDED, jobs_api.FAILED, jobs_api.STOPPED):
+        return job, message
+    return jobs_api.PENDING, message or (deployment or "waiting for KubeRay")
+
+
+# --------------------------------------------------------------------- the reconciler
+
+
+class Waiting(Exception):
+    """An input is not ready yet (e.g. a fromResource job still running)."""
+
+
+class JobReconciler:
+    """One kind's reconcile pass and delete hook; the kopf handlers in the kind modules call these."""
+
+    def __init__(self, op: OperatorContext, kind: str):
+        self.op = op
+        self.kind = kind
+        self.plural = KINDS[kind].plural
+
+    # ------------------------------------------------------------------ helpers
+
+    def address(self, spec: Any) -> str | None:
+        return spec.ray.address or self.op.settings.ray_address
+
+    def tracking_uri(self, spec: Any) -> str:
+        return spec.mlflow.tracking_uri or self.op.settings.tracking_uri
+
+    def resolve_refs(self, spec: Any, namespace: str) -> dict[str, str]:
+        """fromResource refs → the referenced job's `status.modelUri` (it must have Succeeded)."""
+        out: dict[str, str] = {}
+        for key in ("teacher", "student", "model"):
+            ref = getattr(spec, key, None)
+            fr = getattr(ref, "from_resource", None) if ref is not None else None
+            if fr is None:
+                continue
+            other = self.op.get(fr.kind, namespace, fr.name)
+            st = (other or {}).get("status") or {}
+            if other is None:
+                raise Waiting(f"waiting for {fr.kind}/{fr.name} (spec.{key}.fromResource): it does not exist")
+            if st.get("phase") != SUCCEEDED or not st.get("modelUri"):
+                raise Waiting(f"waiting for {fr.kind}/{fr.name} (spec.{key}.fromResource): phase {st.get('phase') or 'unknown'}")
+            out[key] = st["modelUri"]
+        return out
+
+    def context(self, spec: Any, meta: Mapping[str, Any], run_id: str | None, resolved: dict[str, str]) -> dict[str, Any]:
+        """The recipe's JobContext (as JSON) for this resource."""
+        s = self.op.settings
+        ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        return {
+            "kind": self.kind,
+            "namespace": ns,
+            "name": name,
+            "uid": uid,
+            "tracking_uri": self.tracking_uri(spec),
+            "experiment": spec.mlflow.experiment or s.experiment,
+            "registered_model_name": spec.mlflow.registered_model_name or name,
+            "work_dir": f"{s.work_dir.rstrip('/')}/{ns}/{self.kind.lower()}/{name}/{uid}",
+            "cache_dir": s.cache_dir,
+            "artifact_root": None,
+            "run_id": run_id,
+            "resolved_uris": resolved,
+            "extra_tags": dict(spec.mlflow.tags),
+        }
+
+    def plan(self, spec: Any, meta: Mapping[str, Any], attempt: int, run_id: str | None, resolved: dict[str, str]) -> JobPlan:
+        return build_job_plan(JobInputs(
+            kind=self.kind,
+            namespace=meta["namespace"],
+            name=meta["name"],
+            uid=meta["uid"],
+            attempt=attempt,
+            spec=spec.to_dict(),
+            context=self.context(spec, meta, run_id, resolved),
+            python=self.op.settings.job_python,
+        ))
+
+    def create_run(self, spec: Any, meta: Mapping[str, Any], attempt: int) -> str:
+        ctx = self.context(spec, meta, None, {})
+        target = store.TrackingTarget(
+            tracking_uri=ctx["tracking_uri"], experiment=ctx["experiment"],
+            registered_model_name=ctx["registered_model_name"], tags=ctx["extra_tags"],
+        )
+        tags = {
+            store.TAG_KIND: self.kind, store.TAG_NAMESPACE: ctx["namespace"], store.TAG_NAME: ctx["name"],
+            store.TAG_UID: ctx["uid"], store.TAG_RECIPE: f"anneal.{'distill' if self.kind == 'DistillationJob' else 'compress'}.recipe",
+            "anneal.attempt": str(attempt),
+        }
+        return store.create_run(target, f"{ctx['namespace']}.{ctx['name']}", tags)
+
+    def rayjob_name(self, meta: Mapping[str, Any], attempt: int) -> str:
+        return kuberay.kuberay_name(meta["name"], f"-a{attempt}")
+
+    def build_rayjob(self, spec: Any, meta: Mapping[str, Any], plan: JobPlan) -> dict[str, Any]:
+        s = self.op.settings
+        cluster = kuberay.ClusterOptions(
+            image=spec.ray.image or s.image,
+            ray_version=spec.ray.ray_version or s.ray_version,
+            resources=spec.resources,
+            head_cpus=spec.ray.head_resources.cpus,
+            head_memory=spec.ray.head_resources.memory,
+            gang_scheduler=s.gang_scheduler,
+            labels={"anneal.dev/kind": self.kind, "anneal.dev/name": meta["name"]},
+        )
+        owner = kuberay.owner_reference(f"{API_GROUP}/{API_VERSION}", self.kind, meta["name"], meta["uid"])
+        lifecycle = kuberay.RayJobOptions(
+            ttl_seconds_after_finished=s.ttl_seconds_after_finished,
+            active_deadline_seconds=spec.active_deadline_seconds,
+        )
+        return kuberay.build_rayjob(self.rayjob_name(meta, plan.attempt), meta["namespace"], plan, cluster, owner, lifecycle)
+
+    # --------------------------------------------------------------------- submit
+
+    def submit(self, spec: Any, meta: Mapping[str, Any], status: Mapping[str, Any], resolved: dict[str, str]) -> str:
+        """Submit the current attempt (idempotent); returns "submitted" or "exists"."""
+        attempt = int(status["attempts"])
+        plan = self.plan(spec, meta, attempt, status.get("mlflowRunId"), resolved)
+        if plan.submission_id != status["submissionId"]:
+            raise kopf.PermanentError(f"submission id drifted: {plan.submission_id} != {status['submissionId']}")
+        address = self.address(spec)
+        if address:
+            client = self.op.jobs_client(address)
+            try:
+                outcome = client.submit(plan)
+            finally:
+                client.close()
+            self.op.metrics.submissions.labels(self.kind, "jobs-api", outcome).inc()
+            return outcome
+        from kubernetes.client.exceptions import ApiException
+
+        body = self.build_rayjob(spec, meta, plan)
+        try:
+            self.op.custom.create_namespaced_custom_object(
+                "ray.io", "v1", meta["namespace"], "rayjobs", body, field_validation="Strict"
+            )
+            outcome = "submitted"
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            outcome = "exists"
+        self.op.metrics.submissions.labels(self.kind, "rayjob", outcome).inc()
+        return outcome
+
+    # -------------------------------------------------------------------- observe
+
+    def read_ray(self, spec: Any, meta: Mapping[str, Any], status: Mapping[str, Any]) -> tuple[str | None, str]:
+        address = self.address(spec)
+        if address:
+            client = self.op.jobs_client(address)
+            try:
+                info = client.get(status["submissionId"])
+            finally:
+                client.close()
+            return (None, "") if info is None else (info.status, info.message)
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            obj = self.op.custom.get_namespaced_custom_object(
+                "ray.io", "v1", meta["namespace"], "rayjobs", status.get("rayCluster") or self.rayjob_name(meta, int(status["attempts"]))
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            obj = None
+        return ray_job_state(obj)
+
+    def read_tracking(self, spec: Any, run_id: str | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(result, progress) from the attempt's MLflow run; (None, None) when unreadable."""
+        if not run_id:
+            return None, None
+        uri = self.tracking_uri(spec)
+        try:
+            run = store.client(uri).get_run(run_id)
+        except Exception as exc:
+            log.warning("MLflow %s: cannot read run %s: %s", uri, run_id, exc)
+            return None, None
+        m = run.data.metrics
+        progress = None
+        if "train/step" in m:
+            progress = {"step": int(m["train/step"]), "totalSteps": int(m.get("train/total_steps", 0)) or None,
+                        "loss": round(float(m["train/loss"]), 6) if "train/loss" in m else None}
+        result = None
+        if store.TAG_PHASE in run.data.tags:
+            try:
+                result = store.read_result(uri, run_id)
+            except Exception as exc:
+                log.warning("MLflow %s: cannot read the result of run %s: %s", uri, run_id, exc)
+        return result, progress
+
+    # ---------------------------------------------------------------------- pass
+
+    def reconcile(self, body: Any, meta: Mapping[str, Any]) -> None:
+        """One level-based pass over one job; writes status at most twice (ids first, then the rest)."""
+        ns, name = meta["namespace"], meta["name"]
+        generation = meta.get("generation")
+        old = self.op.current_status(body)
+        status = dict(old)
+        raw_spec = dict(body.get("spec") or {})
+        now = time.time()
+
+        if status.get("phase") in TERMINAL:
+            self._refuse_change(body, status, generation, raw_spec)
+            self.op.write_status(self.kind, ns, name, old, status, meta["uid"])
+            return
+        try:
+            spec = parse_spec(self.kind, raw_spec)
+            problems = check_limits(spec, self.op.settings.max_workers, self.op.settings.max_gpus_per_worker,
+                                    bool(self.address(spec)), self.address(spec))
+            if problems:
+                raise ManifestError(problems)
+        except ManifestError as exc:
+            if status.get("submissionId"):
+                # Submitted with a valid spec; an invalid edit afterwards is just refused.
+                self._refuse_change(body, status, generation, raw_spec)
+                self.op.write_status(self.kind, ns, name, old, status, meta["uid"])
+                return
+            new = invalid_spec_status(status, exc, generation)
+            if self.op.write_status(self.kind, ns, name, old, new, meta["uid"]):
+                self._phase_metric(FAILED)
+                event(body, "Warning", "InvalidSpec", str(exc))
+            return
+
+        submitted_hash = status.get("specHash")
+        if submitted_hash and submitted_hash != spec_hash(raw_spec):
+            self._refuse_change(body, status, generation, raw_spec)
+            if status.get("phase") == PENDING and retry_due(status, now):
+                status.update(phase=FAILED, message="the spec changed after submission; jobs are immutable "
+                              "once submitted: create a new resource to run again", completionTime=now_iso())
+                status.pop("retryAt", None)
+                with_condition(status, "Ready", "False", "SpecChanged", status["message"])
+                self._finish(body, old, status, [("Warning", FAILED, status["message"])])
+                return
+
+        # 1. Allocate the attempt's ids and store them before anything is submitted.
+        fresh = not status.get("submissionId")
+        if fresh or (status.get("phase") == PENDING and retry_due(status, now)):
+            try:
+                resolved = self.resolve_refs(spec, ns)
+            except Waiting as w:
+                status.update(phase=PENDING, message=str(w), observedGeneration=generation)
+                with_condition(status, "Ready", "False", "WaitingForInput", str(w))
+                self._finish(body, old, status, [])
+                return
+            attempt = int(status.get("attempts") or 0) + 1
+            try:
+                run_id = self.create_run(spec, meta, attempt)
+            except Exception as exc:
+                raise kopf.TemporaryError(f"MLflow {self.tracking_uri(spec)}: cannot create the run: {exc}", delay=10)
+            plan = self.plan(spec, meta, attempt, run_id, resolved)
+            status.update(
+                phase=PENDING, attempts=attempt, submissionId=plan.submission_id, mlflowRunId=run_id,
+                specHash=submitted_hash or spec_hash(raw_spec), observedGeneration=generation,
+                rayCluster=self.address(spec) or self.rayjob_name(meta, attempt),
+                message=f"attempt {attempt}: submitting {plan.submission_id}",
+            )
+            status.setdefault("startTime", now_iso())
+            status.pop("retryAt", None)
+            with_condition(status, "Ready", "False", PENDING, status["message"])
+            self.op.write_status(self.kind, ns, name, old, status, meta["uid"])
+            old = dict(status)
+        else:
+            resolved = None
+
+        # 2. Submit (again, harmlessly, after a restart between the two writes).
+        events: list[tuple[str, str, str]] = []
+        if status.get("phase") == PENDING and not status.get("retryAt"):
+            if resolved is None:
+                try:
+                    resolved = self.resolve_refs(spec, ns)
+                except Waiting as w:
+                    raise kopf.TemporaryError(str(w), delay=10)
+            try:
+                outcome = self.submit(spec, meta, status, resolved)
+            except jobs_api.JobsApiError as exc:
+                if exc.transient:
+                    raise kopf.TemporaryError(str(exc), delay=10)
+                status.update(phase=FAILED, message=str(exc), completionTime=now_iso())
+                with_condition(status, "Ready", "False", "SubmissionRejected", str(exc))
+                self._finish(body, old, status, [("Warning", "SubmissionRejected", str(exc))])
+                return
+            where = self.address(spec) or f"RayJob {status.get('rayCluster')}"
+            status.update(phase=SUBMITTED, message=f"attempt {status['attempts']}: submitted to {where}")
+            with_condition(status, "Ready", "False", SUBMITTED, status["message"])
+            verb = "submitted" if outcome == "submitted" else "found already submitted"
+            events.append(("Normal", SUBMITTED, f"{status['submissionId']} {verb} ({where})"))
+            self._finish(body, old, status, events)
+            return
+
+        if status.get("phase") in (SUBMITTED, RUNNING):
+            ray_status, ray_message = self.read_ray(spec, meta, status)
+            result, progress = self.read_tracking(spec, status.get("mlflowRunId"))
+            outcome = observe(status, Observation(ray_status, ray_message, result, progress),
+                              Retry(spec.backoff_limit, self.op.settings.retry_backoff, self.op.settings.retry_backoff_max),
+                              now)
+            self._finish(body, old, outcome.status, outcome.events)
+            return
+        self._finish(body, old, status, events)
+
+    def _finish(self, body: Any, old: Mapping[str, Any], new: dict[str, Any], events: list[tuple[str, str, str]]) -> None:
+        meta = body["metadata"]
+        if self.op.write_status(self.kind, meta["namespace"], meta["name"], old, new, meta["uid"]):
+            if new.get("phase") != old.get("phase") and new.get("phase"):
+                self._phase_metric(new["phase"])
+            for type_, reason, message in events:
+                event(body, type_, reason, message)
+
+    def _phase_metric(self, phase: str) -> None:
+        self.op.metrics.phases.labels(self.kind, phase).inc()
+
+    def _refuse_change(self, body: Any, status: dict[str, Any], generation: int | None, raw_spec: Mapping[str, Any]) -> None:
+        """A spec edit after submission: say once per generation that it is not applied."""
+        if generation is None or status.get("refusedGeneration") == generation:
+            return
+        if status.get("specHash") and status["specHash"] == spec_hash(raw_spec):
+            return
+        if not status.get("specHash") and status.get("observedGeneration") in (None, generation):
+            return
+        status["refusedGeneration"] = generation
+        message = (f"spec change (generation {generation}) refused: jobs are immutable once submitted; "
+                   "create a resource with a new name to run again")
+        event(body, "Warning", "SpecChangeRefused", message)
+
+    # ---------------------------------------------------------------------- delete
+
+    def on_delete(self, body: Any, meta: Mapping[str, Any]) -> None:
+        """Stop the Ray job of a running attempt before the resource goes."""
+        status = clean_status(body.get("status"))
+        if not status.get("submissionId") or status.get("phase") in TERMINAL:
+            return
+        try:
+            spec = parse_spec(self.kind, dict(body.get("spec") or {}))
+        except ManifestError:
+            return
+        address = self.address(spec)
+        if address:
+            client = self.op.jobs_client(address)
+            try:
+                stopped = client.stop(status["submissionId"])
+            except jobs_api.JobsApiError as exc:
+                if exc.transient:
+                    raise kopf.TemporaryError(str(exc), delay=5)
+                stopped = False
+            finally:
+                client.close()
+            log.info("%s %s/%s deleted: Ray job %s %s", self.kind, meta["namespace"], meta["name"],
+                     status["submissionId"], "stopped" if stopped else "was not running")
+        else:
+            from kubernetes.client.exceptions import ApiException
+
+            try:
+                self.op.custom.delete_namespaced_custom_object(
+                    "ray.io", "v1", meta["namespace"], "rayjobs", status.get("rayCluster") or "",
+                    propagation_policy="Foreground",
+                )
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+        run_id = status.get("mlflowRunId")
+        if run_id:
+            try:
+                from mlflow.entities import RunStatus
+
+                store.client(self.tracking_uri(spec)).set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+            except Exception as exc:
+                log.warning("could not mark MLflow run %s killed: %s", run_id, exc)
+
+
+def register_job_handlers(registry: kopf.OperatorRegistry, op: OperatorContext, kind: str) -> JobReconciler:
+    """The kopf handlers of one job kind: a timer that reconciles, and a delete hook (finalizer)."""
+    rec = JobReconciler(op, kind)
+    plural = KINDS[kind].plural
+
+    @kopf.timer(API_GROUP, API_VERSION, plural, interval=op.settings.poll_interval, registry=registry,
+                id="reconcile")
+    @op.metrics.timed(kind, "reconcile")
+    def reconcile(body: kopf.Body, meta: kopf.Meta, **_: Any) -> None:
+        with op.lock(meta["uid"]):
+            rec.reconcile(body, meta)
+
+    @kopf.on.delete(API_GROUP, API_VERSION, plural, registry=registry, id="stop-ray-job")
+    @op.metrics.timed(kind, "delete")
+    def delete(body: kopf.Body, meta: kopf.Meta, **_: Any) -> None:
+        with op.lock(meta["uid"]):
+            rec.on_delete(body, meta)
+        op.forget(meta["uid"])
+
+    return rec

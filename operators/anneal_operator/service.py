@@ -1,0 +1,256 @@
+"""ModelService handlers: deploy the Serve app (shared cluster: Serve REST API; else a KubeRay
+RayService built from the same app args), publish endpoint and weights, and drive the rollout
+state machine from a timer (with `anneal.dev/promote` / `anneal.dev/abort` annotations)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+import kopf
+
+from anneal import API_GROUP, API_VERSION
+from anneal.api.resources import KINDS, ManifestError, parse_spec
+from anneal.runtime import kuberay
+from anneal_operator.context import OperatorContext, event, invalid_spec_status, with_condition
+
+log = logging.getLogger("anneal_operator.service")
+
+KIND = "ModelService"
+SERVE_PORT = 8000
+
+
+# ------------------------------------------------------------------------- pure parts
+
+
+def app_name(namespace: str, name: str) -> str:
+    """The Serve application name of a ModelService (unique on a shared cluster)."""
+    return f"{namespace}-{name}"
+
+
+def route_prefix(namespace: str, name: str) -> str:
+    return f"/{namespace}/{name}"
+
+
+def shared_endpoint(address: str, namespace: str, name: str, port: int = SERVE_PORT) -> str:
+    """The Serve HTTP endpoint of the app on a shared cluster (same host as the dashboard)."""
+    host = urlparse(address).hostname or "127.0.0.1"
+    return f"http://{host}:{port}{route_prefix(namespace, name)}"
+
+
+def rayservice_endpoint(rayservice: str, namespace: str, name: str) -> str:
+    """KubeRay's serve Service of a RayService (`<name>-serve-svc`)."""
+    return f"http://{rayservice}-serve-svc.{namespace}.svc:{SERVE_PORT}{route_prefix(namespace, name)}"
+
+
+def args_hash(entry: Mapping[str, Any]) -> str:
+    """A digest of a Serve config entry without the live weights (those change in place)."""
+    stripped = {k: v for k, v in entry.items() if k != "deployments"}
+    return hashlib.sha256(json.dumps(stripped, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def serve_phase(app_status: str | None) -> str:
+    """The ModelService phase while no rollout runs, from the Serve app (or RayService) state."""
+    if app_status in ("RUNNING", "Running"):
+        return "Ready"
+    if app_status in ("DEPLOY_FAILED", "UNHEALTHY", "Failed"):
+        return "Failed"
+    return "Deploying"
+
+
+# ------------------------------------------------------------------------ reconcile
+
+
+def _resolve_models(op: OperatorContext, spec: Any, namespace: str) -> dict[str, str]:
+    uris: dict[str, str] = {}
+    for v in spec.variants:
+        ref = v.model
+        if ref.uri:
+            uris[v.name] = ref.uri
+        elif ref.from_resource is not None:
+            other = op.get(ref.from_resource.kind, namespace, ref.from_resource.name)
+            st = (other or {}).get("status") or {}
+            if st.get("phase") != "Succeeded" or not st.get("modelUri"):
+                raise kopf.TemporaryError(
+                    f"variants.{v.name}.model: waiting for {ref.from_resource.kind}/{ref.from_resource.name}", delay=10)
+            uris[v.name] = st["modelUri"]
+    return uris
+
+
+def _serve_app_status(address: str, name: str) -> str | None:
+    import httpx
+
+    r = httpx.get(address.rstrip("/") + "/api/serve/applications/", timeout=10)
+    r.raise_for_status()
+    return ((r.json().get("applications") or {}).get(name) or {}).get("status")
+
+
+def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
+    from anneal.serve.app import args_from_spec, build_serve_config
+
+    ns, name, generation = meta["namespace"], meta["name"], meta.get("generation")
+    old = op.current_status(body)
+    try:
+        spec = parse_spec(KIND, dict(body.get("spec") or {}))
+    except ManifestError as exc:
+        new = invalid_spec_status(old, exc, generation)
+        if op.write_status(KIND, ns, name, old, new, meta["uid"]):
+            event(body, "Warning", "InvalidSpec", str(exc))
+        return
+    s = op.settings
+    uris = _resolve_models(op, spec, ns)
+    tracking = spec.mlflow.tracking_uri or s.tracking_uri
+    app = app_name(ns, name)
+    args = args_from_spec(app, spec, uris, cache_dir=s.cache_dir, tracking_uri=tracking,
+                          route_prefix=route_prefix(ns, name))
+    status = dict(old)
+    weights = dict(status.get("weights") or spec.weights())
+    if set(weights) != {v.name for v in spec.variants}:
+        weights = spec.weights()
+    entry = build_serve_config(args, weights)
+    digest = args_hash(entry)
+    events: list[tuple[str, str, str]] = []
+    address = spec.ray.address or s.ray_address
+    if address:
+        endpoint = shared_endpoint(address, ns, name)
+        if status.get("appHash") != digest:
+            from anneal.serve.deploy import deploy_entries
+
+            deploy_entries([entry], dashboard_url=address, wait_s=0)
+            events.append(("Normal", "Deployed", f"Serve app {app} deployed to {address}"))
+            status["appHash"] = digest
+        app_status = _serve_app_status(address, app)
+    else:
+        rs_name = kuberay.kuberay_name(name, "-serve")
+        endpoint = rayservice_endpoint(rs_name, ns, name)
+        app_status = _apply_rayservice(op, spec, meta, rs_name, entry, status, digest, events)
+        status["rayService"] = rs_name
+    status.update(endpoint=endpoint, models=dict(uris), observedGeneration=generation)
+    if spec.rollout is None or serve_phase(app_status) != "Ready":
+        status["phase"] = serve_phase(app_status) if spec.rollout is None or not status.get("rollout") else status.get("phase")
+        status.setdefault("weights", weights)
+        status["weightsSummary"] = " ".join(f"{k}={v}" for k, v in status["weights"].items())
+    else:
+        status = _rollout_pass(op, spec, body, status, args, address, endpoint, uris, events)
+    ready = status.get("phase") in ("Ready", "Promoted", "RollingOut", "Paused")
+    with_condition(status, "Ready", "True" if ready else "False", status.get("phase") or "Deploying",
+                   f"Serve app {app}: {app_status or 'absent'}")
+    if op.write_status(KIND, ns, name, old, status, meta["uid"]):
+        if status.get("phase") != old.get("phase"):
+            op.metrics.phases.labels(KIND, status.get("phase") or "").inc()
+            events.append(("Normal" if status.get("phase") != "Failed" else "Warning", status.get("phase") or "",
+                           f"{app}: {status.get('phase')} at {endpoint}"))
+        for type_, reason, message in events:
+            event(body, type_, reason, message)
+
+
+def _apply_rayservice(op: OperatorContext, spec: Any, meta: Mapping[str, Any], rs_name: str, entry: dict[str, Any],
+                      status: dict[str, Any], digest: str, events: list) -> str | None:
+    from kubernetes.client.exceptions import ApiException
+
+    s = op.settings
+    resources = spec.variants[0].resources
+    cluster = kuberay.ClusterOptions(
+        image=spec.ray.image or s.image, ray_version=spec.ray.ray_version or s.ray_version,
+        resources=resources.model_copy(update={"workers": max(1, sum((v.replicas or 1) for v in spec.variants))}),
+        head_cpus=spec.ray.head_resources.cpus, head_memory=spec.ray.head_resources.memory,
+        gang_scheduler=s.gang_scheduler, labels={"anneal.dev/kind": KIND, "anneal.dev/name": meta["name"]},
+    )
+    owner = kuberay.owner_reference(f"{API_GROUP}/{API_VERSION}", KIND, meta["name"], meta["uid"])
+    body = kuberay.build_rayservice(rs_name, meta["namespace"], [entry], cluster, owner)
+    wanted = digest + ":" + json.dumps(entry.get("deployments"), sort_keys=True)
+    if status.get("appHash") != wanted:
+        try:
+            op.custom.create_namespaced_custom_object("ray.io", "v1", meta["namespace"], "rayservices", body,
+                                                      field_validation="Strict")
+            events.append(("Normal", "RayServiceCreated", f"RayService {rs_name} created"))
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            op.custom.patch_namespaced_custom_object("ray.io", "v1", meta["namespace"], "rayservices", rs_name,
+                                                     {"spec": {"serveConfigV2": body["spec"]["serveConfigV2"]}})
+        status["appHash"] = wanted
+    try:
+        obj = op.custom.get_namespaced_custom_object("ray.io", "v1", meta["namespace"], "rayservices", rs_name)
+    except ApiException:
+        return None
+    st = obj.get("status") or {}
+    return ((st.get("activeServiceStatus") or {}).get("applicationStatuses") or {}).get(entry["name"], {}).get("status") \
+        or st.get("serviceStatus")
+
+
+def _rollout_pass(op: OperatorContext, spec: Any, body: Any, status: dict[str, Any], args: Any, address: str | None,
+                  endpoint: str, uris: Mapping[str, str], events: list) -> dict[str, Any]:
+    """One tick of the rollout state machine: read stats, apply the annotations' command, set weights."""
+    import httpx
+
+    from anneal.api.service import ModelServiceStatus
+    from anneal.rollout import control, machine
+    from anneal.rollout.embedded import fetch_window
+
+    current = ModelServiceStatus.model_validate({k: v for k, v in status.items() if k not in ("appHash", "rayService")})
+    since = current.rollout.step_started_at if current.rollout else None
+    window = None
+    try:
+        with httpx.Client(timeout=5) as http:
+            window = fetch_window(http, endpoint, since)
+    except Exception as exc:
+        log.info("rollout of %s: stats unavailable (%s); analyses wait", args.service, exc)
+    handled = (status.get("rollout") or {}).get("handledCommands")
+    command = control.command_from_annotations(body.get("metadata", {}).get("annotations"), handled)
+    tr = machine.step(spec, current, window, time.time(), command, desired_models=dict(uris))
+    if tr.weights is not None:
+        if address:
+            from anneal.serve.deploy import apply_weights
+
+            apply_weights(args.service, args, tr.weights, dashboard_url=address, wait_s=0)
+        # the RayService path picks the new weights up from status on the next pass (serveConfigV2)
+    for ev in tr.events:
+        events.append((ev.type, ev.reason, ev.message))
+    new = tr.status.to_dict()
+    for key in ("appHash", "rayService"):
+        if key in status:
+            new[key] = status[key]
+    return new
+
+
+def register(registry: kopf.OperatorRegistry, op: OperatorContext) -> None:
+    plural = KINDS[KIND].plural
+
+    @kopf.timer(API_GROUP, API_VERSION, plural, interval=max(1.0, op.settings.poll_interval / 2), registry=registry,
+                id="reconcile")
+    @op.metrics.timed(KIND, "reconcile")
+    def service_timer(body: kopf.Body, meta: kopf.Meta, **_: Any) -> None:
+        with op.lock(meta["uid"]):
+            reconcile(op, body, meta)
+
+    @kopf.on.delete(API_GROUP, API_VERSION, plural, registry=registry, id="remove-serve-app")
+    @op.metrics.timed(KIND, "delete")
+    def service_delete(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, **_: Any) -> None:
+        """Remove the Serve app from a shared cluster (a RayService goes with its owner)."""
+        address = (spec.get("ray") or {}).get("address") or op.settings.ray_address
+        if address:
+            _remove_serve_app(address, app_name(meta["namespace"], meta["name"]))
+        op.forget(meta["uid"])
+
+
+def _remove_serve_app(address: str, name: str) -> None:
+    import httpx
+
+    base = address.rstrip("/") + "/api/serve/applications/"
+    try:
+        with httpx.Client(timeout=30) as http:
+            apps = (http.get(base).json().get("applications") or {})
+            keep = [a["deployed_app_config"] for n, a in apps.items() if n != name and a.get("deployed_app_config")]
+            if len(keep) == len(apps):
+                return
+            if keep:
+                http.put(base, json={"applications": keep}).raise_for_status()
+            else:
+                http.delete(base).raise_for_status()
+    except Exception as exc:
+        raise kopf.TemporaryError(f"Serve REST API {address}: cannot remove app {name}: {exc}", delay=10)

@@ -1,0 +1,72 @@
+"""Settings of the operator, from ANNEAL_OPERATOR_* environment variables (Helm values map onto them 1:1)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing import Annotated
+
+
+class OperatorSettings(BaseSettings):
+    """What the operator watches, where work goes by default, and how it runs."""
+
+    model_config = SettingsConfigDict(env_prefix="ANNEAL_OPERATOR_", extra="ignore")
+
+    namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Namespaces to watch, comma-separated; empty: the whole cluster.",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="Default Ray dashboard URL (shared cluster) for resources without spec.ray.address; "
+        "empty: such resources get a per-resource KubeRay cluster.",
+    )
+    tracking_uri: str = Field(
+        default="http://mlflow.anneal.svc:5000",
+        description="Default MLflow tracking URI for resources without spec.mlflow.trackingUri.",
+    )
+    experiment: str = Field(default="anneal", description="Default MLflow experiment.")
+    image: str = Field(
+        default="ghcr.io/anneal-dev/anneal:0.1.0",
+        description="Ray image (with Anneal installed) of per-resource KubeRay clusters.",
+    )
+    ray_version: str = Field(default="2.60.0", description="Ray version of that image.")
+    job_python: str = Field(
+        default="python", description="Python interpreter of job entrypoints on the Ray cluster."
+    )
+    work_dir: str = Field(
+        default="/tmp/anneal/work", description="Work directory of jobs on the Ray nodes (checkpoints)."
+    )
+    cache_dir: str = Field(default="/tmp/anneal/cache", description="Model / data cache on the Ray nodes.")
+    max_workers: int = Field(default=64, ge=1, description="Largest resources.workers a job may ask for.")
+    max_gpus_per_worker: float = Field(default=8, ge=0, description="Largest resources.gpusPerWorker.")
+    gang_scheduler: str = Field(default="kueue", description="Queue label flavour: kueue or volcano.")
+    ttl_seconds_after_finished: int = Field(default=600, ge=0, description="TTL of finished RayJobs.")
+    poll_interval: float = Field(default=5.0, gt=0, description="Seconds between observations of a job.")
+    retry_backoff: float = Field(default=10.0, ge=0, description="Seconds before the first retry (doubles).")
+    retry_backoff_max: float = Field(default=300.0, ge=0, description="Cap on the retry delay.")
+    handler_workers: int = Field(default=16, ge=1, description="Threads running reconcile passes.")
+    metrics_port: int = Field(default=8080, ge=0, description="Prometheus /metrics port (0: off).")
+    health_port: int = Field(default=8081, ge=0, description="Liveness/readiness /healthz port (0: off).")
+    bind_address: str = Field(default="0.0.0.0", description="Address of the metrics and health servers.")
+    leader_election: bool = Field(default=True, description="Only the Lease holder acts (safe with replicas).")
+    lease_name: str = Field(default="anneal-operator", description="Name of the leader-election Lease.")
+    lease_namespace: str = Field(default="default", description="Namespace of the Lease.")
+    lease_duration: float = Field(default=15.0, gt=0, description="Seconds a Lease holds without renewal.")
+    identity: str | None = Field(default=None, description="This replica's id (default: hostname-pid).")
+    kubeconfig: str | None = Field(default=None, description="Kubeconfig file; empty: in-cluster, then $KUBECONFIG.")
+    log_level: str = Field(default="INFO", description="Log level.")
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [n.strip() for n in value.split(",") if n.strip()]
+        return value
+
+    @field_validator("gang_scheduler")
+    @classmethod
+    def _scheduler(cls, value: str) -> str:
+        if value not in ("kueue", "volcano"):
+            raise ValueError("must be kueue or volcano")
+        return value

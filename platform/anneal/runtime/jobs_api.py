@@ -1,0 +1,128 @@
+"""A small client of the Ray Jobs API (the dashboard's `/api/jobs/`), idempotent by submission id."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from anneal.runtime.plan import JobPlan
+
+log = logging.getLogger(__name__)
+
+#: Ray job states (`ray.job_submission.JobStatus`).
+PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED = "PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED"
+TERMINAL = {STOPPED, SUCCEEDED, FAILED}
+
+
+class JobsApiError(RuntimeError):
+    """The Jobs API answered with an error (or could not be reached); `transient` says whether to retry."""
+
+    def __init__(self, message: str, transient: bool = True):
+        super().__init__(message)
+        self.transient = transient
+
+
+@dataclass(frozen=True)
+class RayJobInfo:
+    """What the Jobs API says about one submission."""
+
+    submission_id: str
+    status: str
+    message: str = ""
+    start_time: int | None = None
+    end_time: int | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+def dashboard_url(address: str) -> str:
+    """The dashboard base URL of a `spec.ray.address` (`http(s)://host:port`).
+
+    Raises:
+        JobsApiError: an address the Jobs API cannot use (`ray://`, `auto`, `local`).
+    """
+    if not address.startswith(("http://", "https://")):
+        raise JobsApiError(
+            f"{address!r} is not a Ray dashboard URL: the operator submits through the Ray Jobs API, "
+            "use e.g. http://ray-head:8265",
+            transient=False,
+        )
+    return address.rstrip("/")
+
+
+class JobsApiClient:
+    """Submit, read and stop Ray jobs by deterministic submission id.
+
+    `submit` is safe to repeat: a submission id that already exists is reported as
+    `"exists"`, never as a second job.
+    """
+
+    def __init__(self, address: str, timeout: float = 15.0, transport: httpx.BaseTransport | None = None):
+        self.base = dashboard_url(address)
+        self._http = httpx.Client(base_url=self.base, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "JobsApiClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise JobsApiError(f"Ray Jobs API at {self.base} unreachable: {exc}") from exc
+
+    def get(self, submission_id: str) -> RayJobInfo | None:
+        """The job's state, or None when the cluster has no job with that id."""
+        r = self._request("GET", f"/api/jobs/{submission_id}")
+        if r.status_code == 404:
+            return None
+        if r.status_code >= 400:
+            raise JobsApiError(f"Ray Jobs API GET {submission_id}: {r.status_code} {r.text[:300]}")
+        d = r.json()
+        return RayJobInfo(
+            submission_id=d.get("submission_id") or submission_id,
+            status=str(d.get("status") or PENDING),
+            message=d.get("message") or "",
+            start_time=d.get("start_time"),
+            end_time=d.get("end_time"),
+        )
+
+    def submit(self, plan: JobPlan) -> str:
+        """Submit the plan's job; returns `"submitted"` or `"exists"` (same id already there)."""
+        if self.get(plan.submission_id) is not None:
+            return "exists"
+        r = self._request("POST", "/api/jobs/", json=plan.jobs_api_request())
+        if r.status_code < 400:
+            return "submitted"
+        if r.status_code == 409 or "already exists" in r.text:
+            return "exists"
+        transient = r.status_code >= 500 and "already exists" not in r.text
+        raise JobsApiError(f"Ray Jobs API submit {plan.submission_id}: {r.status_code} {r.text[-500:]}", transient)
+
+    def stop(self, submission_id: str) -> bool:
+        """Ask Ray to stop the job; False when it is unknown or already finished."""
+        r = self._request("POST", f"/api/jobs/{submission_id}/stop")
+        if r.status_code == 404:
+            return False
+        if r.status_code >= 400:
+            raise JobsApiError(f"Ray Jobs API stop {submission_id}: {r.status_code} {r.text[:300]}")
+        try:
+            return bool(r.json().get("stopped"))
+        except ValueError:
+            return True
+
+    def list(self) -> list[dict[str, Any]]:
+        r = self._request("GET", "/api/jobs/")
+        if r.status_code >= 400:
+            raise JobsApiError(f"Ray Jobs API list: {r.status_code} {r.text[:300]}")
+        return list(r.json())

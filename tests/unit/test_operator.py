@@ -1,0 +1,224 @@
+"""Pure parts of the operator: job transitions, retries, limits, pipeline progression, settings."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+
+from anneal.api.resources import parse_spec
+from anneal_operator import jobs, pipeline, service
+from anneal_operator.settings import OperatorSettings
+
+NOW = 1_800_000_000.0
+RETRY = jobs.Retry(backoff_limit=2, base_delay=10, max_delay=300)
+
+
+def _obs(ray, result=None, progress=None, message=""):
+    return jobs.Observation(ray, message, result, progress)
+
+
+@pytest.mark.parametrize(
+    "before, obs, phase, event_reason",
+    [
+        ("Submitted", _obs("PENDING"), "Submitted", None),
+        ("Submitted", _obs("RUNNING"), "Running", "Running"),
+        ("Running", _obs("RUNNING", progress={"step": 3, "totalSteps": 10, "loss": 1.5}), "Running", None),
+        ("Running", _obs("SUCCEEDED", {"phase": "Succeeded", "modelUri": "models:/m/1", "metrics": {"a": 1.0}}),
+         "Succeeded", "Succeeded"),
+        ("Running", _obs("RUNNING", {"phase": "Rejected", "message": "retention 0.5 < 0.9"}), "Rejected", "Rejected"),
+        ("Running", _obs("STOPPED", message="stopped by user"), "Cancelled", "Cancelled"),
+        ("Running", _obs("FAILED", message="OOM"), "Pending", "Retrying"),
+        ("Running", _obs(None), "Pending", "Retrying"),
+        ("Running", _obs("SUCCEEDED"), "Pending", "Retrying"),
+        ("Running", _obs("FAILED", {"phase": "Failed", "message": "bad data"}), "Pending", "Retrying"),
+    ],
+)
+def test_observe_transitions(before, obs, phase, event_reason):
+    status = {"phase": before, "attempts": 1, "submissionId": "s-a1"}
+    out = jobs.observe(status, obs, RETRY, NOW)
+    assert out.status["phase"] == phase
+    assert [e[1] for e in out.events] == ([event_reason] if event_reason else [])
+    assert status["phase"] == before  # input untouched
+
+
+def test_success_copies_result_and_sets_ready():
+    result = {"phase": "Succeeded", "modelUri": "models:/m/3", "metrics": {"studentAccuracy": 0.5},
+              "progress": {"step": 10, "totalSteps": 10}, "message": "registered models:/m/3"}
+    out = jobs.observe({"phase": "Running", "attempts": 1}, _obs("SUCCEEDED", result), RETRY, NOW)
+    st = out.status
+    assert st["modelUri"] == "models:/m/3" and st["metrics"] == {"studentAccuracy": 0.5}
+    assert st["progress"]["step"] == 10 and st["completionTime"]
+    ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True" and ready["reason"] == "Succeeded"
+
+
+def test_progress_merges_into_status():
+    out = jobs.observe({"phase": "Running", "attempts": 1, "progress": {"step": 1, "totalSteps": 10}},
+                       _obs("RUNNING", progress={"step": 4, "totalSteps": None, "loss": 2.0}), RETRY, NOW)
+    assert out.status["progress"] == {"step": 4, "totalSteps": 10, "loss": 2.0}
+
+
+@pytest.mark.parametrize("attempts, phase, delay", [(1, "Pending", 10), (2, "Pending", 20), (3, "Failed", None)])
+def test_backoff_limit_and_delays(attempts, phase, delay):
+    out = jobs.observe({"phase": "Running", "attempts": attempts}, _obs("FAILED"), RETRY, NOW)
+    assert out.status["phase"] == phase
+    if delay is None:
+        assert "backoffLimit 2 reached" in out.status["message"] and "retryAt" not in out.status
+    else:
+        assert not jobs.retry_due(out.status, NOW + delay - 2)
+        assert jobs.retry_due(out.status, NOW + delay + 1)
+
+
+def test_retry_delay_is_capped():
+    assert jobs.Retry(10, 10, 60).delay(8) == 60
+
+
+def test_backoff_limit_zero_fails_at_once():
+    out = jobs.observe({"phase": "Running", "attempts": 1}, _obs("FAILED"), jobs.Retry(0), NOW)
+    assert out.status["phase"] == "Failed"
+
+
+SFT = {"method": "sft", "student": {"config": {"hiddenSize": 64, "layers": 2, "heads": 4}}}
+
+
+@pytest.mark.parametrize(
+    "extra, address, path",
+    [
+        ({"resources": {"workers": 65}}, None, "spec.resources.workers"),
+        ({"resources": {"gpusPerWorker": 9}}, None, "spec.resources.gpusPerWorker"),
+        ({}, "ray://head:10001", "spec.ray.address"),
+        ({}, "http://head:8265", None),
+    ],
+)
+def test_operator_limits_name_the_field(extra, address, path):
+    spec = parse_spec("DistillationJob", {**SFT, **extra})
+    errors = jobs.check_limits(spec, 64, 8, True, address)
+    assert [e.path for e in errors] == ([path] if path else [])
+
+
+@pytest.mark.parametrize(
+    "rayjob, state",
+    [
+        (None, None),
+        ({"status": {}}, "PENDING"),
+        ({"status": {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}}, "RUNNING"),
+        ({"status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}}, "SUCCEEDED"),
+        ({"status": {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"}}, "FAILED"),
+    ],
+)
+def test_rayjob_state(rayjob, state):
+    assert jobs.ray_job_state(rayjob)[0] == state
+
+
+def test_context_matches_the_recipe_job_context():
+    from anneal.distill.recipe import JobContext
+
+    spec = parse_spec("DistillationJob", SFT)
+
+    class Op:
+        settings = OperatorSettings(tracking_uri="http://mlflow:5000")
+
+    rec = jobs.JobReconciler.__new__(jobs.JobReconciler)
+    rec.op, rec.kind = Op(), "DistillationJob"
+    ctx = rec.context(spec, {"namespace": "ns", "name": "j", "uid": "u"}, "run1", {"teacher": "models:/t/1"})
+    assert set(ctx) == {f.name for f in fields(JobContext)}
+    jc = JobContext(**ctx)
+    assert jc.run_id == "run1" and jc.tracking_uri == "http://mlflow:5000" and jc.registered_model_name == "j"
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+PIPE = {
+    "stages": [
+        {"name": "teacher", "distillation": SFT},
+        {"name": "student", "distillation": {"method": "kd", "teacher": {"fromStage": "teacher"},
+                                              "student": {"config": {"hiddenSize": 32, "layers": 1, "heads": 2}}},
+         "gate": {"metric": "retention", "min": 0.8}},
+        {"name": "small", "compression": {"model": {"fromStage": "student"}, "quantization": {"scheme": "W8A16"}}},
+    ]
+}
+
+
+def _child(phase, **status):
+    return {"metadata": {"name": "x"}, "status": {"phase": phase, **status}}
+
+
+def test_pipeline_creates_first_stage_then_waits():
+    spec = parse_spec("ModelPipeline", PIPE)
+    st, create, _ = pipeline.advance(spec, {}, {})
+    assert create == "teacher" and st["phase"] == "Running" and st["currentStage"] == "teacher"
+    st, create, _ = pipeline.advance(spec, st, {"teacher": _child("Running")})
+    assert create is None and st["stages"]["teacher"]["phase"] == "Running"
+
+
+def test_pipeline_moves_on_and_resolves_from_stage():
+    spec = parse_spec("ModelPipeline", PIPE)
+    st, create, _ = pipeline.advance(spec, {}, {"teacher": _child("Succeeded", modelUri="models:/t/1")})
+    assert create == "student"
+    child = pipeline.build_child({"name": "p", "namespace": "ns", "uid": "u"}, spec.stages[1],
+                                 {"teacher": "models:/t/1"})
+    assert child["metadata"]["name"] == "p-student"
+    assert child["spec"]["teacher"] == {"uri": "models:/t/1"}
+    assert child["metadata"]["ownerReferences"][0]["kind"] == "ModelPipeline"
+    parse_spec("DistillationJob", child["spec"])  # the child is a valid job on its own
+
+
+def test_pipeline_gate_failure_names_the_stage():
+    spec = parse_spec("ModelPipeline", PIPE)
+    children = {"teacher": _child("Succeeded", modelUri="models:/t/1"),
+                "student": _child("Succeeded", modelUri="models:/s/1", metrics={"retention": 0.5})}
+    st, create, events = pipeline.advance(spec, {}, children)
+    assert create is None and st["phase"] == "Failed"
+    assert "stage student gate failed" in st["message"] and "retention=0.5 < min 0.8" in st["message"]
+    assert events[-1][1] == "GateFailed"
+
+
+def test_pipeline_failed_stage_fails_the_pipeline():
+    spec = parse_spec("ModelPipeline", PIPE)
+    st, _, _ = pipeline.advance(spec, {}, {"teacher": _child("Failed", message="OOM")})
+    assert st["phase"] == "Failed" and st["message"].startswith("stage teacher (DistillationJob/x) ended Failed: OOM")
+
+
+def test_pipeline_succeeds_when_every_stage_is_done():
+    spec = parse_spec("ModelPipeline", PIPE)
+    children = {"teacher": _child("Succeeded", modelUri="models:/t/1"),
+                "student": _child("Succeeded", modelUri="models:/s/1", metrics={"retention": 0.9}),
+                "small": _child("Succeeded", modelUri="models:/c/1")}
+    st, create, _ = pipeline.advance(spec, {}, children)
+    assert create is None and st["phase"] == "Succeeded" and st["stages"]["student"]["gate"].startswith("passed")
+
+
+def test_resolve_stage_refs_needs_the_earlier_output():
+    with pytest.raises(KeyError):
+        pipeline.resolve_stage_refs({"model": {"fromStage": "a"}}, {})
+
+
+# ------------------------------------------------------------------------------ service
+
+
+def test_service_names_and_endpoints():
+    assert service.app_name("ns", "svc") == "ns-svc"
+    assert service.shared_endpoint("http://10.0.0.5:8265", "ns", "svc") == "http://10.0.0.5:8000/ns/svc"
+    assert service.rayservice_endpoint("svc-serve", "ns", "svc").startswith("http://svc-serve-serve-svc.ns.svc:8000")
+    e1 = {"name": "a", "args": {"x": 1}, "deployments": [{"user_config": {"weights": {"a": 100}}}]}
+    e2 = {**e1, "deployments": [{"user_config": {"weights": {"a": 50}}}]}
+    assert service.args_hash(e1) == service.args_hash(e2)
+    assert service.args_hash(e1) != service.args_hash({**e1, "args": {"x": 2}})
+
+
+@pytest.mark.parametrize("state, phase", [("RUNNING", "Ready"), ("DEPLOYING", "Deploying"), (None, "Deploying"),
+                                          ("DEPLOY_FAILED", "Failed"), ("Running", "Ready")])
+def test_serve_phase(state, phase):
+    assert service.serve_phase(state) == phase
+
+
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("ANNEAL_OPERATOR_NAMESPACES", "a, b,")
+    monkeypatch.setenv("ANNEAL_OPERATOR_RAY_ADDRESS", "http://ray:8265")
+    monkeypatch.setenv("ANNEAL_OPERATOR_MAX_WORKERS", "8")
+    s = OperatorSettings()
+    assert s.namespaces == ["a", "b"] and s.ray_address == "http://ray:8265" and s.max_workers == 8
+    monkeypatch.setenv("ANNEAL_OPERATOR_GANG_SCHEDULER", "slurm")
+    with pytest.raises(ValueError):
+        OperatorSettings()
