@@ -95,6 +95,11 @@ class RolloutTracker:
         self.candidate = self._resolve(candidate_uri)
         self.stable = self._resolve(stable_uri)
         self._analyses = 0
+        if self.candidate is not None and self.candidate == self.stable:
+            # Same version on both sides (a config-only candidate): its aliases and tags
+            # belong to the stable model; moving them would mislabel the champion.
+            log.info("candidate and stable are both %s: MLflow aliases stay as they are", self.candidate.uri)
+            self.candidate = None
         if self.candidate is not None:
             self._safe(self.client.set_registered_model_alias, self.candidate.name, self.challenger_alias,
                        self.candidate.version)

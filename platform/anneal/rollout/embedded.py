@@ -342,7 +342,7 @@ def drive(
     cdir = service_dir(name, settings.anneal.root)
     inbox = CommandInbox(cdir) if control else None
     command_log: deque[dict[str, Any]] = deque(maxlen=20)
-    tracker = _make_tracker(spec, name, settings) if track else None
+    tracker = _make_tracker(spec, name, settings, desired_models) if track else None
     probes = _make_probes(spec, endpoint)
     traffic = (
         TrafficGenerator(endpoint, traffic_rps, **dict(traffic_options or {})).start() if traffic_rps > 0 else None
@@ -424,12 +424,13 @@ def drive(
     return status
 
 
-def _make_tracker(spec: ModelServiceSpec, name: str, settings: Any) -> Any:
+def _make_tracker(spec: ModelServiceSpec, name: str, settings: Any,
+                  desired_models: Mapping[str, str] | None = None) -> Any:
     from anneal.rollout.aliases import RolloutTracker, parse_registry_uri
 
     r = spec.rollout
     assert r is not None
-    uris = [spec.variant(r.candidate).model.uri, spec.variant(r.stable).model.uri]
+    uris = [machine.desired_model(spec, v, desired_models) for v in (r.candidate, r.stable)]
     if not any(parse_registry_uri(u) for u in uris):
         return None
     try:

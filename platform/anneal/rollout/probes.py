@@ -58,7 +58,9 @@ class ProbeSender:
         questions: the labelled questions, cycled through.
         override_header: the header that pins a variant (``routing.overrideHeader``).
         reasoning_header, reasoning: the reasoning toggle header and the mode probes use.
-        max_tokens: cap on each answer ("Answer: N" needs few tokens with reasoning off).
+        max_tokens: cap on each answer; None (default) uses the variant's own generation
+            settings, so probes measure what users get (a candidate misconfigured with a
+            tiny maxTokens or a high temperature fails its accuracy gate).
         timeout_s: per request; a timeout counts as a wrong answer.
         concurrency: probes in flight at once.
     """
@@ -75,7 +77,7 @@ class ProbeSender:
         self.override_header = override_header
         self.reasoning_header = reasoning_header
         self.reasoning = reasoning
-        self.max_tokens = max_tokens if max_tokens is not None else (32 if reasoning == "off" else 160)
+        self.max_tokens = max_tokens
         self.concurrency = max(1, concurrency)
         self._http = httpx.Client(timeout=timeout_s)
 
@@ -87,8 +89,9 @@ class ProbeSender:
         """One probe: True when the variant answered exactly."""
         from anneal.data.reasoning import check_answer
 
-        body: dict[str, Any] = {"model": variant, "messages": question.messages,
-                                "max_tokens": self.max_tokens, "temperature": 0}
+        body: dict[str, Any] = {"messages": question.messages}
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
         headers = {self.override_header: variant, self.reasoning_header: self.reasoning,
                    "x-anneal-probe": "1"}
         try:

@@ -1,0 +1,253 @@
+"""Integration: staged rollouts driven against a real local Ray Serve app over real HTTP.
+
+Variants use the serving app's test engines (`echo` with a delay, `faulty` with an error
+rate) and a real tiny transformers model with random ("scrambled") weights for the
+wrong-answer candidate. MLflow is a real SQLite store. Intervals are 2 s so the module
+stays within a few minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+INTERVAL_S = 2.0
+FAILURE_LIMIT = 1
+BOUND_S = (FAILURE_LIMIT + 1) * INTERVAL_S + INTERVAL_S
+MODEL = "tiny-rollout"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A local Ray + Serve on loopback, ANNEAL_HOME and an MLflow SQLite store in a temp dir."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    home = tmp_path_factory.mktemp("anneal-home")
+    saved = {k: os.environ.get(k) for k in ("ANNEAL_HOME", "ANNEAL_MLFLOW_TRACKING_URI")}
+    os.environ["ANNEAL_HOME"] = str(home)
+    os.environ["ANNEAL_MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
+    port = _free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "ANNEAL_HOME": str(home)}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from anneal.settings import Settings
+
+    yield {"home": home, "port": port, "settings": Settings()}
+    serve.shutdown()
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def registry(env):
+    """Two registered versions of one model; version 1 is the champion."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["settings"].tracking_uri)
+    client.create_registered_model(MODEL)
+    src = env["home"] / "model-src"
+    src.mkdir()
+    for _ in range(2):
+        client.create_model_version(MODEL, source=str(src))
+    client.set_registered_model_alias(MODEL, "champion", "1")
+    return client
+
+
+@pytest.fixture(scope="module")
+def scrambled_model(tmp_path_factory) -> Path:
+    """A tiny Llama with random weights: fast, error-free, and wrong."""
+    from anneal.modeling.tiny import LlamaShape, build_llama, save_pretrained
+    from anneal.modeling.tokenizer import builtin_tokenizer
+
+    tok = builtin_tokenizer(tmp_path_factory.mktemp("tok"))
+    model = build_llama(LlamaShape(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64), tok, seed=7)
+    return save_pretrained(model, tok, tmp_path_factory.mktemp("scrambled") / "model")
+
+
+def _manifest(name: str, candidate_uri: str, gates: list[dict[str, Any]], steps: list[dict[str, Any]],
+              min_requests: int = 10) -> Any:
+    from anneal.api import parse_manifest
+
+    return parse_manifest({
+        "apiVersion": "anneal.dev/v1alpha1", "kind": "ModelService", "metadata": {"name": name},
+        "spec": {
+            "variants": [{"name": "stable", "model": {"uri": f"models:/{MODEL}@champion"}, "weight": 100},
+                         {"name": "canary", "model": {"uri": candidate_uri}, "weight": 0}],
+            "rollout": {"stable": "stable", "candidate": "canary", "steps": steps,
+                        "analysis": {"interval": f"{INTERVAL_S:g}s", "minRequests": min_requests,
+                                     "failureLimit": FAILURE_LIMIT, "gates": gates,
+                                     "probes": {"perInterval": 4}}},
+        },
+    })
+
+
+def _deploy(env, manifest: Any, engines: dict[str, dict[str, Any]]) -> tuple[Any, str, Any]:
+    """Deploy the ModelService's Serve app; returns (args, endpoint, apply_weights)."""
+    from anneal.serve.app import args_from_spec
+
+    name = manifest.name
+    args = args_from_spec(name, manifest.spec, {}, cache_dir=str(env["home"] / "cache"),
+                          tracking_uri=env["settings"].tracking_uri, cpu_scale=0.25, route_prefix=f"/{name}")
+    variants = [v.model_copy(update=engines.get(v.name, {})) for v in args.variants]
+    args = args.model_copy(update={"variants": variants})
+    try:  # the declarative path: weight changes are reconfigure-only updates
+        from anneal.serve.deploy import apply_weights, deploy_entries
+        from anneal.serve.app import build_serve_config
+
+        deploy_entries([build_serve_config(args)], wait_s=180)
+    except ImportError:
+        from ray import serve
+
+        from anneal.serve.app import apply_weights, build_app
+
+        serve.run(build_app(args), name=name, route_prefix=args.route_prefix, blocking=False)
+    endpoint = f"http://127.0.0.1:{env['port']}/{name}"
+    _wait_healthy(endpoint)
+    return args, endpoint, apply_weights
+
+
+def _wait_healthy(endpoint: str, timeout_s: float = 120) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(endpoint + "/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{endpoint} not healthy after {timeout_s}s")
+
+
+def _drive(env, manifest, args, endpoint, apply, traffic_rps: float) -> tuple[Any, list[Any]]:
+    from anneal.rollout.embedded import drive
+
+    updates: list[Any] = []
+    status = drive(manifest, endpoint=endpoint, app_name=manifest.name, args=args, settings=env["settings"],
+                   traffic_rps=traffic_rps, on_update=updates.append, tick_s=0.25, timeout_s=150, apply=apply,
+                   traffic_options={"max_tokens": 8, "max_in_flight": 16})
+    return status, updates
+
+
+def _event_time(updates: list[Any], reason: str) -> float:
+    for u in updates:
+        if any(e.reason == reason for e in u.events):
+            return u.time
+    raise AssertionError(f"no {reason} event")
+
+
+def _first_candidate_weight_time(updates: list[Any]) -> float:
+    for u in updates:
+        if u.status.weights.get("canary", 0) > 0:
+            return u.time
+    raise AssertionError("the candidate never got traffic")
+
+
+def _all_to_stable(endpoint: str, n: int = 20) -> None:
+    with httpx.Client(timeout=30) as http:
+        for i in range(n):
+            r = http.post(endpoint + "/v1/chat/completions",
+                          json={"messages": [{"role": "user", "content": f"Ana has {i} apples."}], "max_tokens": 4})
+            assert r.status_code == 200 and r.headers["x-anneal-variant"] == "stable"
+
+
+def _delete(name: str) -> None:
+    from ray import serve
+
+    serve.delete(name)
+
+
+STEPS = [{"setWeight": 10}, {"analysis": {}}, {"setWeight": 25}, {"analysis": {}},
+         {"setWeight": 50}, {"analysis": {}}, {"setWeight": 100}]
+
+
+def test_good_candidate_is_promoted_and_aliases_move(env, registry):
+    from anneal.rollout.aliases import ROLLED_BACK_TAG, TAG_RUN
+
+    m = _manifest("good", f"models:/{MODEL}/2",
+                  [{"metric": "errorRate", "max": 0.02}, {"metric": "latencyP95Ms", "max": 5000}], STEPS,
+                  min_requests=5)
+    args, endpoint, apply = _deploy(env, m, {"stable": {"engine": "echo", "engine_options": {"delay_ms": 5}},
+                                            "canary": {"engine": "echo", "engine_options": {"delay_ms": 5}}})
+    try:
+        status, updates = _drive(env, m, args, endpoint, apply, traffic_rps=20)
+    finally:
+        _delete("good")
+    assert status.phase == "Promoted", (status.message, status.rollout.last_analysis)
+    weights = [u.status.weights["canary"] for u in updates]
+    assert [w for i, w in enumerate(weights) if i == 0 or w != weights[i - 1]] == [0, 10, 25, 50, 100]
+    # Weight changes under load dropped nothing, on any variant.
+    traffic = updates[-1].traffic
+    assert traffic["unroutedFailures"] == 0
+    assert all(v["failed"] == 0 for v in traffic["variants"].values()), traffic
+    assert traffic["variants"]["canary"]["ok"] > 0 and traffic["variants"]["stable"]["ok"] > 0
+    # MLflow: champion moved to the candidate, challenger gone, analyses logged on a run.
+    assert registry.get_model_version_by_alias(MODEL, "champion").version == "2"
+    with pytest.raises(Exception):
+        registry.get_model_version_by_alias(MODEL, "challenger")
+    v2 = registry.get_model_version(MODEL, "2")
+    assert ROLLED_BACK_TAG not in v2.tags
+    run = registry.get_run(v2.tags[TAG_RUN])
+    assert run.data.tags["anneal.rollout.outcome"] == "Promoted"
+    assert run.data.tags["anneal.rollout.stable_version"] == f"models:/{MODEL}/1"
+    assert run.data.tags["anneal.rollout.candidate_version"] == f"models:/{MODEL}/2"
+    assert len(registry.get_metric_history(run.info.run_id, "analysis.errorRate")) >= 3
+    # Put the champion back for the other tests.
+    registry.set_registered_model_alias(MODEL, "champion", "1")
+
+
+@pytest.mark.parametrize(
+    "name, canary, gates, rps, min_requests",
+    [
+        ("errors", {"engine": "faulty", "engine_options": {"fail_rate": 0.2}},
+         [{"metric": "errorRate", "max": 0.02}], 30, 10),
+        ("slow", {"engine": "echo", "engine_options": {"delay_ms": 100}},
+         [{"metric": "latencyP95Ms", "max": 75}], 30, 10),
+        ("wrong", {"engine": "transformers", "max_tokens": 16}, [{"metric": "accuracy", "min": 0.5}], 0, 4),
+    ],
+)
+def test_faulty_candidate_is_rolled_back_within_the_bound(env, registry, scrambled_model, name, canary, gates,
+                                                          rps, min_requests):
+    from anneal.rollout.aliases import ROLLED_BACK_TAG
+
+    if name == "wrong":
+        canary = {**canary, "model_uri": str(scrambled_model)}
+    steps = [{"setWeight": 50}, {"analysis": {}}, {"setWeight": 100}]
+    m = _manifest(name, f"models:/{MODEL}/2", gates, steps, min_requests=min_requests)
+    args, endpoint, apply = _deploy(env, m, {"stable": {"engine": "echo", "engine_options": {"delay_ms": 20}},
+                                            "canary": canary})
+    try:
+        status, updates = _drive(env, m, args, endpoint, apply, traffic_rps=rps)
+        assert status.phase == "RolledBack", (status.message, status.rollout.last_analysis)
+        assert status.weights == {"stable": 100, "canary": 0}
+        _all_to_stable(endpoint)
+    finally:
+        _delete(name)
+    # From the moment the candidate could give its first bad answer to stable at 100%.
+    elapsed = _event_time(updates, "RolledBack") - _first_candidate_weight_time(updates)
+    assert elapsed <= BOUND_S + 1.0, f"rolled back after {elapsed:.1f}s; bound {BOUND_S:g}s (+1s of ticks)"
+    assert status.rollout.last_analysis.failed_gates == [g["metric"] for g in gates]
+    if updates[-1].traffic:
+        stable = updates[-1].traffic["variants"]["stable"]
+        assert stable["failed"] == 0 and stable["ok"] > 0
+    # MLflow: the champion stays; the candidate is tagged rolled-back with the reason.
+    assert registry.get_model_version_by_alias(MODEL, "champion").version == "1"
+    assert gates[0]["metric"] in registry.get_model_version(MODEL, "2").tags[ROLLED_BACK_TAG]
