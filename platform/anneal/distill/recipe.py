@@ -498,7 +498,13 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
         store.set_tags(ctx.tracking_uri, run_id, tags)
         if info:
             store.log_metrics(ctx.tracking_uri, run_id, {k: v for k, v in info.items() if isinstance(v, (int, float))})
-        steps = total_steps(spec, spec.dataset.samples or 1000, spec.resources.workers)
+        # Read the data once up front: a bad data set fails here, clearly, before any worker starts.
+        from anneal.data.datasets import load_samples
+
+        ds = spec.dataset
+        n_samples = len(load_samples(ds.uri, split=ds.split, format=ds.format, samples=ds.samples,
+                                     reasoning=ds.reasoning, cache_dir=Path(ctx.cache_dir) / "datasets"))
+        steps = total_steps(spec, n_samples, spec.resources.workers)
         result.progress = {"step": 0, "totalSteps": steps}
         if on_progress:
             on_progress(result.to_status())
@@ -525,8 +531,10 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
         result.message = f"registered {result.model_uri}"
     except Exception as exc:  # the job ends with a phase and a message, never a traceback
         log.error("distillation %s/%s failed: %s", ctx.namespace, ctx.name, traceback.format_exc())
+        from anneal.runtime.errors import short_error
+
         result.phase = "Failed"
-        result.message = f"{type(exc).__name__}: {exc}"[:2000]
+        result.message = short_error(exc)
     result.completion_time = now_iso()
     if run_id:
         try:
