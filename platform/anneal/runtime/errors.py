@@ -11,9 +11,12 @@ def short_error(exc: BaseException, limit: int = 2000) -> str:
     """
     root = exc
     seen = set()
-    while (root.__cause__ or root.__context__) is not None and id(root) not in seen:
+    while id(root) not in seen:
         seen.add(id(root))
-        root = root.__cause__ or root.__context__
+        nxt = root.__cause__ or (None if root.__suppress_context__ else root.__context__)
+        if nxt is None:
+            break
+        root = nxt
     text = f"{type(root).__name__}: {root}"
     if "Traceback (most recent call last)" in text:
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
