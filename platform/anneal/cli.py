@@ -169,6 +169,11 @@ def run(
         raise fail(str(exc)) from None
     except KeyboardInterrupt:
         raise fail("interrupted", 130) from None
+    except Exception as exc:  # e.g. Ray could not start: a phase and a message, not a traceback
+        from anneal.runtime.errors import short_error
+
+        logging.getLogger("anneal").debug("run failed", exc_info=True)
+        status = {"phase": "Failed", "message": short_error(exc)}
     phase = status.get("phase")
     if output == "json":
         resource = {
