@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 RECIPE = "anneal.distill.recipe"
 STATE_FILE = "anneal_state.json"
+TAG_RESUMED_FROM = "anneal.resumed_from_step"
 
 
 @dataclass
@@ -198,7 +199,8 @@ def _batches(tokenized: list[dict[str, list[int]]], batch_size: int, seed: int, 
         epoch += 1
 
 
-def _autocast(precision: str, device_type: str):
+def autocast(precision: str, device_type: str):
+    """Autocast for `training.precision` (fp16 only on CUDA; fp32 = no autocast)."""
     import contextlib
 
     import torch
@@ -214,7 +216,7 @@ def build_objective(spec: DistillationJobSpec, teacher: Any | None) -> Callable[
     """The training loss of a method: (model, batch) → (loss, figures to log)."""
     import torch
 
-    if spec.method == "sft" or teacher is None:
+    if spec.method == "sft":
 
         def sft(model: Any, batch: dict[str, Any]):
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -222,6 +224,8 @@ def build_objective(spec: DistillationJobSpec, teacher: Any | None) -> Callable[
 
         return sft
 
+    if teacher is None:
+        raise ValueError(f"method {spec.method!r} needs a teacher model (spec.teacher)")
     from anneal.distill.losses import chunked_kd_loss
 
     kd = spec.kd
@@ -252,11 +256,98 @@ def build_objective(spec: DistillationJobSpec, teacher: Any | None) -> Callable[
     return distill
 
 
-def train_loop(cfg: dict[str, Any]) -> None:
-    """Ray Train worker loop (runs on every worker)."""
+def load_teacher(teacher_dir: str | Path, precision: str, device: Any) -> Any:
+    """The teacher, frozen: eval mode, no gradients, in the compute precision (fp16 → fp32 on CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if getattr(device, "type", str(device)) == "cpu" and dtype == torch.float16:
+        dtype = torch.float32
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=dtype).to(device).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def restore(model: Any) -> tuple[int, Any]:
+    """Load the Ray Train checkpoint this attempt resumes from into `model`.
+
+    Returns:
+        (the step it was taken at, the optimizer state) or (0, None) on a fresh start.
+    """
+    import ray.train
+    import torch
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0, None
+    with ckpt.as_directory() as d:
+        state = json.loads((Path(d) / STATE_FILE).read_text())
+        model.load_state_dict(torch.load(Path(d) / "model.pt", map_location="cpu"))
+        opt_state = torch.load(Path(d) / "optimizer.pt", map_location="cpu")
+    log.info("resuming from the checkpoint of step %s", state["step"])
+    return int(state["step"]), opt_state
+
+
+def lr_at(t: Any, steps: int, step: int) -> float:
+    """Linear warmup, then cosine decay to 10% of `learningRate`."""
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.learning_rate * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, steps - t.warmup_steps)
+    return t.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def is_checkpoint_step(spec: DistillationJobSpec, done: int, steps: int) -> bool:
+    every = spec.training.checkpoint_every
+    return done == steps or bool(every and done % every == 0)
+
+
+def maybe_checkpoint(
+    spec: DistillationJobSpec, model: Any, optimizer: Any, tokenizer: Any, rank: int, done: int, steps: int,
+    loss: float, step_times: list[float], log_seconds: float,
+) -> None:
+    """Report a checkpoint to Ray Train every `checkpointEvery` steps and at the end.
+
+    A checkpoint holds the trainable state (`model.pt`, `optimizer.pt`, the step); the last one
+    also holds the exported HF model (`hf/`: merged or adapter for lora-kd).
+    """
     import ray.train
     import torch
     from ray.train import Checkpoint
+
+    if not is_checkpoint_step(spec, done, steps):
+        return
+    last = done == steps
+    mean_step = sum(step_times) / max(1, len(step_times))
+    metrics = {
+        "step": done, "loss": loss, "step_time_s": mean_step,
+        # inline cost of metric logging (the batched writes happen on a background thread)
+        "logging_share": log_seconds / max(1e-9, sum(step_times)),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            inner = model.module if hasattr(model, "module") else model
+            torch.save(inner.state_dict(), Path(tmp) / "model.pt")
+            torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
+            if last:
+                export = inner
+                if spec.method == "lora-kd":
+                    from anneal.distill.lora import finalize_lora
+
+                    export = finalize_lora(inner, spec.lora)
+                export.save_pretrained(Path(tmp) / "hf")
+                tokenizer.save_pretrained(Path(tmp) / "hf")
+            # written last: a checkpoint is complete when its state file exists
+            (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": done, "total": steps}))
+            checkpoint = Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_loop(cfg: dict[str, Any]) -> None:
+    """Ray Train worker loop of sft, kd and lora-kd (runs on every worker)."""
+    import ray.train
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from anneal.data.datasets import load_samples, tokenize_sample
@@ -272,26 +363,16 @@ def train_loop(cfg: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(cfg["student_init"])
     model = AutoModelForCausalLM.from_pretrained(cfg["student_init"], dtype=torch.float32)
     teacher = None
-    if spec.method in ("kd", "lora-kd") and cfg.get("teacher_dir"):
-        teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
-        if device.type == "cpu" and teacher_dtype == torch.float16:
-            teacher_dtype = torch.float32
-        teacher = AutoModelForCausalLM.from_pretrained(cfg["teacher_dir"], dtype=teacher_dtype).to(device).eval()
-        teacher.requires_grad_(False)
+    if spec.method in ("kd", "lora-kd"):
+        if not cfg.get("teacher_dir"):
+            raise ValueError(f"method {spec.method!r} needs spec.teacher")
+        teacher = load_teacher(cfg["teacher_dir"], t.precision, device)
     if spec.method == "lora-kd":
         from anneal.distill.lora import add_lora
 
         model = add_lora(model, spec.lora)
 
-    start_step, opt_state = 0, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = json.loads((Path(d) / STATE_FILE).read_text())
-            start_step = state["step"]
-            model.load_state_dict(torch.load(Path(d) / "model.pt", map_location="cpu"))
-            opt_state = torch.load(Path(d) / "optimizer.pt", map_location="cpu")
-
+    start_step, opt_state = restore(model)
     model = ray.train.torch.prepare_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=0.0)
@@ -307,32 +388,26 @@ def train_loop(cfg: dict[str, Any]) -> None:
     tokenized = [tokenize_sample(tokenizer, s, ds.max_seq_length) for s in shard]
     steps = cfg["total_steps"]
 
-    def lr_at(step: int) -> float:
-        if t.warmup_steps and step < t.warmup_steps:
-            return t.learning_rate * (step + 1) / t.warmup_steps
-        progress = (step - t.warmup_steps) / max(1, steps - t.warmup_steps)
-        return t.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
     objective = build_objective(spec, teacher)
     batches = _batches(tokenized, t.batch_size, t.seed + rank, tokenizer.pad_token_id)
     for _ in range(start_step * t.gradient_accumulation):
         next(batches)  # resume at the same place in the data order
     logger = store.MetricsLogger(ctx.tracking_uri, ctx.run_id) if rank == 0 and ctx.run_id else None
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" and device.type == "cuda" else None
-    every = t.checkpoint_every
     model.train()
     step_times: list[float] = []
+    log_seconds = 0.0
     try:
         for step in range(start_step, steps):
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = lr_at(t, steps, step)
             optimizer.zero_grad(set_to_none=True)
             figures: dict[str, float] = {}
             loss_sum = 0.0
             for _ in range(t.gradient_accumulation):
                 batch = {k: v.to(device) for k, v in next(batches).items()}
-                with _autocast(t.precision, device.type):
+                with autocast(t.precision, device.type):
                     loss, figures = objective(model, batch)
                 loss = loss / t.gradient_accumulation
                 (scaler.scale(loss) if scaler else loss).backward()
@@ -348,40 +423,28 @@ def train_loop(cfg: dict[str, Any]) -> None:
             step_times.append(time.perf_counter() - t0)
             done = step + 1
             if logger is not None:
+                l0 = time.perf_counter()
                 logger.log(
-                    {"train/loss": loss_sum, "train/lr": lr_at(step), "train/grad_norm": grad_norm,
-                     "train/step": done, "train/total_steps": steps,
+                    {"train/loss": loss_sum, "train/lr": lr_at(t, steps, step), "train/grad_norm": grad_norm,
+                     "train/step": done, "train/total_steps": steps, "train/step_time_s": step_times[-1],
                      **{f"train/{k}": v for k, v in figures.items()}},
                     step=done,
                 )
-            last = done == steps
-            if last or (every and done % every == 0):
-                metrics = {"step": done, "loss": loss_sum, "step_time_s": sum(step_times) / len(step_times)}
-                with tempfile.TemporaryDirectory() as tmp:
-                    checkpoint = None
-                    if rank == 0:
-                        inner = model.module if hasattr(model, "module") else model
-                        torch.save(inner.state_dict(), Path(tmp) / "model.pt")
-                        torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
-                        (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": done, "total": steps}))
-                        if last:
-                            export = inner
-                            if spec.method == "lora-kd":
-                                from anneal.distill.lora import finalize_lora
-
-                                export = finalize_lora(inner, spec.lora)
-                            export.save_pretrained(Path(tmp) / "hf")
-                            tokenizer.save_pretrained(Path(tmp) / "hf")
-                        checkpoint = Checkpoint.from_directory(tmp)
-                    ray.train.report(metrics, checkpoint=checkpoint)
-                step_times = []
+                log_seconds += time.perf_counter() - l0
+            maybe_checkpoint(spec, model, optimizer, tokenizer, rank, done, steps, loss_sum, step_times, log_seconds)
+            if is_checkpoint_step(spec, done, steps):
+                step_times, log_seconds = [], 0.0
     finally:
         if logger is not None:
             logger.close()
 
 
-def latest_checkpoint(storage: Path) -> Any | None:
-    """The newest checkpoint a previous attempt of this job left (resume instead of restart)."""
+def latest_checkpoint(storage: Path) -> tuple[Any, int] | None:
+    """The newest complete checkpoint a previous attempt of this job left, and its step.
+
+    A checkpoint counts only when its state file and both weight files are there (a run killed
+    while a checkpoint was being copied leaves an incomplete one, which is skipped).
+    """
     from ray.train import Checkpoint
 
     best, best_step = None, -1
@@ -390,13 +453,25 @@ def latest_checkpoint(storage: Path) -> Any | None:
             step = json.loads(state.read_text())["step"]
         except (OSError, ValueError, KeyError):
             continue
-        if step > best_step:
+        complete = all((state.parent / f).is_file() and (state.parent / f).stat().st_size > 0 for f in ("model.pt", "optimizer.pt"))
+        if complete and step > best_step:
             best, best_step = state.parent, step
-    return Checkpoint.from_directory(str(best)) if best is not None else None
+    return (Checkpoint.from_directory(str(best)), best_step) if best is not None else None
 
 
-def train(spec: DistillationJobSpec, ctx: JobContext, student_init: Path, teacher_dir: Path | None, steps: int) -> Path:
-    """Run the TorchTrainer; returns the directory of the trained HF checkpoint."""
+def train(
+    spec: DistillationJobSpec,
+    ctx: JobContext,
+    student_init: Path,
+    teacher_dir: Path | None,
+    steps: int,
+    loop: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """Run the TorchTrainer (`loop` per worker, default `train_loop`); returns the trained HF checkpoint.
+
+    A previous attempt's newest checkpoint under the work dir is resumed from; the step it was
+    taken at is recorded on the MLflow run as the tag `anneal.resumed_from_step`.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -407,8 +482,12 @@ def train(spec: DistillationJobSpec, ctx: JobContext, student_init: Path, teache
         per_worker["GPU"] = r.gpus_per_worker
     storage = Path(ctx.work_dir) / "ray"
     storage.mkdir(parents=True, exist_ok=True)
+    found = latest_checkpoint(storage)
+    resume, resumed_from = found if found else (None, 0)
+    if ctx.run_id:
+        store.set_tags(ctx.tracking_uri, ctx.run_id, {TAG_RESUMED_FROM: str(resumed_from)})
     trainer = TorchTrainer(
-        train_loop,
+        loop or train_loop,
         train_loop_config={
             "spec": spec.to_dict(),
             "context": asdict(ctx),
@@ -429,7 +508,7 @@ def train(spec: DistillationJobSpec, ctx: JobContext, student_init: Path, teache
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=0),
         ),
-        resume_from_checkpoint=latest_checkpoint(storage),
+        resume_from_checkpoint=resume,
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -444,8 +523,15 @@ def train(spec: DistillationJobSpec, ctx: JobContext, student_init: Path, teache
 # -------------------------------------------------------------------------- evaluate
 
 
-def evaluate(spec: DistillationJobSpec, ctx: JobContext, student_dir: Path, teacher_dir: Path | None, teacher_uri: str | None) -> dict[str, float]:
-    """Student (and cached teacher) accuracy per reasoning mode, retention and perplexity."""
+def evaluate(
+    spec: DistillationJobSpec, ctx: JobContext, student_dir: Path, teacher_dir: Path | None, teacher_uri: str | None,
+    cache_key: str | None = None,
+) -> dict[str, float]:
+    """Student (and cached teacher) accuracy per reasoning mode, retention and perplexity.
+
+    With `cache_key`, the student's figures are cached too (a retried kd-rl job scores its
+    starting point once).
+    """
     from anneal.compress.evaluation import EvalPlan, cached_evaluate_dir, evaluate_dir, model_key
 
     ev, ds = spec.evaluation, spec.eval_dataset_ref()
@@ -455,7 +541,10 @@ def evaluate(spec: DistillationJobSpec, ctx: JobContext, student_dir: Path, teac
         perplexity="perplexity" in ev.metrics,
     )
     cache = Path(ctx.cache_dir)
-    student = evaluate_dir(student_dir, plan, cache_dir=cache / "datasets")
+    if cache_key is not None:
+        student = cached_evaluate_dir(student_dir, plan, f"{cache_key}|{model_key(student_dir)}", cache)
+    else:
+        student = evaluate_dir(student_dir, plan, cache_dir=cache / "datasets")
     metrics = {("perplexity" if k == "perplexity" else f"student{k[0].upper()}{k[1:]}"): v for k, v in student.items()}
     if teacher_dir is not None:
         key = f"{teacher_uri}|{model_key(teacher_dir)}"
@@ -508,18 +597,40 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
         result.progress = {"step": 0, "totalSteps": steps}
         if on_progress:
             on_progress(result.to_status())
+        start_metrics: dict[str, float] = {}
         if spec.method == "kd-rl":
             from anneal.distill.rl import train_rl
 
+            # RL must beat its own starting point: score the start with the same plan first
+            start_metrics = evaluate(spec, ctx, student_init, None, None, cache_key=f"start|{student_init}")
             final_dir = train_rl(spec, ctx, student_init, teacher_dir, steps)
         else:
             final_dir = train(spec, ctx, student_init, teacher_dir, steps)
         final_metrics = store.latest_metrics(ctx.tracking_uri, run_id)
-        result.progress = {"step": steps, "totalSteps": steps, "loss": final_metrics.get("train/loss")}
+        run_tags = store.client(ctx.tracking_uri).get_run(run_id).data.tags
+        result.progress = {"step": steps, "totalSteps": steps, "loss": final_metrics.get("train/loss"),
+                           "resumedFromStep": int(run_tags.get(TAG_RESUMED_FROM, 0))}
         if on_progress:
             on_progress({**result.to_status(), "phase": "Running", "message": "evaluating"})
         metrics = evaluate(spec, ctx, final_dir, teacher_dir, teacher_uri)
+        for k, v in start_metrics.items():
+            if k.startswith("student"):
+                metrics["start" + k[len("student"):]] = v
+        if "studentAccuracy" in metrics and "studentAccuracy" in start_metrics:
+            metrics["rlGain"] = metrics["studentAccuracy"] - start_metrics["studentAccuracy"]
+        if "logging_share" in final_metrics:
+            metrics["loggingShare"] = final_metrics["logging_share"]
         store.log_metrics(ctx.tracking_uri, run_id, {f"eval/{k}": v for k, v in metrics.items()})
+        from anneal.distill.lora import TAG_ADAPTER_BASE, adapter_base, point_adapter_at
+
+        if adapter_base(final_dir):  # lora-kd with merge: false registers the adapter alone
+            base_uri = model_uri_of(spec.student.uri, ctx, "student")
+            if base_uri is None:  # a fresh or pruned student exists only in the work dir: keep it with the run
+                store.log_model_dir(ctx.tracking_uri, run_id, student_init, artifact_path="base-model")
+                base_uri = f"runs:/{run_id}/base-model"
+            point_adapter_at(final_dir, base_uri)
+            tags[TAG_ADAPTER_BASE] = base_uri
+            store.set_tags(ctx.tracking_uri, run_id, {TAG_ADAPTER_BASE: base_uri})
         source = store.log_model_dir(ctx.tracking_uri, run_id, final_dir)
         version_tags = {**ctx.lineage_tags(), **tags, "anneal.mlflow_run_id": run_id}
         result.model_uri = store.register_model(
