@@ -69,44 +69,20 @@ class OperatorContext:
     def current_status(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """The object's status: the body's, or our own newer write if the watch has not caught up."""
         meta = body.get("metadata") or {}
-        status = clean_status(body.get("status"))
         seen = self._written.get(meta.get("uid", ""))
-        if seen is not None:
-            try:
-                if int(meta.get("resourceVersion") or 0) < seen[0]:
-                    return clean_status(seen[1])
-            except ValueError:
-                pass
-        return status
+        if seen is not None and _rv(meta) < seen[0]:
+            return clean_status(seen[1])
+        return clean_status(body.get("status"))
 
-    # --------------------------------------------------------------------- Ray
-
-    def jobs_client(self, address: str):
-        if self.jobs_client_factory is not None:
-            return self.jobs_client_factory(address)
-        from anneal.runtime.jobs_api import JobsApiClient
-
-        return JobsApiClient(address)
-
-    # -------------------------------------------------------------- Kubernetes IO
-
-    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        """An Anneal resource of this namespace, or None."""
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            return self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, KINDS[kind].plural, name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def write_status(self, kind: str, namespace: str, name: str, old: Mapping[str, Any], new: Mapping[str, Any],
-                     uid: str | None = None) -> bool:
+    def write_status(self, kind: str, body: Mapping[str, Any], old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
         """Merge-patch `status` to `new` if it differs from `old`; returns whether it wrote.
 
-        Keys present before and absent now are removed (null in the merge patch).
+        Keys present before and absent now are removed (null in the merge patch). The patch
+        carries the resourceVersion the pass read: if anyone changed the object since, the
+        API server answers 409 and the pass is retried on fresh data instead of overwriting.
         """
+        from kubernetes.client.exceptions import ApiException
+
         old_clean = {k: v for k, v in old.items() if k not in KOPF_KEYS}
         new_clean = {k: v for k, v in new.items() if k not in KOPF_KEYS}
         if old_clean == new_clean:
@@ -115,16 +91,37 @@ class OperatorContext:
         for k in old_clean:
             if k not in new_clean:
                 patch[k] = None
-        written = self.custom.patch_namespaced_custom_object_status(
-            API_GROUP, API_VERSION, namespace, KINDS[kind].plural, name, {"status": patch}
-        )
-        if uid:
-            try:
-                rv = int((written.get("metadata") or {}).get("resourceVersion") or 0)
-                self._written[uid] = (rv, clean_status(written.get("status")))
-            except (AttributeError, ValueError):
-                pass
+        meta = body.get("metadata") or {}
+        uid = meta.get("uid", "")
+        rv = _rv(meta)
+        seen = self._written.get(uid)
+        if seen is not None and seen[0] > rv:
+            rv = seen[0]
+        doc: dict[str, Any] = {"status": patch}
+        if rv:
+            doc["metadata"] = {"resourceVersion": str(rv)}
+        try:
+            written = self.custom.patch_namespaced_custom_object_status(
+                API_GROUP, API_VERSION, meta["namespace"], KINDS[kind].plural, meta["name"], doc
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                self._written.pop(uid, None)
+                raise kopf.TemporaryError(f"{kind} {meta['name']} changed while reconciling; again on fresh data",
+                                          delay=0.5) from None
+            raise
+        try:
+            self._written[uid] = (_rv(written.get("metadata") or {}), clean_status(written.get("status")))
+        except AttributeError:
+            pass
         return True
+
+
+def _rv(meta: Mapping[str, Any]) -> int:
+    try:
+        return int(meta.get("resourceVersion") or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def event(body: Any, type: str, reason: str, message: str) -> None:

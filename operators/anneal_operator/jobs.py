@@ -389,7 +389,7 @@ class JobReconciler:
 
         if status.get("phase") in TERMINAL:
             self._refuse_change(body, status, generation, raw_spec)
-            self.op.write_status(self.kind, ns, name, old, status, meta["uid"])
+            self.op.write_status(self.kind, body, old, status)
             return
         try:
             spec = parse_spec(self.kind, raw_spec)
@@ -401,10 +401,10 @@ class JobReconciler:
             if status.get("submissionId"):
                 # Submitted with a valid spec; an invalid edit afterwards is just refused.
                 self._refuse_change(body, status, generation, raw_spec)
-                self.op.write_status(self.kind, ns, name, old, status, meta["uid"])
+                self.op.write_status(self.kind, body, old, status)
                 return
             new = invalid_spec_status(status, exc, generation)
-            if self.op.write_status(self.kind, ns, name, old, new, meta["uid"]):
+            if self.op.write_status(self.kind, body, old, new):
                 self._phase_metric(FAILED)
                 event(body, "Warning", "InvalidSpec", str(exc))
             return
@@ -445,7 +445,7 @@ class JobReconciler:
             status.setdefault("startTime", now_iso())
             status.pop("retryAt", None)
             with_condition(status, "Ready", "False", PENDING, status["message"])
-            self.op.write_status(self.kind, ns, name, old, status, meta["uid"])
+            self.op.write_status(self.kind, body, old, status)
             old = dict(status)
         else:
             resolved = None
@@ -487,7 +487,7 @@ class JobReconciler:
 
     def _finish(self, body: Any, old: Mapping[str, Any], new: dict[str, Any], events: list[tuple[str, str, str]]) -> None:
         meta = body["metadata"]
-        if self.op.write_status(self.kind, meta["namespace"], meta["name"], old, new, meta["uid"]):
+        if self.op.write_status(self.kind, body, old, new):
             if new.get("phase") != old.get("phase") and new.get("phase"):
                 self._phase_metric(new["phase"])
             for type_, reason, message in events:

@@ -12,43 +12,17 @@ from anneal import API_GROUP, API_VERSION
 from anneal.api.pipeline import ModelPipelineSpec
 from anneal.api.resources import KINDS, ManifestError, parse_spec
 from anneal.runtime.kuberay import owner_reference
+from anneal.runtime.pipeline import STAGE_DONE, child_name, resolve_stage_refs
 from anneal_operator.context import OperatorContext, event, invalid_spec_status, with_condition
 
 log = logging.getLogger("anneal_operator.pipeline")
 
 KIND = "ModelPipeline"
-#: Child phases that let the pipeline go on, and those that end it.
-STAGE_DONE = {"Succeeded", "Ready", "Promoted"}
+#: Child phases that end the pipeline (those that let it go on: `STAGE_DONE`).
 STAGE_FAILED = {"Failed", "Cancelled", "Rejected", "RolledBack"}
 
 
 # ------------------------------------------------------------------------- pure parts
-
-
-def child_name(pipeline: str, stage: str) -> str:
-    """The deterministic name of a stage's resource (a DNS label of at most 63 characters)."""
-    return f"{pipeline}-{stage}"[:63].rstrip("-")
-
-
-def resolve_stage_refs(spec: Any, model_uris: Mapping[str, str]) -> Any:
-    """A stage spec (camelCase dict) with every `fromStage: name` replaced by `uri: <modelUri>`.
-
-    Raises:
-        KeyError: a referenced stage has no model URI yet.
-    """
-    if isinstance(spec, list):
-        return [resolve_stage_refs(x, model_uris) for x in spec]
-    if not isinstance(spec, dict):
-        return spec
-    out = {}
-    for k, v in spec.items():
-        if k == "fromStage":
-            if v not in model_uris:
-                raise KeyError(v)
-            out["uri"] = model_uris[v]
-        else:
-            out[k] = resolve_stage_refs(v, model_uris)
-    return out
 
 
 def build_child(pipeline_meta: Mapping[str, Any], stage: Any, model_uris: Mapping[str, str]) -> dict[str, Any]:
@@ -135,7 +109,7 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
         spec = parse_spec(KIND, dict(body.get("spec") or {}))
     except ManifestError as exc:
         new = invalid_spec_status(old, exc, generation)
-        if op.write_status(KIND, ns, name, old, new, meta["uid"]):
+        if op.write_status(KIND, body, old, new):
             event(body, "Warning", "InvalidSpec", str(exc))
         return
     children = {}
@@ -156,7 +130,7 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
         new["stages"][stage.name]["resource"] = f"{stage.kind}/{child['metadata']['name']}"
     ready = new.get("phase") == "Succeeded"
     with_condition(new, "Ready", "True" if ready else "False", new.get("phase") or "Pending", new.get("message") or "")
-    if op.write_status(KIND, ns, name, old, new, meta["uid"]):
+    if op.write_status(KIND, body, old, new):
         if new.get("phase") != old.get("phase"):
             op.metrics.phases.labels(KIND, new.get("phase") or "").inc()
             events.append(("Normal" if new.get("phase") != "Failed" else "Warning", new.get("phase") or "", new.get("message") or ""))

@@ -98,7 +98,7 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
         spec = parse_spec(KIND, dict(body.get("spec") or {}))
     except ManifestError as exc:
         new = invalid_spec_status(old, exc, generation)
-        if op.write_status(KIND, ns, name, old, new, meta["uid"]):
+        if op.write_status(KIND, body, old, new):
             event(body, "Warning", "InvalidSpec", str(exc))
         return
     s = op.settings
@@ -139,7 +139,7 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
     ready = status.get("phase") in ("Ready", "Promoted", "RollingOut", "Paused")
     with_condition(status, "Ready", "True" if ready else "False", status.get("phase") or "Deploying",
                    f"Serve app {app}: {app_status or 'absent'}")
-    if op.write_status(KIND, ns, name, old, status, meta["uid"]):
+    if op.write_status(KIND, body, old, status):
         if status.get("phase") != old.get("phase"):
             op.metrics.phases.labels(KIND, status.get("phase") or "").inc()
             events.append(("Normal" if status.get("phase") != "Failed" else "Warning", status.get("phase") or "",
