@@ -23,6 +23,7 @@ INTERVAL_S = 2.0
 FAILURE_LIMIT = 1
 BOUND_S = (FAILURE_LIMIT + 1) * INTERVAL_S + INTERVAL_S
 MODEL = "tiny-rollout"
+APP = "ab"
 
 
 def _free_port() -> int:
@@ -57,16 +58,25 @@ def env(tmp_path_factory):
             os.environ[k] = v
 
 
+VARIANTS = {  # variant -> (registry version, serving engine settings)
+    "stable": ("@champion", {"engine": "echo", "engine_options": {"delay_ms": 20}}),
+    "good": ("/2", {"engine": "echo", "engine_options": {"delay_ms": 20}}),
+    "errors": ("/3", {"engine": "faulty", "engine_options": {"fail_rate": 0.2}}),
+    "slow": ("/4", {"engine": "echo", "engine_options": {"delay_ms": 100}}),
+    "wrong": ("/5", {"engine": "transformers", "max_tokens": 16}),
+}
+
+
 @pytest.fixture(scope="module")
 def registry(env):
-    """Two registered versions of one model; version 1 is the champion."""
+    """Five registered versions of one model; version 1 is the champion."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=env["settings"].tracking_uri)
     client.create_registered_model(MODEL)
     src = env["home"] / "model-src"
     src.mkdir()
-    for _ in range(2):
+    for _ in range(5):
         client.create_model_version(MODEL, source=str(src))
     client.set_registered_model_alias(MODEL, "champion", "1")
     return client
@@ -83,16 +93,16 @@ def scrambled_model(tmp_path_factory) -> Path:
     return save_pretrained(model, tok, tmp_path_factory.mktemp("scrambled") / "model")
 
 
-def _manifest(name: str, candidate_uri: str, gates: list[dict[str, Any]], steps: list[dict[str, Any]],
+def _manifest(candidate: str, gates: list[dict[str, Any]], steps: list[dict[str, Any]],
               min_requests: int = 10) -> Any:
     from anneal.api import parse_manifest
 
     return parse_manifest({
-        "apiVersion": "anneal.dev/v1alpha1", "kind": "ModelService", "metadata": {"name": name},
+        "apiVersion": "anneal.dev/v1alpha1", "kind": "ModelService", "metadata": {"name": APP},
         "spec": {
-            "variants": [{"name": "stable", "model": {"uri": f"models:/{MODEL}@champion"}, "weight": 100},
-                         {"name": "canary", "model": {"uri": candidate_uri}, "weight": 0}],
-            "rollout": {"stable": "stable", "candidate": "canary", "steps": steps,
+            "variants": [{"name": name, "model": {"uri": f"models:/{MODEL}{ref}"}, "weight": 100 if name == "stable"
+                          else 0} for name, (ref, _) in VARIANTS.items()],
+            "rollout": {"stable": "stable", "candidate": candidate, "steps": steps,
                         "analysis": {"interval": f"{INTERVAL_S:g}s", "minRequests": min_requests,
                                      "failureLimit": FAILURE_LIMIT, "gates": gates,
                                      "probes": {"perInterval": 4}}},
@@ -100,29 +110,34 @@ def _manifest(name: str, candidate_uri: str, gates: list[dict[str, Any]], steps:
     })
 
 
-def _deploy(env, manifest: Any, engines: dict[str, dict[str, Any]]) -> tuple[Any, str, Any]:
-    """Deploy the ModelService's Serve app; returns (args, endpoint, apply_weights)."""
+@pytest.fixture(scope="module")
+def app(env, registry, scrambled_model):
+    """One Serve app holding every candidate (each test rolls out a different one); its args and endpoint."""
     from anneal.serve.app import args_from_spec
 
-    name = manifest.name
-    args = args_from_spec(name, manifest.spec, {}, cache_dir=str(env["home"] / "cache"),
-                          tracking_uri=env["settings"].tracking_uri, cpu_scale=0.25, route_prefix=f"/{name}")
-    variants = [v.model_copy(update=engines.get(v.name, {})) for v in args.variants]
-    args = args.model_copy(update={"variants": variants})
+    m = _manifest("good", [], [])
+    args = args_from_spec(APP, m.spec, {}, cache_dir=str(env["home"] / "cache"),
+                          tracking_uri=env["settings"].tracking_uri, cpu_scale=0.25, route_prefix=f"/{APP}")
+    engines = {name: dict(e) for name, (_, e) in VARIANTS.items()}
+    engines["wrong"]["model_uri"] = str(scrambled_model)
+    args = args.model_copy(update={"variants": [v.model_copy(update=engines[v.name]) for v in args.variants]})
     try:  # the declarative path: weight changes are reconfigure-only updates
-        from anneal.serve.deploy import apply_weights, deploy_entries
         from anneal.serve.app import build_serve_config
+        from anneal.serve.deploy import apply_weights, deploy_entries
 
-        deploy_entries([build_serve_config(args)], wait_s=180)
+        deploy_entries([build_serve_config(args)], wait_s=300)
     except ImportError:
         from ray import serve
 
         from anneal.serve.app import apply_weights, build_app
 
-        serve.run(build_app(args), name=name, route_prefix=args.route_prefix, blocking=False)
-    endpoint = f"http://127.0.0.1:{env['port']}/{name}"
+        serve.run(build_app(args), name=APP, route_prefix=args.route_prefix, blocking=False)
+    endpoint = f"http://127.0.0.1:{env['port']}/{APP}"
     _wait_healthy(endpoint)
-    return args, endpoint, apply_weights
+    yield {"args": args, "endpoint": endpoint, "apply": apply_weights}
+    from ray import serve
+
+    serve.delete(APP)
 
 
 def _wait_healthy(endpoint: str, timeout_s: float = 120) -> None:
@@ -137,12 +152,12 @@ def _wait_healthy(endpoint: str, timeout_s: float = 120) -> None:
     raise TimeoutError(f"{endpoint} not healthy after {timeout_s}s")
 
 
-def _drive(env, manifest, args, endpoint, apply, traffic_rps: float) -> tuple[Any, list[Any]]:
+def _drive(env, app, manifest, traffic_rps: float) -> tuple[Any, list[Any]]:
     from anneal.rollout.embedded import drive
 
     updates: list[Any] = []
-    status = drive(manifest, endpoint=endpoint, app_name=manifest.name, args=args, settings=env["settings"],
-                   traffic_rps=traffic_rps, on_update=updates.append, tick_s=0.25, timeout_s=150, apply=apply,
+    status = drive(manifest, endpoint=app["endpoint"], app_name=APP, args=app["args"], settings=env["settings"],
+                   traffic_rps=traffic_rps, on_update=updates.append, tick_s=0.25, timeout_s=150, apply=app["apply"],
                    traffic_options={"max_tokens": 8, "max_in_flight": 16})
     return status, updates
 
@@ -154,9 +169,9 @@ def _event_time(updates: list[Any], reason: str) -> float:
     raise AssertionError(f"no {reason} event")
 
 
-def _first_candidate_weight_time(updates: list[Any]) -> float:
+def _first_candidate_weight_time(updates: list[Any], candidate: str) -> float:
     for u in updates:
-        if u.status.weights.get("canary", 0) > 0:
+        if u.status.weights.get(candidate, 0) > 0:
             return u.time
     raise AssertionError("the candidate never got traffic")
 
@@ -169,40 +184,28 @@ def _all_to_stable(endpoint: str, n: int = 20) -> None:
             assert r.status_code == 200 and r.headers["x-anneal-variant"] == "stable"
 
 
-def _delete(name: str) -> None:
-    from ray import serve
-
-    serve.delete(name)
-
-
 STEPS = [{"setWeight": 10}, {"analysis": {}}, {"setWeight": 25}, {"analysis": {}},
          {"setWeight": 50}, {"analysis": {}}, {"setWeight": 100}]
 
 
-def test_good_candidate_is_promoted_and_aliases_move(env, registry):
+def test_good_candidate_is_promoted_and_aliases_move(env, registry, app):
     from anneal.rollout.aliases import ROLLED_BACK_TAG, TAG_RUN
 
-    m = _manifest("good", f"models:/{MODEL}/2",
-                  [{"metric": "errorRate", "max": 0.02}, {"metric": "latencyP95Ms", "max": 5000}], STEPS,
+    registry.set_registered_model_alias(MODEL, "champion", "1")
+    m = _manifest("good", [{"metric": "errorRate", "max": 0.02}, {"metric": "latencyP95Ms", "max": 5000}], STEPS,
                   min_requests=5)
-    args, endpoint, apply = _deploy(env, m, {"stable": {"engine": "echo", "engine_options": {"delay_ms": 5}},
-                                            "canary": {"engine": "echo", "engine_options": {"delay_ms": 5}}})
-    try:
-        status, updates = _drive(env, m, args, endpoint, apply, traffic_rps=20)
-    finally:
-        _delete("good")
+    status, updates = _drive(env, app, m, traffic_rps=20)
     assert status.phase == "Promoted", (status.message, status.rollout.last_analysis)
-    weights = [u.status.weights["canary"] for u in updates]
+    weights = [u.status.weights["good"] for u in updates]
     assert [w for i, w in enumerate(weights) if i == 0 or w != weights[i - 1]] == [0, 10, 25, 50, 100]
     # Weight changes under load dropped nothing, on any variant.
     traffic = updates[-1].traffic
     assert traffic["unroutedFailures"] == 0
     assert all(v["failed"] == 0 for v in traffic["variants"].values()), traffic
-    assert traffic["variants"]["canary"]["ok"] > 0 and traffic["variants"]["stable"]["ok"] > 0
+    assert traffic["variants"]["good"]["ok"] > 0 and traffic["variants"]["stable"]["ok"] > 0
     # MLflow: champion moved to the candidate, challenger gone, analyses logged on a run.
-    assert registry.get_model_version_by_alias(MODEL, "champion").version == "2"
-    with pytest.raises(Exception):
-        registry.get_model_version_by_alias(MODEL, "challenger")
+    assert str(registry.get_model_version_by_alias(MODEL, "champion").version) == "2"
+    assert "challenger" not in registry.get_model_version(MODEL, "2").aliases
     v2 = registry.get_model_version(MODEL, "2")
     assert ROLLED_BACK_TAG not in v2.tags
     run = registry.get_run(v2.tags[TAG_RUN])
@@ -210,44 +213,35 @@ def test_good_candidate_is_promoted_and_aliases_move(env, registry):
     assert run.data.tags["anneal.rollout.stable_version"] == f"models:/{MODEL}/1"
     assert run.data.tags["anneal.rollout.candidate_version"] == f"models:/{MODEL}/2"
     assert len(registry.get_metric_history(run.info.run_id, "analysis.errorRate")) >= 3
-    # Put the champion back for the other tests.
-    registry.set_registered_model_alias(MODEL, "champion", "1")
 
 
 @pytest.mark.parametrize(
-    "name, canary, gates, rps, min_requests",
+    "candidate, version, gates, rps, min_requests",
     [
-        ("errors", {"engine": "faulty", "engine_options": {"fail_rate": 0.2}},
-         [{"metric": "errorRate", "max": 0.02}], 30, 10),
-        ("slow", {"engine": "echo", "engine_options": {"delay_ms": 100}},
-         [{"metric": "latencyP95Ms", "max": 75}], 30, 10),
-        ("wrong", {"engine": "transformers", "max_tokens": 16}, [{"metric": "accuracy", "min": 0.5}], 0, 4),
+        ("errors", "3", [{"metric": "errorRate", "max": 0.02}], 30, 10),
+        ("slow", "4", [{"metric": "latencyP95Ms", "max": 75}], 30, 10),
+        ("wrong", "5", [{"metric": "accuracy", "min": 0.5}], 0, 4),
     ],
 )
-def test_faulty_candidate_is_rolled_back_within_the_bound(env, registry, scrambled_model, name, canary, gates,
-                                                          rps, min_requests):
+def test_faulty_candidate_is_rolled_back_within_the_bound(env, registry, app, candidate, version, gates, rps,
+                                                          min_requests):
     from anneal.rollout.aliases import ROLLED_BACK_TAG
 
-    if name == "wrong":
-        canary = {**canary, "model_uri": str(scrambled_model)}
+    champion = str(registry.get_model_version_by_alias(MODEL, "champion").version)
     steps = [{"setWeight": 50}, {"analysis": {}}, {"setWeight": 100}]
-    m = _manifest(name, f"models:/{MODEL}/2", gates, steps, min_requests=min_requests)
-    args, endpoint, apply = _deploy(env, m, {"stable": {"engine": "echo", "engine_options": {"delay_ms": 20}},
-                                            "canary": canary})
-    try:
-        status, updates = _drive(env, m, args, endpoint, apply, traffic_rps=rps)
-        assert status.phase == "RolledBack", (status.message, status.rollout.last_analysis)
-        assert status.weights == {"stable": 100, "canary": 0}
-        _all_to_stable(endpoint)
-    finally:
-        _delete(name)
+    m = _manifest(candidate, gates, steps, min_requests=min_requests)
+    status, updates = _drive(env, app, m, traffic_rps=rps)
+    assert status.phase == "RolledBack", (status.message, status.rollout.last_analysis)
+    assert status.weights["stable"] == 100 and sum(status.weights.values()) == 100
+    _all_to_stable(app["endpoint"])
     # From the moment the candidate could give its first bad answer to stable at 100%.
-    elapsed = _event_time(updates, "RolledBack") - _first_candidate_weight_time(updates)
+    elapsed = _event_time(updates, "RolledBack") - _first_candidate_weight_time(updates, candidate)
     assert elapsed <= BOUND_S + 1.0, f"rolled back after {elapsed:.1f}s; bound {BOUND_S:g}s (+1s of ticks)"
     assert status.rollout.last_analysis.failed_gates == [g["metric"] for g in gates]
     if updates[-1].traffic:
         stable = updates[-1].traffic["variants"]["stable"]
         assert stable["failed"] == 0 and stable["ok"] > 0
     # MLflow: the champion stays; the candidate is tagged rolled-back with the reason.
-    assert registry.get_model_version_by_alias(MODEL, "champion").version == "1"
-    assert gates[0]["metric"] in registry.get_model_version(MODEL, "2").tags[ROLLED_BACK_TAG]
+    assert str(registry.get_model_version_by_alias(MODEL, "champion").version) == champion
+    v = registry.get_model_version(MODEL, version)
+    assert gates[0]["metric"] in v.tags[ROLLED_BACK_TAG] and "challenger" not in v.aliases

@@ -373,6 +373,10 @@ def drive(
                     stop_event.wait(tick_s)
                     continue
             status = t.status
+            rs = status.rollout
+            if t.weights is not None and rs is not None and rs.step_started_at == now:
+                # The step's window starts when its weights are live, not when they were asked for.
+                rs.step_started_at = max(now, time.time())
             for ev in t.events:
                 _log_event(name, ev)
                 if tracker is not None:
