@@ -86,12 +86,14 @@ class RolloutTracker:
         self.stable: ModelVersionRef | None = None
         self.run_id: str | None = None
         self._analyses = 0
+        self._seen_start = False
 
     # --------------------------------------------------------------------- events
 
     def started(self, candidate_uri: str | None, stable_uri: str | None, attempt: int = 1) -> None:
         """A rollout (attempt) began: pin both versions, set the challenger alias, open a run."""
         self._close_run("superseded")
+        self._seen_start = True
         self.candidate = self._resolve(candidate_uri)
         self.stable = self._resolve(stable_uri)
         self._analyses = 0
@@ -122,17 +124,20 @@ class RolloutTracker:
         ]
         self._safe(self.client.log_batch, self.run_id, metrics=metrics)
 
-    def promoted(self, reason: str = "") -> None:
-        """The candidate becomes champion and stops being challenger."""
-        c = self.candidate
+    def promoted(self, reason: str = "", candidate_uri: str | None = None) -> None:
+        """The candidate becomes champion and stops being challenger.
+
+        `candidate_uri` is used when this tracker did not see the start (a restarted operator).
+        """
+        c = self._candidate_or(candidate_uri)
         if c is not None:
             self._safe(self.client.set_registered_model_alias, c.name, self.champion_alias, c.version)
             self._drop_challenger(c)
         self._close_run("Promoted", reason)
 
-    def rolled_back(self, reason: str) -> None:
+    def rolled_back(self, reason: str, candidate_uri: str | None = None) -> None:
         """The champion stays; the candidate version is tagged rolled-back = reason."""
-        c = self.candidate
+        c = self._candidate_or(candidate_uri)
         if c is not None:
             self._safe(self.client.set_model_version_tag, c.name, c.version, ROLLED_BACK_TAG, reason[:5000] or "rolled back")
             self._drop_challenger(c)
@@ -142,6 +147,11 @@ class RolloutTracker:
         self._close_run("stopped")
 
     # -------------------------------------------------------------------- helpers
+
+    def _candidate_or(self, uri: str | None) -> ModelVersionRef | None:
+        if self._seen_start or uri is None:
+            return self.candidate
+        return self._resolve(uri)
 
     def _resolve(self, uri: str | None) -> ModelVersionRef | None:
         try:

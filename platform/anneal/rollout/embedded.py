@@ -480,9 +480,9 @@ def _track(tracker: Any, ev: Event, status: ModelServiceStatus) -> None:
         tracker.analysed(a.get("figures") or {}, a.get("verdict", "wait"), int(a.get("step", 0)),
                          int(a.get("candidateWeight", 0)))
     elif ev.reason == Reason.PROMOTED:
-        tracker.promoted(str((rs.model_extra or {}).get("reason", "")) if rs else "")
+        tracker.promoted(str((rs.model_extra or {}).get("reason", "")) if rs else "", ev.data.get("candidate_model"))
     elif ev.reason == Reason.ROLLED_BACK:
-        tracker.rolled_back(str(ev.data.get("why") or "rolled back"))
+        tracker.rolled_back(str(ev.data.get("why") or "rolled back"), ev.data.get("candidate_model"))
 
 
 def _publish(cdir: Any, name: str, endpoint: str, app_name: str, update: RolloutUpdate,
