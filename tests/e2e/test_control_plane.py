@@ -1,0 +1,190 @@
+"""The local control plane behaves like a real one for what Anneal relies on:
+readiness, KubeRay CRD validation, namespace deletion, ownerReference garbage
+collection and the built kubectl."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e
+
+RAY_IMAGE = "rayproject/ray:2.60.0"
+ANNEAL_CRDS = Path(__file__).resolve().parents[2] / "charts" / "anneal" / "crds"
+
+
+def _ray_job(name: str) -> dict:
+    """A RayJob with a CPU head and a GPU worker group, as the operator would build it."""
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {"name": name},
+        "spec": {
+            "entrypoint": "python -m anneal.distill.kd --config /etc/anneal/job.json",
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 600,
+            "rayClusterSpec": {
+                "rayVersion": "2.60.0",
+                "headGroupSpec": {
+                    "rayStartParams": {"dashboard-host": "0.0.0.0"},
+                    "template": {"spec": {"containers": [{
+                        "name": "ray-head",
+                        "image": RAY_IMAGE,
+                        "resources": {"limits": {"cpu": "2", "memory": "8Gi"}},
+                    }]}},
+                },
+                "workerGroupSpecs": [{
+                    "groupName": "gpu",
+                    "replicas": 2,
+                    "minReplicas": 2,
+                    "maxReplicas": 2,
+                    "rayStartParams": {},
+                    "template": {"spec": {
+                        "containers": [{
+                            "name": "ray-worker",
+                            "image": RAY_IMAGE + "-gpu",
+                            "resources": {
+                                "limits": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "1"},
+                                "requests": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "1"},
+                            },
+                        }],
+                        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                    }},
+                }],
+            },
+        },
+    }
+
+
+def _wait_gone(kube_control_plane, *get_args: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc = kube_control_plane.kubectl("get", *get_args, check=False)
+        if proc.returncode != 0 and "NotFound" in proc.stderr:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{' '.join(get_args)} still present after {timeout:.0f}s")
+
+
+def test_api_server_is_ready(kube_control_plane):
+    assert kube_control_plane.server.startswith("https://127.0.0.1:")
+    assert kube_control_plane.kubectl("get", "--raw", "/readyz").stdout.strip() == "ok"
+    version = json.loads(kube_control_plane.kubectl("get", "--raw", "/version").stdout)
+    assert version["major"] == "1" and version["minor"].startswith("34"), version
+
+
+def test_python_client_reaches_the_cluster(kube_control_plane):
+    from kubernetes import client
+
+    with kube_control_plane.api_client() as api:
+        namespaces = {ns.metadata.name for ns in client.CoreV1Api(api).list_namespace().items}
+    assert {"default", "kube-system"} <= namespaces
+
+
+def test_kuberay_crds_are_established(kube_control_plane):
+    for crd in ("rayjobs.ray.io", "rayclusters.ray.io", "rayservices.ray.io"):
+        established = kube_control_plane.kubectl(
+            "get", "crd", crd, "-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}").stdout
+        assert established == "True", crd
+
+
+def test_gpu_rayjob_is_accepted_and_read_back(kube_control_plane, namespace):
+    manifest = _ray_job("distill-kd")
+    kube_control_plane.kubectl("apply", "--server-side", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
+
+    stored = json.loads(kube_control_plane.kubectl("get", "rayjob", "distill-kd", "-n", namespace, "-o", "json").stdout)
+    worker = stored["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    limits = worker["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert worker["groupName"] == "gpu"
+    assert limits["nvidia.com/gpu"] == "1"
+    assert stored["spec"]["entrypoint"] == manifest["spec"]["entrypoint"]
+
+
+@pytest.mark.parametrize(
+    ("breakage", "complaint"),
+    [
+        (lambda s: s["rayClusterSpec"]["workerGroupSpecs"][0].update(replicas="two"), "replicas"),
+        (lambda s: s["rayClusterSpec"]["workerGroupSpecs"][0].pop("groupName"), "groupName"),
+        (lambda s: s["rayClusterSpec"].pop("headGroupSpec"), "headGroupSpec"),
+    ],
+    ids=["replicas-not-int", "worker-group-without-name", "no-head-group"],
+)
+def test_malformed_rayjob_is_rejected(kube_control_plane, namespace, breakage, complaint):
+    manifest = _ray_job("broken")
+    breakage(manifest["spec"])
+    proc = kube_control_plane.kubectl("create", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest), check=False)
+    assert proc.returncode != 0
+    assert "is invalid" in proc.stderr and complaint in proc.stderr, proc.stderr
+    assert "NotFound" in kube_control_plane.kubectl("get", "rayjob", "broken", "-n", namespace, check=False).stderr
+
+
+def test_deleting_a_namespace_removes_its_objects(kube_control_plane, namespace):
+    kube_control_plane.kubectl("create", "configmap", "settings", "-n", namespace, "--from-literal=a=b")
+    kube_control_plane.kubectl("create", "-n", namespace, "-f", "-", input=yaml.safe_dump(_ray_job("doomed")))
+
+    kube_control_plane.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=90s", timeout=100)
+
+    _wait_gone(kube_control_plane, "namespace", namespace)
+    assert kube_control_plane.kubectl("get", "configmaps,rayjobs", "-n", namespace, "-o", "name").stdout.strip() == ""
+
+
+def _owned_configmap(name: str, owner: dict) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "ownerReferences": [{
+                "apiVersion": owner["apiVersion"],
+                "kind": owner["kind"],
+                "name": owner["metadata"]["name"],
+                "uid": owner["metadata"]["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }],
+        },
+        "data": {"k": "v"},
+    }
+
+
+@pytest.mark.parametrize("owner_kind", ["ConfigMap", "RayJob"])
+def test_owned_configmap_is_garbage_collected(kube_control_plane, namespace, owner_kind):
+    owner_manifest = (_ray_job("owner") if owner_kind == "RayJob"
+                      else {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner"}})
+    owner = json.loads(kube_control_plane.kubectl(
+        "create", "-n", namespace, "-o", "json", "-f", "-", input=yaml.safe_dump(owner_manifest)).stdout)
+    kube_control_plane.kubectl("create", "-n", namespace, "-f", "-",
+                         input=yaml.safe_dump(_owned_configmap("dependent", owner)))
+    kube_control_plane.kubectl("create", "configmap", "bystander", "-n", namespace)
+
+    kube_control_plane.kubectl("delete", owner_kind.lower(), "owner", "-n", namespace, "--cascade=background")
+
+    _wait_gone(kube_control_plane, "configmap", "dependent", "-n", namespace)
+    kube_control_plane.kubectl("get", "configmap", "bystander", "-n", namespace)  # unowned: untouched
+
+
+def test_built_kubectl_gets_resources(kube_control_plane, namespace):
+    kube_control_plane.kubectl("create", "configmap", "hello", "-n", namespace, "--from-literal=greeting=hi")
+    out = kube_control_plane.kubectl("get", "configmaps", "-n", namespace, "-o", "name").stdout.split()
+    assert "configmap/hello" in out
+    table = kube_control_plane.kubectl("get", "namespaces").stdout
+    assert namespace in table and "Active" in table
+    client_version = json.loads(kube_control_plane.kubectl("version", "--client", "-o", "json").stdout)
+    assert client_version["clientVersion"]["gitVersion"].startswith("v1.34.")
+
+
+def test_anneal_crds_are_established(kube_cluster):
+    """What the Helm chart installs is accepted by a real API server (structural schema,
+    CEL rules that compile) and served."""
+    manifests = sorted(p for p in ANNEAL_CRDS.glob("*.y*ml"))
+    if not manifests:
+        pytest.skip(f"no CRDs generated under {ANNEAL_CRDS} yet")
+    for path in manifests:
+        name = yaml.safe_load(path.read_text())["metadata"]["name"]
+        established = kube_cluster.kubectl(
+            "get", "crd", name, "-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}").stdout
+        assert established == "True", name
