@@ -1,0 +1,660 @@
+"""The Ray Serve application of a ModelService: a router ingress in front of one deployment per variant.
+
+`build_app(AppArgs) -> Application` is used as is by the embedded runner (`serve.run`), and
+`build_serve_config(args)` gives the same application as a Serve config entry (import path
+`anneal.serve.app:app_builder` + args) for the Serve REST API and a KubeRay `RayService`'s
+`serveConfigV2`. Weights change live through the router's `reconfigure` (see `apply_weights`).
+"""
+
+import asyncio
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import Application
+
+from anneal.serve import protocol
+from anneal.serve.engines import GenerateRequest, GenerateResult, StreamPiece
+from anneal.serve.metrics import ServiceMetrics, merge_stats
+from anneal.serve.routing import (
+    DynamicPolicy,
+    LargeShareTracker,
+    ReasoningPolicy,
+    RouteDecision,
+    RoutingError,
+    RoutingPolicy,
+    apply_reasoning,
+    cap_max_tokens,
+    decide,
+    line_order,
+    normalise_weights,
+)
+
+log = logging.getLogger("anneal.serve")
+decision_log = logging.getLogger("anneal.serve.decisions")
+
+ROUTER_DEPLOYMENT = "router"
+IMPORT_PATH = "anneal.serve.app:app_builder"
+
+
+def variant_deployment_name(variant: str) -> str:
+    return f"variant-{variant}"
+
+
+# ------------------------------------------------------------------------------ args
+
+
+class VariantArgs(BaseModel):
+    """One variant deployment: model, engine, scale and default generation settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    model_uri: str | None = Field(default=None, description="Resolved model URI (path, models:/, hf://, s3://).")
+    engine: Literal["transformers", "vllm", "echo", "faulty"] = "transformers"
+    engine_options: dict[str, Any] = Field(default_factory=dict)
+    replicas: int = 1
+    autoscaling: dict[str, Any] | None = None
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    memory_bytes: int | None = None
+    accelerator_type: str | None = None
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_ongoing_requests: int = 8
+    max_queued_requests: int = 512
+
+
+class AppArgs(BaseModel):
+    """Everything the Serve app of one ModelService needs; JSON-serialisable (Serve config `args`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    service: str = Field(description="Serve application name (namespace-name).")
+    route_prefix: str = "/"
+    variants: list[VariantArgs]
+    weights: dict[str, int]
+    line: list[str] = Field(default_factory=list, description="Order of variants on the weight line.")
+    sticky_header: str | None = None
+    override_header: str = "x-anneal-variant"
+    shadow_variant: str | None = None
+    shadow_percent: float = 0.0
+    reasoning: dict[str, Any] = Field(default_factory=dict)
+    dynamic: dict[str, Any] | None = None
+    router_replicas: int = 1
+    router_num_cpus: float = 0.5
+    router_max_ongoing_requests: int = 512
+    request_timeout_s: float = 120.0
+    max_request_bytes: int = 1 << 20
+    max_tokens_limit: int = 4096
+    max_shadow_in_flight: int = 64
+    decision_log_rate: float = 0.01
+    decision_flush_s: float = 30.0
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    cache_dir: str = "~/.anneal/cache"
+    seed: int | None = None
+
+    def variant(self, name: str) -> VariantArgs:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+
+def args_from_spec(
+    service: str,
+    spec: Any,
+    model_uris: Mapping[str, str],
+    *,
+    cache_dir: str,
+    tracking_uri: str | None = None,
+    cpu_scale: float = 1.0,
+    **overrides: Any,
+) -> AppArgs:
+    """The app args of a parsed `ModelServiceSpec`.
+
+    Args:
+        service: application name (deterministic: `<namespace>-<name>`).
+        spec: the parsed ModelServiceSpec.
+        model_uris: variant name → resolved model URI (fromResource already resolved).
+        cache_dir: model download cache on the serving nodes.
+        tracking_uri: MLflow tracking URI (for `models:/` and the routing decision log).
+        cpu_scale: factor on every CPU request, so a laptop can hold a spec sized for a cluster.
+        overrides: any other `AppArgs` field.
+    """
+    variants = []
+    for v in spec.variants:
+        uri = model_uris.get(v.name) or v.model.uri
+        if not uri:
+            raise ValueError(f"variants.{v.name}.model: no resolved model URI for {v.model.describe()}")
+        r = v.resources
+        variants.append(VariantArgs(
+            name=v.name,
+            model_uri=uri,
+            engine=v.engine,
+            replicas=v.replicas if v.replicas is not None else 1,
+            autoscaling=(
+                {"min_replicas": v.autoscaling.min_replicas, "max_replicas": v.autoscaling.max_replicas,
+                 "target_ongoing_requests": v.autoscaling.target_ongoing_requests}
+                if v.autoscaling else None
+            ),
+            num_cpus=round(r.cpus_per_worker * cpu_scale, 4),
+            num_gpus=r.gpus_per_worker,
+            memory_bytes=_memory(r.memory),
+            accelerator_type=r.accelerator_type,
+            max_tokens=v.generation.max_tokens,
+            temperature=v.generation.temperature,
+            top_p=v.generation.top_p,
+        ))
+    routing = spec.routing
+    pair = (spec.rollout.stable, spec.rollout.candidate) if spec.rollout else None
+    fields: dict[str, Any] = dict(
+        service=service,
+        variants=variants,
+        weights=spec.weights(),
+        line=list(line_order([v.name for v in spec.variants], pair)),
+        sticky_header=routing.sticky.header.lower() if routing.sticky else None,
+        override_header=routing.override_header.lower(),
+        shadow_variant=routing.shadow.variant if routing.shadow else None,
+        shadow_percent=routing.shadow.percent if routing.shadow else 0.0,
+        reasoning=routing.reasoning.model_dump(),
+        dynamic=routing.dynamic.model_dump() if routing.policy == "dynamic" and routing.dynamic else None,
+        router_num_cpus=round(0.5 * cpu_scale, 4),
+        tracking_uri=tracking_uri,
+        experiment=spec.mlflow.experiment if spec.mlflow else None,
+        cache_dir=cache_dir,
+    )
+    fields.update(overrides)
+    return AppArgs(**fields)
+
+
+def _memory(quantity: str | None) -> int | None:
+    if not quantity:
+        return None
+    from anneal.api.common import parse_quantity
+
+    return int(parse_quantity(quantity))
+
+
+def policy_from_args(args: AppArgs, weights: Mapping[str, int] | None = None,
+                     overrides: Mapping[str, Any] | None = None) -> RoutingPolicy:
+    """The pure routing policy of the app args (with live weights and routing overrides)."""
+    o = dict(overrides or {})
+    shadow = o.get("shadow", {"variant": args.shadow_variant, "percent": args.shadow_percent}) or {}
+    dynamic = o.get("dynamic", args.dynamic)
+    reasoning = {**args.reasoning, **(o.get("reasoning") or {})}
+    return RoutingPolicy(
+        weights=dict(weights if weights is not None else args.weights),
+        order=tuple(args.line or sorted(args.weights)),
+        sticky_header=o.get("stickyHeader", args.sticky_header),
+        override_header=args.override_header,
+        shadow_variant=shadow.get("variant"),
+        shadow_percent=float(shadow.get("percent") or 0.0),
+        reasoning=ReasoningPolicy(**{k: v for k, v in reasoning.items() if v is not None}),
+        dynamic=DynamicPolicy(**dynamic) if dynamic else None,
+    )
+
+
+# -------------------------------------------------------------------------- variant
+
+
+class VariantServer:
+    """One variant's model, served by one Serve deployment (replicas and resources from the spec)."""
+
+    def __init__(self, variant: dict[str, Any], cache_dir: str, tracking_uri: str | None):
+        from anneal.serve.engines import make_engine
+
+        self.args = VariantArgs(**variant)
+        options = dict(self.args.engine_options)
+        if self.args.engine == "transformers" and self.args.num_gpus == 0:
+            # A replica owns its share of the CPUs: torch should not spin up a thread per core.
+            options.setdefault("num_threads", max(1, int(self.args.num_cpus)))
+        self.engine = make_engine(self.args.engine, self.args.model_uri, cache_dir=os.path.expanduser(cache_dir),
+                                  tracking_uri=tracking_uri, options=options)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{self.args.name}")
+
+    async def generate(self, req: GenerateRequest) -> GenerateResult:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.engine.generate, req)
+
+    async def stream(self, req: GenerateRequest) -> AsyncIterator[StreamPiece]:
+        loop = asyncio.get_running_loop()
+        it = self.engine.stream(req)
+        done = object()
+        while True:
+            piece = await loop.run_in_executor(self._executor, next, it, done)
+            if piece is done:
+                return
+            yield piece
+
+
+# --------------------------------------------------------------------------- router
+
+# Serve's ingress snapshots the class with the module globals it can see at decoration time:
+# everything the router uses is defined above it.
+
+def _awaitable(response: Any):
+    async def wait():
+        return await response
+    return wait()
+
+
+def _replica_context() -> str:
+    try:
+        return serve.get_replica_context().replica_tag
+    except Exception:
+        try:
+            return str(serve.get_replica_context().replica_id)
+        except Exception:
+            return f"pid-{os.getpid()}"
+
+
+def _upstream_error(variant: str, e: BaseException) -> protocol.ApiError:
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+    if isinstance(e, (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError, RayActorError)):
+        return protocol.ApiError(503, f"variant {variant} is unavailable ({type(e).__name__}); retry later",
+                                 code="variant_unavailable")
+    cause = getattr(e, "cause", None) or e
+    text = str(cause).strip().splitlines()
+    detail = text[-1] if text else type(cause).__name__
+    return protocol.ApiError(502, f"variant {variant} failed: {detail[:300]}", code="variant_error")
+
+
+def _error_response(e: protocol.ApiError, decision: RouteDecision | None, rid: str) -> JSONResponse:
+    headers = {}
+    if decision is not None:
+        headers["x-anneal-variant"] = decision.variant
+        headers["x-anneal-route-reason"] = decision.reason
+    if e.status == 503:
+        headers["retry-after"] = "1"
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def write_decisions_to_mlflow(tracking_uri: str, experiment: str, service: str, batch: list[dict[str, Any]],
+                              replica: str, cache: Any = None) -> str:
+    """Append a batch of sampled routing decisions to the service's MLflow run (`serve-<service>`).
+
+    Each batch becomes one `routing/decisions-<time>-<replica>.jsonl` artifact, plus per-variant
+    counts as metrics `routed.<variant>`. Returns the run id.
+    """
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run_id = getattr(cache, "_mlflow_run_id", None)
+    if run_id is None:
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        name = f"serve-{service}"
+        runs = client.search_runs([exp_id], filter_string=f"tags.mlflow.runName = '{name}'", max_results=1)
+        run_id = runs[0].info.run_id if runs else client.create_run(
+            exp_id, run_name=name, tags={"anneal.service": service}).info.run_id
+        if cache is not None:
+            cache._mlflow_run_id = run_id
+    now = int(time.time() * 1000)
+    lines = "\n".join(json.dumps(e) for e in batch) + "\n"
+    client.log_text(run_id, lines, f"routing/decisions-{now}-{replica.replace('/', '_')}.jsonl")
+    counts: dict[str, int] = {}
+    for e in batch:
+        counts[e["variant"]] = counts.get(e["variant"], 0) + 1
+    client.log_batch(run_id, metrics=[Metric(f"routed.{v}", n, now, 0) for v, n in counts.items()])
+    return run_id
+
+
+# No `from __future__ import annotations` here: FastAPI must see real types on the routes
+# (`request: Request`), and the snapshot holds no globals for string annotations.
+api = FastAPI(title="Anneal ModelService", docs_url=None, redoc_url=None)
+
+
+@serve.ingress(api)
+class Router:
+    """The ingress: OpenAI-compatible API, routing decisions, metrics and the decision log."""
+
+    def __init__(self, args: dict[str, Any], variants: dict[str, Any]):
+        self.args = AppArgs(**args)
+        self.handles = variants
+        self.weights = dict(self.args.weights)
+        self.policy = policy_from_args(self.args)
+        self.tracker = LargeShareTracker(self.policy.dynamic.window if self.policy.dynamic else 200)
+        self.metrics = ServiceMetrics([v.name for v in self.args.variants])
+        self.rng = random.Random(self.args.seed)
+        self.defaults = {v.name: v for v in self.args.variants}
+        self._shadow_tasks: set[asyncio.Task] = set()
+        self.shadow_dropped = 0
+        self._decisions: list[dict[str, Any]] = []
+        self._flusher: asyncio.Task | None = None
+        self._mlflow_run_id: str | None = None
+        self.replica = _replica_context()
+
+    # ---- contract 2
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply `{"weights": {variant: int}, "routing": {...}}` in place (no restart).
+
+        `routing` may override `shadow` (`{variant, percent}`), `dynamic` and `reasoning`.
+        """
+        user_config = user_config or {}
+        weights = normalise_weights(user_config.get("weights") or self.weights, list(self.defaults))
+        policy = policy_from_args(self.args, weights, user_config.get("routing"))
+        self.weights, self.policy = weights, policy
+        log.info("service %s: weights now %s", self.args.service, weights)
+
+    # ---- API
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._complete(request, "chat")
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._complete(request, "completion")
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        created = int(self.metrics.started)
+        data = [{"id": self.args.service, "object": "model", "created": created, "owned_by": "anneal"}]
+        data += [{"id": v, "object": "model", "created": created, "owned_by": "anneal", "parent": self.args.service}
+                 for v in self.defaults]
+        return {"object": "list", "data": data}
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "service": self.args.service, "weights": self.weights}
+
+    @api.get("/-/stats")
+    async def stats(self, since: float | None = None, local: bool = False) -> Response:
+        """Contract 1: cumulative and windowed per-variant stats (all router replicas merged)."""
+        doc = self.local_stats(since)
+        if not local and self.args.router_replicas > 1:
+            doc = await self._merged_stats(since, doc)
+        return JSONResponse(doc)
+
+    @api.get("/-/metrics")
+    async def prometheus(self) -> Response:
+        return Response(self.metrics.prometheus_text(self.args.service, self.weights),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def current_weights(self) -> dict[str, int]:
+        return dict(self.weights)
+
+    def local_stats(self, since: float | None = None) -> dict[str, Any]:
+        doc = self.metrics.stats(since, self.weights)
+        doc["replica"] = self.replica
+        doc["shadow_dropped"] = self.shadow_dropped
+        return doc
+
+    async def _merged_stats(self, since: float | None, own: dict[str, Any]) -> dict[str, Any]:
+        try:
+            me = serve.get_deployment_handle(ROUTER_DEPLOYMENT, self.args.service)
+            results = await asyncio.wait_for(me.broadcast("local_stats", since).results_async(), timeout=10)
+            docs = [r for r in results if isinstance(r, dict)]
+            merged = merge_stats(docs or [own])
+            merged["replicas"] = len(docs)
+            return merged
+        except Exception as e:  # a partial answer beats none: say so
+            log.warning("stats: could not reach every router replica: %s", e)
+            own["replicas"] = 1
+            own["partial"] = True
+            return own
+
+    # ---- request path
+    async def _complete(self, request: Request, kind: str) -> Response:
+        start = time.perf_counter()
+        # Serve's proxy gives every request an id (and echoes it in the `x-request-id` response header).
+        rid = protocol.new_id(kind, request.headers.get("x-request-id"))
+        decision: RouteDecision | None = None
+        try:
+            length = request.headers.get("content-length")
+            if length and length.isdigit() and int(length) > self.args.max_request_bytes:
+                raise protocol.ApiError(413, f"request body is {length} bytes; the limit is "
+                                        f"{self.args.max_request_bytes}", code="request_too_large")
+            body = await request.body()
+            parsed = protocol.parse_request(protocol.parse_json(body, self.args.max_request_bytes), kind,
+                                            self.args.max_tokens_limit)
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            if parsed.model and parsed.model != self.args.service:
+                if parsed.model not in self.defaults:
+                    raise protocol.ApiError(
+                        404, f"model: {parsed.model!r} is not served here; use {self.args.service!r} "
+                        f"or a variant ({', '.join(self.defaults)})", param="model", code="model_not_found")
+                headers.setdefault(self.policy.override_header, parsed.model)
+            try:
+                decision = decide(self.policy, headers=headers, messages=parsed.messages, prompt=parsed.prompt,
+                                  draw=self.rng.random(), shadow_draw=self.rng.random(), tracker=self.tracker)
+            except RoutingError as e:
+                raise protocol.ApiError(400, str(e), param=e.param, code="invalid_value") from None
+            self.metrics.record_route(decision.reason_prefix)
+            self._log_decision(rid, decision)
+            req = self._engine_request(parsed, decision)
+            if decision.shadow:
+                self._mirror(decision.shadow, req)
+            route_headers = {"x-anneal-variant": decision.variant, "x-anneal-route-reason": decision.reason,
+                             "x-anneal-reasoning": decision.reasoning}
+            if parsed.stream:
+                return await self._stream(parsed, decision, req, rid, start, route_headers)
+            result = await self._call(decision.variant, req)
+        except protocol.ApiError as e:
+            if decision is not None and e.status >= 500:
+                self.metrics.record(decision.variant, (time.perf_counter() - start) * 1000, True)
+            return _error_response(e, decision, rid)
+        latency = (time.perf_counter() - start) * 1000
+        self.metrics.record(decision.variant, latency, False, result.prompt_tokens, result.completion_tokens)
+        body = protocol.completion_body(kind, rid, decision.variant, result.text, result.finish_reason,
+                                        result.prompt_tokens, result.completion_tokens)
+        return JSONResponse(body, headers=route_headers)
+
+    def _engine_request(self, parsed: protocol.ParsedRequest, decision: RouteDecision) -> GenerateRequest:
+        v = self.defaults[decision.variant]
+        messages = parsed.messages
+        if messages is not None:
+            messages = apply_reasoning(messages, decision.reasoning, self.policy.reasoning)
+        return GenerateRequest(
+            messages=messages,
+            prompt=parsed.prompt,
+            max_tokens=cap_max_tokens(parsed.max_tokens, v.max_tokens, decision.reasoning, self.policy.reasoning),
+            temperature=parsed.temperature if parsed.temperature is not None else v.temperature,
+            top_p=parsed.top_p if parsed.top_p is not None else v.top_p,
+            stop=parsed.stop,
+            ignore_eos=parsed.ignore_eos,
+            seed=parsed.seed,
+        )
+
+    async def _call(self, variant: str, req: GenerateRequest) -> GenerateResult:
+        response = self.handles[variant].generate.remote(req)
+        try:
+            return await asyncio.wait_for(_awaitable(response), timeout=self.args.request_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise protocol.ApiError(504, f"variant {variant} did not answer within "
+                                    f"{self.args.request_timeout_s:g}s", code="timeout") from None
+        except protocol.ApiError:
+            raise
+        except Exception as e:
+            raise _upstream_error(variant, e) from None
+
+    async def _stream(self, parsed: protocol.ParsedRequest, decision: RouteDecision, req: GenerateRequest,
+                      rid: str, start: float, headers: dict[str, str]) -> Response:
+        gen = self.handles[decision.variant].options(stream=True).stream.remote(req)
+        timeout = self.args.request_timeout_s
+        try:
+            # The status line goes out with the first piece, so a failing variant still gets a 5xx.
+            first = await asyncio.wait_for(gen.__anext__(), timeout=timeout)
+        except StopAsyncIteration:
+            first = StreamPiece("", "stop")
+        except asyncio.TimeoutError:
+            gen.cancel()
+            raise protocol.ApiError(504, f"variant {decision.variant} did not answer within {timeout:g}s",
+                                    code="timeout") from None
+        except Exception as e:
+            raise _upstream_error(decision.variant, e) from None
+        kind, model = parsed.kind, decision.variant
+
+        async def events() -> AsyncIterator[bytes]:
+            piece: StreamPiece | None = first
+            error = False
+            last = StreamPiece("", "stop")
+            is_first = True
+            try:
+                while piece is not None:
+                    if piece.finish_reason is not None:
+                        last = piece
+                        if piece.text:
+                            yield protocol.sse(protocol.chunk_body(kind, rid, model, piece.text, None, first=is_first))
+                        break
+                    yield protocol.sse(protocol.chunk_body(kind, rid, model, piece.text, None, first=is_first))
+                    is_first = False
+                    try:
+                        piece = await asyncio.wait_for(gen.__anext__(), timeout=timeout)
+                    except StopAsyncIteration:
+                        piece = None
+                yield protocol.sse(protocol.chunk_body(kind, rid, model, None, last.finish_reason))
+                if parsed.include_usage:
+                    usage = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
+                             "total_tokens": last.prompt_tokens + last.completion_tokens}
+                    yield protocol.sse(protocol.chunk_body(kind, rid, model, None, None, usage=usage))
+            except Exception as e:  # the status is sent: report in the stream, then end it
+                error = True
+                gen.cancel()
+                err = e if isinstance(e, protocol.ApiError) else _upstream_error(decision.variant, e)
+                yield protocol.sse(err.body())
+            finally:
+                self.metrics.record(decision.variant, (time.perf_counter() - start) * 1000, error,
+                                    last.prompt_tokens, last.completion_tokens)
+            yield protocol.sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={**headers, "cache-control": "no-cache"})
+
+    # ---- shadow
+    def _mirror(self, variant: str, req: GenerateRequest) -> None:
+        if len(self._shadow_tasks) >= self.args.max_shadow_in_flight:
+            self.shadow_dropped += 1  # shadow traffic must never queue up behind the caller's
+            return
+        task = asyncio.get_running_loop().create_task(self._shadow(variant, req))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(self, variant: str, req: GenerateRequest) -> None:
+        start = time.perf_counter()
+        try:
+            result = await self._call(variant, req)
+        except Exception:
+            self.metrics.record(variant, (time.perf_counter() - start) * 1000, True, shadow=True)
+            return
+        self.metrics.record(variant, (time.perf_counter() - start) * 1000, False, result.prompt_tokens,
+                            result.completion_tokens, shadow=True)
+
+    # ---- decision log
+    def _log_decision(self, rid: str, d: RouteDecision) -> None:
+        if self.args.decision_log_rate <= 0 or self.rng.random() >= self.args.decision_log_rate:
+            return
+        entry = {"time": time.time(), "requestId": rid, "variant": d.variant, "reason": d.reason,
+                 "reasoning": d.reasoning, "shadow": d.shadow}
+        decision_log.info(json.dumps(entry))
+        if self.args.tracking_uri:
+            self._decisions.append(entry)
+            if len(self._decisions) > 10000:  # MLflow unreachable for long: keep the newest
+                del self._decisions[:5000]
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.args.decision_flush_s)
+            batch, self._decisions = self._decisions, []
+            if not batch:
+                continue
+            try:
+                await asyncio.to_thread(self._flush_to_mlflow, batch)
+            except Exception as e:
+                log.warning("routing decision log: MLflow write failed (%s); %d entries kept", e, len(batch))
+                self._decisions = batch + self._decisions
+
+    def _flush_to_mlflow(self, batch: list[dict[str, Any]]) -> None:
+        write_decisions_to_mlflow(self.args.tracking_uri, self.args.experiment or "anneal-serving",
+                                  self.args.service, batch, self.replica, self)
+
+
+# ---------------------------------------------------------------------------- build
+
+
+def build_app(args: AppArgs, *, router_user_config: Mapping[str, Any] | None = None) -> Application:
+    """The Serve application: the router ingress bound to one deployment per variant.
+
+    Args:
+        args: the app args.
+        router_user_config: the router's live config (contract 2); default the args' weights.
+    """
+    handles = {}
+    for v in args.variants:
+        actor: dict[str, Any] = {"num_cpus": v.num_cpus, "num_gpus": v.num_gpus}
+        if v.memory_bytes:
+            actor["memory"] = v.memory_bytes
+        if v.accelerator_type:
+            actor["accelerator_type"] = v.accelerator_type
+        init = {"variant": v.model_dump(mode="json"), "cache_dir": args.cache_dir, "tracking_uri": args.tracking_uri}
+        scale: dict[str, Any] = (
+            {"autoscaling_config": v.autoscaling, "num_replicas": "auto"} if v.autoscaling
+            else {"num_replicas": v.replicas}
+        )
+        deployment = serve.deployment(
+            VariantServer,
+            name=variant_deployment_name(v.name),
+            ray_actor_options=actor,
+            max_ongoing_requests=v.max_ongoing_requests,
+            max_queued_requests=v.max_queued_requests,
+            **scale,
+        )
+        handles[v.name] = deployment.bind(**init)
+    router_args = args.model_dump(mode="json")
+    router = serve.deployment(
+        Router,
+        name=ROUTER_DEPLOYMENT,
+        num_replicas=args.router_replicas,
+        ray_actor_options={"num_cpus": args.router_num_cpus},
+        max_ongoing_requests=args.router_max_ongoing_requests,
+        user_config=dict(router_user_config or {"weights": dict(args.weights)}),
+    )
+    return router.bind(args=router_args, variants=handles)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Serve config entry point (`import_path: anneal.serve.app:app_builder`)."""
+    return build_app(AppArgs.model_validate(args))
+
+
+def build_serve_config(args: AppArgs, weights: Mapping[str, int] | None = None,
+                       routing: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One `applications[]` entry of a Serve config (REST API `PUT /api/serve/applications/`,
+    KubeRay `RayService.spec.serveConfigV2`).
+
+    The live weights go in the router's `user_config`, so a later entry that differs only
+    there is a lightweight update: Serve calls `Router.reconfigure` and restarts nothing.
+    """
+    user_config: dict[str, Any] = {"weights": dict(weights if weights is not None else args.weights)}
+    if routing:
+        user_config["routing"] = dict(routing)
+    return {
+        "name": args.service,
+        "route_prefix": args.route_prefix,
+        "import_path": IMPORT_PATH,
+        "args": args.model_dump(mode="json"),
+        "deployments": [{"name": ROUTER_DEPLOYMENT, "user_config": user_config}],
+    }
+
+
+__all__ = [
+    "AppArgs", "VariantArgs", "args_from_spec", "build_app", "app_builder", "build_serve_config",
+    "policy_from_args", "write_decisions_to_mlflow", "Router", "VariantServer",
+]

@@ -1,0 +1,255 @@
+"""Serving a ModelService on this machine: `anneal run service.yaml` (local Ray + Serve on loopback)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anneal.serve.routing import weights_summary
+
+log = logging.getLogger("anneal.serve.embedded")
+
+#: fromResource resolver: (kind, name, namespace) → model URI of that resource's registered output.
+Resolver = Callable[[str, str, str], str]
+
+#: Share of the local Ray's CPUs the service's replicas may reserve (the rest is left for Serve's
+#: own actors and the machine).
+CPU_BUDGET = 0.8
+
+
+class ServiceError(RuntimeError):
+    """The service cannot be started; the message names the field or the step at fault."""
+
+
+def app_name_of(namespace: str, name: str) -> str:
+    """The deterministic Serve application name of a ModelService."""
+    return f"{namespace}-{name}"
+
+
+def resolve_model_uris(spec: Any, namespace: str, resolver: Resolver | None = None,
+                       base_dir: Path | None = None) -> dict[str, str]:
+    """variant name → a model URI every replica can load.
+
+    Relative paths become absolute (replicas do not share the caller's working directory);
+    `fromResource` goes through `resolver`.
+
+    Raises:
+        ServiceError: naming `spec.variants[i].model` when a model cannot be resolved.
+    """
+    from anneal.modeling.uris import parse_model_uri
+
+    out = {}
+    for i, v in enumerate(spec.variants):
+        field_path = f"spec.variants[{i}].model"
+        ref = v.model
+        if ref.uri:
+            try:
+                parsed = parse_model_uri(ref.uri)
+            except ValueError as e:
+                raise ServiceError(f"{field_path}.uri: {e}") from None
+            if parsed.scheme == "file":
+                path = Path(parsed.path)
+                if not path.is_absolute():
+                    path = (base_dir or Path.cwd()) / path
+                out[v.name] = str(path.resolve())
+            else:
+                out[v.name] = ref.uri
+        elif ref.from_resource:
+            if resolver is None:
+                raise ServiceError(
+                    f"{field_path}.fromResource: {ref.from_resource.kind}/{ref.from_resource.name} needs a "
+                    "resolver (run the producing job first, or give the model as a uri)")
+            try:
+                out[v.name] = resolver(ref.from_resource.kind, ref.from_resource.name, namespace)
+            except Exception as e:
+                raise ServiceError(f"{field_path}.fromResource: {e}") from None
+        else:
+            raise ServiceError(f"{field_path}: fromStage is only valid inside a ModelPipeline")
+    return out
+
+
+def cpu_scale(spec: Any, available_cpus: float, router_cpus: float = 0.5) -> float:
+    """The factor on CPU requests that lets every replica of `spec` fit in `available_cpus`.
+
+    A spec sized for a cluster (1 CPU per replica by default) must still start on a laptop;
+    replicas of tiny models are light, so requests are scaled down, never up.
+    """
+    total = router_cpus
+    for v in spec.variants:
+        replicas = v.autoscaling.min_replicas if v.autoscaling else (v.replicas if v.replicas is not None else 1)
+        total += max(1, replicas) * v.resources.cpus_per_worker
+    return min(1.0, CPU_BUDGET * available_cpus / total) if total > 0 else 1.0
+
+
+def service_status(app_name: str, endpoint: str, weights: dict[str, int], models: dict[str, str],
+                   phase: str = "Ready", message: str | None = None) -> dict[str, Any]:
+    """A ModelService status dict (camelCase, as written to `.status`)."""
+    status: dict[str, Any] = {
+        "phase": phase,
+        "endpoint": endpoint,
+        "weights": dict(weights),
+        "weightsSummary": weights_summary(weights),
+        "models": dict(models),
+        "app": app_name,
+    }
+    if message:
+        status["message"] = message
+    return status
+
+
+@dataclass
+class RunningService:
+    """A ModelService deployed on the local Serve; `stop()` takes it down."""
+
+    app_name: str
+    endpoint: str
+    args: Any
+    models: dict[str, str]
+    weights: dict[str, int] = field(default_factory=dict)
+    started_ray: bool = False
+
+    def status(self) -> dict[str, Any]:
+        return service_status(self.app_name, self.endpoint, self.weights, self.models)
+
+    def apply_weights(self, weights: dict[str, int], routing: dict[str, Any] | None = None) -> dict[str, int]:
+        """Contract 2 on the local Serve (see `anneal.serve.deploy.apply_weights`)."""
+        from anneal.serve.deploy import apply_weights
+
+        self.weights = apply_weights(self.app_name, self.args, weights, routing=routing)
+        return self.weights
+
+    def stop(self) -> None:
+        from ray import serve
+
+        try:
+            serve.delete(self.app_name)
+        except Exception as e:  # already gone, or Serve is shutting down
+            log.debug("serve.delete(%s): %s", self.app_name, e)
+        if self.started_ray:
+            import ray
+
+            serve.shutdown()
+            ray.shutdown()
+
+
+def start_service(
+    manifest: Any,
+    *,
+    settings: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    route_prefix: str = "/",
+    resolver: Resolver | None = None,
+    base_dir: Path | None = None,
+    wait_s: float = 600.0,
+) -> RunningService:
+    """Deploy a ModelService manifest on a local Ray Serve (started if needed) and wait until it serves.
+
+    Args:
+        manifest: a parsed `Manifest` (kind ModelService) or the manifest dict.
+        settings: `anneal.settings.Settings` (cache dir, MLflow tracking URI, Ray address/CPUs).
+        host, port: where Serve's HTTP proxy listens (loopback by default).
+        route_prefix: URL prefix of this service.
+        resolver: resolves `fromResource` model refs.
+        base_dir: directory relative model paths are relative to (default: the working directory).
+        wait_s: how long model loading may take.
+
+    Raises:
+        ServiceError: the manifest is not a ModelService or a model cannot be resolved.
+    """
+    import ray
+    from ray import serve
+
+    from anneal.api.resources import Manifest, parse_manifest
+    from anneal.serve.app import args_from_spec, build_serve_config
+    from anneal.serve.deploy import deploy_entries
+
+    m = manifest if isinstance(manifest, Manifest) else parse_manifest(manifest)
+    if m.kind != "ModelService":
+        raise ServiceError(f"kind: {m.kind!r}: start_service serves ModelService resources")
+    spec = m.spec
+    models = resolve_model_uris(spec, m.namespace, resolver, base_dir)
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=settings.ray.address or None, num_cpus=settings.ray.num_cpus,
+                 include_dashboard=settings.ray.include_dashboard, log_to_driver=False)
+        started = True
+    serve.start(http_options={"host": host, "port": port})
+    available = float(ray.cluster_resources().get("CPU", 1.0))
+    app_name = app_name_of(m.namespace, m.name)
+    args = args_from_spec(
+        app_name, spec, models,
+        cache_dir=str(settings.anneal.cache_dir),
+        tracking_uri=settings.tracking_uri,
+        cpu_scale=cpu_scale(spec, available),
+        route_prefix=route_prefix,
+    )
+    endpoint = f"http://{host}:{port}{route_prefix.rstrip('/')}"
+    try:
+        deploy_entries([build_serve_config(args)], wait_s=wait_s)
+    except Exception as e:
+        if started:
+            serve.shutdown()
+            ray.shutdown()
+        raise ServiceError(f"ModelService {m.namespace}/{m.name} did not start: {e}") from e
+    return RunningService(app_name, endpoint, args, models, dict(args.weights), started)
+
+
+def run_service(
+    manifest: Any,
+    *,
+    settings: Any,
+    duration: float | None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    ready_callback: Callable[[dict[str, Any]], None] | None = None,
+    resolver: Resolver | None = None,
+    route_prefix: str = "/",
+    stop_event: threading.Event | None = None,
+) -> dict[str, Any]:
+    """`anneal run service.yaml`: serve a ModelService on localhost until `duration` or Ctrl-C.
+
+    Args:
+        manifest: a parsed `Manifest` or the manifest dict.
+        settings: `anneal.settings.Settings`.
+        duration: seconds to serve; None: until interrupted (or `stop_event` is set).
+        host, port: where Serve listens.
+        ready_callback: called once with the status dict (phase Ready, endpoint, weights) when
+            the service answers.
+        resolver: resolves `fromResource` model refs: `(kind, name, namespace) -> uri`.
+        route_prefix: URL prefix of the service.
+        stop_event: set it (from another thread) to stop serving.
+
+    Returns:
+        The last status dict (phase `Ready` while it ran; the service is stopped on return).
+    """
+    service = start_service(manifest, settings=settings, host=host, port=port, resolver=resolver,
+                            route_prefix=route_prefix)
+    status = service.status()
+    log.info("serving %s at %s (weights %s)", service.app_name, service.endpoint, status["weightsSummary"])
+    if ready_callback is not None:
+        ready_callback(status)
+    stop = stop_event or threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    deadline = None if duration is None else time.monotonic() + duration
+    try:
+        while not stop.is_set():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            stop.wait(timeout=1.0 if left is None else min(1.0, left))
+    except KeyboardInterrupt:
+        log.info("interrupted: stopping %s", service.app_name)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        service.stop()
+    return status

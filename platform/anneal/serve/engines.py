@@ -1,0 +1,284 @@
+"""Inference engines behind a variant deployment: transformers (CPU/GPU), vllm (GPU), and two stand-ins.
+
+An engine turns a `GenerateRequest` into a `GenerateResult` (or a stream of text pieces). The
+variant deployment runs the blocking engines in one worker thread, so a replica generates one
+request at a time and Serve spreads concurrency over replicas.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class GenerateRequest:
+    """What the router sends a variant: chat messages or a prompt, and sampling settings."""
+
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+
+
+@dataclass
+class GenerateResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class StreamPiece:
+    """One piece of a streamed answer; the last one has `finish_reason` and the token counts."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class EngineError(RuntimeError):
+    """The engine cannot be built (missing package, bad option); the message says what to do."""
+
+
+def _truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class TransformersEngine:
+    """A Hugging Face causal LM (tiny local models, any HF checkpoint, compressed-tensors ones).
+
+    Decoding is a plain KV-cached loop (greedy, or temperature / top-p sampling) so streaming
+    and non-streaming share one path and `ignore_eos` works on any model.
+
+    Args:
+        model_uri: a model URI (`anneal.modeling.uris`): path, `models:/`, `hf://`, `s3://`.
+        cache_dir: download cache.
+        tracking_uri: MLflow tracking URI for `models:/`.
+        device: `cpu`, `cuda` or `auto` (cuda when available).
+        dtype: torch dtype name, or None for the checkpoint default.
+        num_threads: torch intra-op threads on CPU (None keeps torch's default).
+    """
+
+    def __init__(self, model_uri: str, *, cache_dir: str, tracking_uri: str | None = None, device: str = "auto",
+                 dtype: str | None = None, num_threads: int | None = None):
+        import torch
+
+        from anneal.modeling.uris import load_model
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.torch = torch
+        self.device = device
+        self.model, self.tokenizer = load_model(model_uri, cache_dir=cache_dir, tracking_uri=tracking_uri,
+                                                dtype=dtype, device=device)
+        eos = self.tokenizer.eos_token_id
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids = {i for i in ([eos] + (gen_eos if isinstance(gen_eos, list) else [gen_eos])) if i is not None}
+        self.eos_ids = ids
+
+    def render(self, req: GenerateRequest) -> str:
+        if req.messages is None:
+            return req.prompt or ""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+        from anneal.data.formats import format_chat
+
+        return format_chat(req.messages, add_generation_prompt=True)
+
+    def _encode(self, req: GenerateRequest) -> list[int]:
+        text = self.render(req)
+        # A chat template already writes the special tokens it needs.
+        return self.tokenizer(text, add_special_tokens=req.messages is None)["input_ids"]
+
+    def _tokens(self, req: GenerateRequest, prompt_ids: list[int]) -> Iterator[int]:
+        torch = self.torch
+        gen = None
+        if req.temperature > 0:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(req.seed if req.seed is not None else random.getrandbits(31))
+        with torch.inference_mode():
+            ids = torch.tensor([prompt_ids], device=self.device)
+            out = self.model(input_ids=ids, use_cache=True)
+            for _ in range(req.max_tokens):
+                logits = out.logits[0, -1].float()
+                if req.ignore_eos:
+                    for e in self.eos_ids:
+                        logits[e] = float("-inf")
+                token = self._pick(logits, req, gen)
+                if token in self.eos_ids:
+                    return
+                yield token
+                out = self.model(input_ids=torch.tensor([[token]], device=self.device),
+                                 past_key_values=out.past_key_values, use_cache=True)
+
+    def _pick(self, logits: Any, req: GenerateRequest, gen: Any) -> int:
+        torch = self.torch
+        if req.temperature <= 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits / req.temperature, dim=-1)
+        if req.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_p, 0) - sorted_p < req.top_p
+            sorted_p = sorted_p * keep
+            return int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)])
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    def generate(self, req: GenerateRequest) -> GenerateResult:
+        pieces = list(self.stream(req))
+        last = pieces[-1]
+        return GenerateResult("".join(p.text for p in pieces), last.prompt_tokens, last.completion_tokens,
+                              last.finish_reason or "stop")
+
+    def stream(self, req: GenerateRequest) -> Iterator[StreamPiece]:
+        prompt_ids = self._encode(req)
+        out_ids: list[int] = []
+        sent = ""
+        finish = "stop"
+        for token in self._tokens(req, prompt_ids):
+            out_ids.append(token)
+            text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                continue
+            if req.stop:
+                text, stopped = _truncate_at_stop(text, req.stop)
+                if stopped:
+                    if len(text) > len(sent):
+                        yield StreamPiece(text[len(sent):])
+                    sent = text
+                    break
+            if len(text) > len(sent):
+                yield StreamPiece(text[len(sent):])
+                sent = text
+        else:
+            if len(out_ids) >= req.max_tokens:
+                finish = "length"
+        yield StreamPiece("", finish, len(prompt_ids), len(out_ids))
+
+
+class VllmEngine:
+    """vLLM on a GPU (`pip install anneal[vllm]`); imported only when a variant uses it."""
+
+    def __init__(self, model_uri: str, *, cache_dir: str, tracking_uri: str | None = None,
+                 **options: Any):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as e:
+            raise EngineError(
+                "engine vllm needs the vllm package on the serving nodes: pip install 'anneal[vllm]' "
+                "(or set the variant's engine to transformers)"
+            ) from e
+        from anneal.modeling.uris import resolve_model_dir
+
+        path = resolve_model_dir(model_uri, cache_dir=cache_dir, tracking_uri=tracking_uri)
+        self._sampling = SamplingParams
+        self.llm = LLM(model=str(path), **options)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, req: GenerateRequest) -> GenerateResult:
+        params = self._sampling(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                stop=req.stop or None, ignore_eos=req.ignore_eos, seed=req.seed)
+        if req.messages is not None:
+            out = self.llm.chat([req.messages], params, use_tqdm=False)[0]
+        else:
+            out = self.llm.generate([req.prompt or ""], params, use_tqdm=False)[0]
+        o = out.outputs[0]
+        return GenerateResult(o.text, len(out.prompt_token_ids), len(o.token_ids), o.finish_reason or "stop")
+
+    def stream(self, req: GenerateRequest) -> Iterator[StreamPiece]:
+        # The offline LLM API has no incremental output: one piece, then the end.
+        r = self.generate(req)
+        yield StreamPiece(r.text)
+        yield StreamPiece("", r.finish_reason, r.prompt_tokens, r.completion_tokens)
+
+
+class EchoEngine:
+    """No model at all: answers with the prompt it was given (after the router's rewriting).
+
+    Used by the router benchmark as the no-op model, and by tests to see the exact prompt a
+    variant receives. Tokens are whitespace-separated words.
+    """
+
+    def __init__(self, delay_ms: float = 0.0, **_: Any):
+        self.delay_s = delay_ms / 1000.0
+
+    def render(self, req: GenerateRequest) -> str:
+        if req.messages is None:
+            return req.prompt or ""
+        from anneal.data.formats import format_chat
+
+        return format_chat(req.messages, add_generation_prompt=True)
+
+    def generate(self, req: GenerateRequest) -> GenerateResult:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        prompt = self.render(req)
+        words = prompt.split()
+        return GenerateResult(prompt, len(words), min(len(words), req.max_tokens), "stop")
+
+    def stream(self, req: GenerateRequest) -> Iterator[StreamPiece]:
+        r = self.generate(req)
+        for word in r.text.split(" "):
+            yield StreamPiece(word + " ")
+        yield StreamPiece("", r.finish_reason, r.prompt_tokens, r.completion_tokens)
+
+
+class FaultyEngine:
+    """Stands in for a broken model (a bad checkpoint, an OOM on every call): raises on generate.
+
+    Only for tests and chaos drills; a ModelService spec cannot select it.
+
+    Args:
+        fail_rate: share of calls that raise (1.0: all).
+    """
+
+    def __init__(self, fail_rate: float = 1.0, **_: Any):
+        self.fail_rate = fail_rate
+        self._echo = EchoEngine()
+
+    def generate(self, req: GenerateRequest) -> GenerateResult:
+        if random.random() < self.fail_rate:
+            raise RuntimeError("faulty engine: this variant stands in for a broken model")
+        return self._echo.generate(req)
+
+    def stream(self, req: GenerateRequest) -> Iterator[StreamPiece]:
+        yield from self._echo.stream(req) if random.random() >= self.fail_rate else self._fail()
+
+    def _fail(self) -> Iterator[StreamPiece]:
+        raise RuntimeError("faulty engine: this variant stands in for a broken model")
+        yield  # pragma: no cover  (makes this a generator)
+
+
+ENGINES = ("transformers", "vllm", "echo", "faulty")
+
+
+def make_engine(engine: str, model_uri: str | None, *, cache_dir: str, tracking_uri: str | None,
+                options: dict[str, Any]) -> Any:
+    """Build the engine a variant names.
+
+    Raises:
+        EngineError: unknown engine, a missing model URI, or a missing optional package.
+    """
+    if engine in ("transformers", "vllm") and not model_uri:
+        raise EngineError(f"engine {engine} needs a model URI")
+    if engine == "transformers":
+        return TransformersEngine(model_uri, cache_dir=cache_dir, tracking_uri=tracking_uri, **options)
+    if engine == "vllm":
+        return VllmEngine(model_uri, cache_dir=cache_dir, tracking_uri=tracking_uri, **options)
+    if engine == "echo":
+        return EchoEngine(**options)
+    if engine == "faulty":
+        return FaultyEngine(**options)
+    raise EngineError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
