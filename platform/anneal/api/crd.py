@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,21 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
     if default is not None and not isinstance(default, (dict, list)) and "type" in out:
         out["default"] = default
     if validations:
-        out["x-kubernetes-validations"] = validations
+        validations = _typed_rules(validations, out.get("properties") or {})
+        if validations:
+            out["x-kubernetes-validations"] = validations
     return out
+
+
+def _typed_rules(rules: list[dict[str, Any]], props: dict[str, Any]) -> list[dict[str, Any]]:
+    """Drop CEL rules that read a field without a type (CEL cannot compile them).
+
+    A field that takes two types (``keepLayers: 3`` or ``keepLayers: [0, 2]``; ``pause: 30s`` or
+    ``pause: {}``) has no structural type, so the API server rejects any rule mentioning it; those
+    rules stay enforced by the models (`anneal validate`, the operator's InvalidSpec).
+    """
+    untyped = [name for name, schema in props.items() if "type" not in schema]
+    return [r for r in rules if not any(re.search(rf"\bself\.{re.escape(n)}\b", r["rule"]) for n in untyped)]
 
 
 def _strip_union_meta(node: dict[str, Any]) -> dict[str, Any]:
