@@ -109,6 +109,7 @@ def scenario(name: str, canary: dict[str, Any], gates: list[dict[str, Any]], ste
         "candidateRequests": snap["variants"].get("canary", {}).get("sent", 0),
         "candidateFailed": snap["variants"].get("canary", {}).get("failed", 0),
         "unanswered": snap["unroutedFailures"],
+        "unansweredDetail": [f"{v or '-'} {st}" for _, v, st in gen.failures if not v][:5],
     }
     end_reason = "RolledBack" if status.phase == "RolledBack" else "RolloutPromoted"
     end = next((u.time for u in updates if any(e.reason == end_reason for e in u.events)), None)

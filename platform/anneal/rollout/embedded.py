@@ -92,6 +92,7 @@ class TrafficGenerator:
         self.variants: dict[str, VariantTraffic] = {}
         self.unrouted_failures = 0
         self.skipped = 0
+        self.abandoned = 0
         self.failures: deque[tuple[float, str, int | str]] = deque(maxlen=200)
         self._n = 0
 
@@ -113,6 +114,7 @@ class TrafficGenerator:
                 "variants": {k: v.to_dict() for k, v in self.variants.items()},
                 "unroutedFailures": self.unrouted_failures,
                 "skipped": self.skipped,
+                "abandoned": self.abandoned,
                 "inFlight": self._in_flight,
             }
 
@@ -153,20 +155,22 @@ class TrafficGenerator:
             if ok:
                 correct = check_answer(r.json()["choices"][0]["message"]["content"] or "", answer)
         except Exception as exc:  # noqa: BLE001 - counted as a failure
-            status = type(exc).__name__
-        finally:
-            with self._lock:
-                self._in_flight -= 1
-                if variant:
-                    vt = self.variants.setdefault(variant, VariantTraffic())
-                    vt.sent += 1
-                    vt.ok += ok
-                    vt.failed += not ok
-                    vt.correct += correct
-                elif not ok:
-                    self.unrouted_failures += 1
-                if not ok:
-                    self.failures.append((time.time(), variant, status))
+            status = f"{type(exc).__name__}: {exc}"[:200]
+        with self._lock:
+            self._in_flight -= 1
+            if not ok and not variant and self._stop.is_set():
+                self.abandoned += 1  # cut off by stop() closing the client: not the service's failure
+                return
+            if variant:
+                vt = self.variants.setdefault(variant, VariantTraffic())
+                vt.sent += 1
+                vt.ok += ok
+                vt.failed += not ok
+                vt.correct += correct
+            elif not ok:
+                self.unrouted_failures += 1
+            if not ok:
+                self.failures.append((time.time(), variant, status))
 
 
 # ---------------------------------------------------------------------------- probes
@@ -316,7 +320,9 @@ def drive(
             until `stop_event`, so `anneal rollout retry` still works while serving).
         tick_s: seconds between ticks.
         timeout_s: give up (return the status as it is) after this long.
-        apply: weights setter, default `anneal.serve.app.apply_weights`.
+        apply: weights setter ``(app_name, args, weights)``; default
+            `anneal.serve.deploy.apply_weights` (declarative, for apps deployed with
+            `deploy_entries` / `start_service`), else `anneal.serve.app.apply_weights`.
         track: move MLflow aliases and log analyses (for `models:/` URIs).
         control: publish state and take commands under ``ANNEAL_HOME/services/<name>``.
         desired_models: variant → resolved model URI (default: the spec's URIs).
@@ -334,7 +340,10 @@ def drive(
         raise ValueError(f"ModelService/{name}: spec.rollout is not set; nothing to roll out")
     settings = settings or Settings()
     if apply is None:
-        from anneal.serve.app import apply_weights as apply
+        try:  # the declarative path, matching apps deployed by anneal.serve.embedded.start_service
+            from anneal.serve.deploy import apply_weights as apply
+        except ImportError:  # contract 2 as first published
+            from anneal.serve.app import apply_weights as apply
     stop_event = stop_event or threading.Event()
     r = spec.rollout
     http = httpx.Client(timeout=10.0)
