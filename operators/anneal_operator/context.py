@@ -74,6 +74,28 @@ class OperatorContext:
             return clean_status(seen[1])
         return clean_status(body.get("status"))
 
+    # --------------------------------------------------------------------- Ray
+
+    def jobs_client(self, address: str):
+        if self.jobs_client_factory is not None:
+            return self.jobs_client_factory(address)
+        from anneal.runtime.jobs_api import JobsApiClient
+
+        return JobsApiClient(address)
+
+    # -------------------------------------------------------------- Kubernetes IO
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """An Anneal resource of this namespace, or None."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, KINDS[kind].plural, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     def write_status(self, kind: str, body: Mapping[str, Any], old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
         """Merge-patch `status` to `new` if it differs from `old`; returns whether it wrote.
 

@@ -222,3 +222,10 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("ANNEAL_OPERATOR_GANG_SCHEDULER", "slurm")
     with pytest.raises(ValueError):
         OperatorSettings()
+
+
+def test_operator_context_has_the_io_the_handlers_use():
+    from anneal_operator.context import OperatorContext
+
+    for name in ("get", "jobs_client", "write_status", "current_status", "lock", "forget"):
+        assert callable(getattr(OperatorContext, name)), name
