@@ -235,6 +235,15 @@ def run_service(
     log.info("serving %s at %s (weights %s)", service.app_name, service.endpoint, status["weightsSummary"])
     if ready_callback is not None:
         ready_callback(status)
+    try:
+        _serve_until(duration, stop_event)
+    finally:
+        service.stop()
+    return status
+
+
+def _serve_until(duration: float | None, stop_event: threading.Event | None) -> None:
+    """Block until `duration` passes, `stop_event` is set, SIGTERM or Ctrl-C."""
     stop = stop_event or threading.Event()
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -247,9 +256,55 @@ def run_service(
                 break
             stop.wait(timeout=1.0 if left is None else min(1.0, left))
     except KeyboardInterrupt:
-        log.info("interrupted: stopping %s", service.app_name)
+        log.info("interrupted: stopping")
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def run_service_manifest(manifest: Any, settings: Any, on_progress: Callable[[dict[str, Any]], None] | None = None,
+                         *, duration: float | None = None, traffic: float = 0.0, port: int = 8000,
+                         host: str = "127.0.0.1", stop_event: threading.Event | None = None,
+                         **_: Any) -> dict[str, Any]:
+    """`anneal run` for a ModelService (the `anneal.runtime.embedded.run_manifest` hook).
+
+    Serves the manifest, reports the Ready status through `on_progress`, then: with a
+    `spec.rollout`, drives the rollout (`anneal.rollout.embedded.drive`) until it ends or
+    `duration` passes; otherwise serves until `duration` or Ctrl-C, sending `traffic` req/s of
+    built-in-task requests when asked.
+
+    Returns:
+        The final ModelService status dict.
+    """
+    def resolver(kind: str, name: str, namespace: str) -> str:
+        from anneal.runtime.embedded import resolve_from_resource
+
+        return resolve_from_resource(settings.tracking_uri, namespace, kind, name)
+
+    service = start_service(manifest, settings=settings, host=host, port=port, resolver=resolver)
+    status = service.status()
+    if on_progress is not None:
+        on_progress(status)
+    spec = getattr(manifest, "spec", None)
+    try:
+        if spec is not None and spec.rollout is not None:
+            from anneal.rollout.embedded import drive
+
+            final = drive(manifest, endpoint=service.endpoint, app_name=service.app_name, args=service.args,
+                          settings=settings, traffic_rps=traffic, stop_event=stop_event,
+                          until_done=duration is None, timeout_s=duration, desired_models=service.models)
+            out = final.to_dict() if hasattr(final, "to_dict") else dict(final)
+            return {**status, **out}
+        generator = None
+        if traffic > 0:
+            from anneal.rollout.embedded import TrafficGenerator
+
+            generator = TrafficGenerator(service.endpoint, traffic).start()
+        try:
+            _serve_until(duration, stop_event)
+        finally:
+            if generator is not None:
+                generator.stop()
+        return service.status()
+    finally:
         service.stop()
-    return status
