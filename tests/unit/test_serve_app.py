@@ -159,3 +159,20 @@ def test_body_limit_and_json_errors():
     with pytest.raises(protocol.ApiError) as e:
         protocol.parse_json(b"\xff", 10)
     assert e.value.status == 400 and e.value.param == "body"
+
+
+def test_sampled_decisions_are_appended_to_the_service_run_in_mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from anneal.serve.app import write_decisions_to_mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    batch = [{"time": 1.0, "requestId": "r1", "variant": "a", "reason": "weighted"},
+             {"time": 2.0, "requestId": "r2", "variant": "b", "reason": "sticky"},
+             {"time": 3.0, "requestId": "r3", "variant": "a", "reason": "override"}]
+    run_id = write_decisions_to_mlflow(uri, "serving", "ns-svc", batch, "rep/1")
+    assert write_decisions_to_mlflow(uri, "serving", "ns-svc", batch[:1], "rep/1") == run_id  # same run
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(run_id).data.metrics == {"routed.a": 1.0, "routed.b": 1.0}
+    files = [f.path for f in client.list_artifacts(run_id, "routing")]
+    assert len(files) == 2 and all(f.endswith("-rep_1.jsonl") for f in files)
