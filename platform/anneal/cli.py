@@ -204,6 +204,122 @@ def _print_status(status: dict[str, Any]) -> None:
     err.print(table)
 
 
+serve_app = typer.Typer(help="Talk to a running ModelService (embedded or on Kubernetes).", no_args_is_help=True)
+rollout_app = typer.Typer(help="Watch and steer a ModelService rollout (embedded mode).", no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
+app.add_typer(rollout_app, name="rollout")
+
+
+def _endpoint_of(service: str, namespace: str | None) -> str:
+    """A service's base URL: a URL as given, an embedded service's published endpoint, or status.endpoint on Kubernetes."""
+    if service.startswith(("http://", "https://")):
+        return service.rstrip("/")
+    from anneal.rollout.control import ControlError, read_state
+
+    try:
+        state = read_state(service)
+        if state.get("endpoint") and state.get("running"):
+            return str(state["endpoint"]).rstrip("/")
+    except ControlError:
+        pass
+    try:
+        from kubernetes import client, config as kconfig
+
+        kconfig.load_kube_config()
+        obj = client.CustomObjectsApi().get_namespaced_custom_object(
+            "anneal.dev", "v1alpha1", namespace or "default", "modelservices", service)
+        endpoint = (obj.get("status") or {}).get("endpoint")
+        if endpoint:
+            return str(endpoint).rstrip("/")
+    except Exception:
+        pass
+    raise fail(f"service {service!r}: no running embedded service or ModelService with an endpoint found; "
+               "pass its URL instead (e.g. http://127.0.0.1:8000)")
+
+
+@serve_app.command("call")
+def serve_call(
+    service: Annotated[str, typer.Argument(help="Service name or base URL (http://127.0.0.1:8000).")],
+    prompt: Annotated[str, typer.Argument(help="The user message.")],
+    reasoning: Annotated[Optional[str], typer.Option("--reasoning", help="on | off (default: the service's).")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant", help="Pin a variant.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Generation cap.")] = None,
+    namespace: Annotated[Optional[str], typer.Option("--namespace", "-n")] = None,
+) -> None:
+    """Send one chat request and print the answer with the variant and routing reason."""
+    from anneal.serve.client import ServeClientError, call
+
+    if reasoning not in (None, "on", "off"):
+        raise fail(f"--reasoning {reasoning!r}: use on or off")
+    try:
+        out = call(_endpoint_of(service, namespace), prompt, reasoning=reasoning, variant=variant, max_tokens=max_tokens)
+    except ServeClientError as exc:
+        raise fail(str(exc)) from None
+    err.print(f"[dim]variant={out.get('variant')} reason={out.get('reason')} reasoning={out.get('reasoning')}[/dim]")
+    typer.echo(out.get("text", ""))
+
+
+@serve_app.command("stats")
+def serve_stats(
+    service: Annotated[str, typer.Argument(help="Service name or base URL.")],
+    since: Annotated[Optional[float], typer.Option("--since", help="Window start (unix seconds).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw /-/stats JSON.")] = False,
+    namespace: Annotated[Optional[str], typer.Option("--namespace", "-n")] = None,
+) -> None:
+    """Per-variant requests, errors, latency and routing decisions."""
+    from anneal.serve.client import ServeClientError, format_stats, stats
+
+    try:
+        doc = stats(_endpoint_of(service, namespace), since=since)
+    except ServeClientError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(json.dumps(doc, indent=2) if as_json else format_stats(doc))
+
+
+@rollout_app.command("status")
+def rollout_status(service: Annotated[str, typer.Argument(help="The ModelService name.")]) -> None:
+    """Phase, step, weights and the last analysis of a service's rollout."""
+    from anneal.rollout.control import ControlError, format_status, status
+
+    try:
+        typer.echo(format_status(status(service)))
+    except ControlError as exc:
+        raise fail(str(exc)) from None
+
+
+def _rollout_command(fn_name: str, service: str, **kwargs: Any) -> None:
+    from anneal.rollout import control
+
+    try:
+        result = getattr(control, fn_name)(service, **kwargs)
+    except control.ControlError as exc:
+        raise fail(str(exc)) from None
+    if result.handled and not result.accepted:
+        raise fail(result.message)
+    typer.echo(result.message + (f" (phase {result.phase})" if result.phase else ""))
+
+
+@rollout_app.command("promote")
+def rollout_promote(
+    service: Annotated[str, typer.Argument(help="The ModelService name.")],
+    full: Annotated[bool, typer.Option("--full", help="Skip all remaining steps.")] = False,
+) -> None:
+    """Skip the current pause or analysis (or, with --full, every remaining step)."""
+    _rollout_command("promote", service, full=full)
+
+
+@rollout_app.command("abort")
+def rollout_abort(service: Annotated[str, typer.Argument(help="The ModelService name.")]) -> None:
+    """Roll back now: the stable variant takes all traffic."""
+    _rollout_command("abort", service)
+
+
+@rollout_app.command("retry")
+def rollout_retry(service: Annotated[str, typer.Argument(help="The ModelService name.")]) -> None:
+    """Start a rolled-back or failure-paused rollout again."""
+    _rollout_command("retry", service)
+
+
 @app.command()
 def operator(
     namespace: Annotated[Optional[list[str]], typer.Option("--namespace", "-n", help="Namespaces to watch (default: all).")] = None,
