@@ -304,7 +304,7 @@ def is_checkpoint_step(spec: DistillationJobSpec, done: int, steps: int) -> bool
 
 def maybe_checkpoint(
     spec: DistillationJobSpec, model: Any, optimizer: Any, tokenizer: Any, rank: int, done: int, steps: int,
-    loss: float, step_times: list[float], log_seconds: float,
+    loss: float, step_times: list[float], log_seconds: float, logger: Any = None,
 ) -> None:
     """Report a checkpoint to Ray Train every `checkpointEvery` steps and at the end.
 
@@ -324,6 +324,8 @@ def maybe_checkpoint(
         # inline cost of metric logging (the batched writes happen on a background thread)
         "logging_share": log_seconds / max(1e-9, sum(step_times)),
     }
+    if logger is not None:
+        logger.log({"train/logging_share": metrics["logging_share"], "train/step_time_mean_s": mean_step}, step=done)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
@@ -431,7 +433,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
                     step=done,
                 )
                 log_seconds += time.perf_counter() - l0
-            maybe_checkpoint(spec, model, optimizer, tokenizer, rank, done, steps, loss_sum, step_times, log_seconds)
+            maybe_checkpoint(spec, model, optimizer, tokenizer, rank, done, steps, loss_sum, step_times, log_seconds, logger)
             if is_checkpoint_step(spec, done, steps):
                 step_times, log_seconds = [], 0.0
     finally:
@@ -618,8 +620,8 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
                 metrics["start" + k[len("student"):]] = v
         if "studentAccuracy" in metrics and "studentAccuracy" in start_metrics:
             metrics["rlGain"] = metrics["studentAccuracy"] - start_metrics["studentAccuracy"]
-        if "logging_share" in final_metrics:
-            metrics["loggingShare"] = final_metrics["logging_share"]
+        if "train/logging_share" in final_metrics:
+            metrics["loggingShare"] = final_metrics["train/logging_share"]
         store.log_metrics(ctx.tracking_uri, run_id, {f"eval/{k}": v for k, v in metrics.items()})
         from anneal.distill.lora import TAG_ADAPTER_BASE, adapter_base, point_adapter_at
 

@@ -380,7 +380,7 @@ def rl_loop(cfg: dict[str, Any]) -> None:
                 )
                 log_seconds += time.perf_counter() - l0
             recipe.maybe_checkpoint(
-                spec, model, optimizer, tokenizer, rank, done, steps, loss_sum, step_times, log_seconds,
+                spec, model, optimizer, tokenizer, rank, done, steps, loss_sum, step_times, log_seconds, logger,
             )
             if recipe.is_checkpoint_step(spec, done, steps):
                 step_times, log_seconds = [], 0.0

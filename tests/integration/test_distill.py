@@ -1,0 +1,225 @@
+"""Distillation recipes end to end on a real local Ray and a real MLflow (SQLite) store.
+
+One small teacher is trained once (sft) and shared by every test; each method then runs the
+real recipe (TorchTrainer, evaluation, registration) on tiny shapes for a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from anneal.api.distillation import DistillationJobSpec
+from anneal.distill import recipe
+from anneal.tracking import mlflow_store as store
+
+pytestmark = pytest.mark.integration
+
+DATA = "builtin://reasoning?difficulty=1&seed=7"
+NAMESPACE = "it"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    for attempt in range(3):  # a heavily loaded machine can miss Ray's fixed 30 s startup wait
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    root = tmp_path_factory.mktemp("anneal")
+    return {"root": root, "tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifacts": str(root / "artifacts")}
+
+
+def context(home, name: str, resolved: dict[str, str] | None = None, uid: str | None = None) -> recipe.JobContext:
+    uid = uid or uuid.uuid4().hex[:10]
+    return recipe.JobContext(
+        kind="DistillationJob", namespace=NAMESPACE, name=name, uid=uid,
+        tracking_uri=home["tracking_uri"], experiment="it-distill", registered_model_name=name,
+        work_dir=str(home["root"] / "work" / name / uid), cache_dir=str(home["root"] / "cache"),
+        artifact_root=home["artifacts"], resolved_uris=resolved or {},
+    )
+
+
+def job(method: str, student: dict, **extra) -> DistillationJobSpec:
+    body = {
+        "method": method,
+        "student": student,
+        "dataset": {"uri": DATA, "samples": 256, "maxSeqLength": 128, "reasoning": "both"},
+        "training": {"steps": 8, "batchSize": 8, "learningRate": 3e-3, "checkpointEvery": 4},
+        "evaluation": {"samples": 8, "maxNewTokens": 24},
+        **extra,
+    }
+    if method != "sft":
+        body["teacher"] = {"fromResource": {"kind": "DistillationJob", "name": "teacher"}}
+    return DistillationJobSpec.model_validate(body)
+
+
+@pytest.fixture(scope="module")
+def teacher(ray_cluster, home):
+    """A small sft teacher (shared), resolved the way `fromResource` is: newest successful run."""
+    from anneal.runtime.embedded import resolve_from_resource
+
+    spec = job("sft", {"config": {"hiddenSize": 64, "layers": 3, "heads": 4, "kvHeads": 2, "intermediateSize": 192}},
+               training={"steps": 120, "batchSize": 16, "learningRate": 3e-3, "warmupSteps": 10},
+               evaluation={"samples": 16, "maxNewTokens": 24})
+    spec.dataset.samples = 1000
+    result = recipe.run(spec, context(home, "teacher"))
+    assert result.phase == "Succeeded", result.message
+    uri = resolve_from_resource(home["tracking_uri"], NAMESPACE, "DistillationJob", "teacher")
+    assert uri == result.model_uri
+    return uri
+
+
+def version_of(home, model_uri: str):
+    name, version = store.model_version_of(home["tracking_uri"], model_uri)
+    return store.client(home["tracking_uri"]).get_model_version(name, version)
+
+
+def download(home, model_uri: str, dst: Path) -> Path:
+    from anneal.modeling.uris import resolve_model_dir
+
+    try:
+        return resolve_model_dir(model_uri, cache_dir=dst, tracking_uri=home["tracking_uri"])
+    except Exception:  # an adapter has no config.json: fetch the version's files directly
+        import mlflow.artifacts
+
+        v = version_of(home, model_uri)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=v.source, dst_path=str(dst),
+                                                        tracking_uri=home["tracking_uri"]))
+
+
+def assert_lineage(home, result, ctx, method: str, teacher_uri: str) -> None:
+    assert result.phase == "Succeeded", result.message
+    tags = version_of(home, result.model_uri).tags
+    assert tags[store.TAG_METHOD] == method
+    assert tags[store.TAG_TEACHER] == teacher_uri
+    assert tags[store.TAG_TEACHER_VERSION] == teacher_uri.rsplit("/", 1)[1]
+    assert tags[store.TAG_DATASET] == DATA
+    assert (tags[store.TAG_NAMESPACE], tags[store.TAG_NAME], tags[store.TAG_UID]) == (ctx.namespace, ctx.name, ctx.uid)
+    for who in ("student", "teacher"):
+        for mode in ("On", "Off"):  # reasoning: both → evaluated in both modes
+            assert 0.0 <= result.metrics[f"{who}Accuracy{mode}"] <= 1.0
+    assert result.metrics["perplexity"] > 1.0
+
+
+def test_kd_from_a_depth_and_width_pruned_teacher(home, teacher):
+    spec = job("kd", {"fromTeacher": {"depth": {"keepLayers": 2}, "width": {"ffnRatio": 0.5},
+                                      "calibration": {"uri": DATA, "samples": 16}}},
+               kd={"loss": "forward-kl", "temperature": 2.0, "alpha": 0.5, "chunkSize": 64})
+    ctx = context(home, "kd-pruned", {"teacher": teacher})
+    result = recipe.run(spec, ctx)
+    assert_lineage(home, result, ctx, "kd", teacher)
+    metrics = store.latest_metrics(home["tracking_uri"], result.mlflow_run_id)
+    assert metrics["studentLayers"] == 2
+    assert metrics["studentParams"] < metrics["teacherParams"]
+    assert metrics["train/kd"] >= 0 and metrics["train/step"] == 8
+
+
+def test_kd_with_a_student_of_another_tokenizer_fails_clearly(home, teacher, tmp_path):
+    from transformers import AutoTokenizer
+
+    from anneal.modeling.tiny import LlamaShape, build_llama, save_pretrained
+    from anneal.modeling.tokenizer import train_tokenizer
+
+    other = train_tokenizer(["Ana has 3 apples. Answer: 3"] * 20, vocab_size=300)
+    save_pretrained(build_llama(LlamaShape(32, 1, 4, 2, 64), other), other, tmp_path / "other")
+    AutoTokenizer.from_pretrained(tmp_path / "other")
+    result = recipe.run(job("kd", {"uri": str(tmp_path / "other")}), context(home, "kd-mismatch", {"teacher": teacher}))
+    assert result.phase == "Failed"
+    assert "IncompatibleModelsError" in result.message and "share one tokenizer" in result.message
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_lora_kd_registers_a_merged_model_or_an_adapter_with_its_base(home, teacher, tmp_path, merge):
+    spec = job("lora-kd", {"fromTeacher": {"depth": {"keepLayers": 2}, "calibration": {"uri": DATA, "samples": 16}}},
+               lora={"rank": 4, "alpha": 8, "merge": merge})
+    ctx = context(home, f"lora-kd-{'merged' if merge else 'adapter'}", {"teacher": teacher})
+    result = recipe.run(spec, ctx)
+    assert_lineage(home, result, ctx, "lora-kd", teacher)
+    local = download(home, result.model_uri, tmp_path / "dl")
+    tags = version_of(home, result.model_uri).tags
+    if merge:
+        assert (local / "config.json").exists() and not (local / "adapter_config.json").exists()
+        assert "anneal.adapter_base" not in tags
+    else:
+        from anneal.distill.lora import adapter_base, load_adapter_model
+
+        base = adapter_base(local)
+        assert base == f"runs:/{result.mlflow_run_id}/base-model" == tags["anneal.adapter_base"]
+        model = load_adapter_model(local, cache_dir=tmp_path / "cache", tracking_uri=home["tracking_uri"])
+        assert model.get_base_model().config.num_hidden_layers == 2
+
+
+def test_kd_rl_raises_exact_answer_accuracy_over_its_start(home, teacher):
+    # The starting policy is the teacher itself; RL practises on a small pool of training prompts
+    # and is scored on that same pool (the eval split holds arithmetic it has never seen, which
+    # a model this small does not generalise to), so the test isolates "GRPO raises the reward".
+    data = {"uri": DATA, "samples": 16, "maxSeqLength": 128, "reasoning": "off"}
+    spec = job("kd-rl", {"fromResource": {"kind": "DistillationJob", "name": "teacher"}},
+               dataset=data, evalDataset={**data, "split": "train"},
+               rl={"groupSize": 8, "kdCoef": 0.01, "klCoef": 0.01, "maxNewTokens": 8, "temperature": 1.0},
+               training={"steps": 30, "batchSize": 8, "learningRate": 3e-3, "checkpointEvery": 30},
+               evaluation={"samples": 16, "reasoningModes": ["off"], "maxNewTokens": 8})
+    ctx = context(home, "kd-rl", {"teacher": teacher, "student": teacher})
+    result = recipe.run(spec, ctx)
+    assert result.phase == "Succeeded", result.message
+    m = result.metrics
+    assert m["studentAccuracyOff"] > m["startAccuracyOff"] + 0.05, m
+    assert m["rlGain"] == pytest.approx(m["studentAccuracy"] - m["startAccuracy"])
+    tags = version_of(home, result.model_uri).tags
+    assert tags[store.TAG_METHOD] == "kd-rl" and tags[store.TAG_TEACHER] == teacher
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(home, ray_cluster):
+    spec = job("sft", {"config": {"hiddenSize": 32, "layers": 1, "heads": 4}},
+               training={"steps": 40, "batchSize": 4, "learningRate": 1e-3, "checkpointEvery": 5})
+    ctx = context(home, "resume")
+    ctx.run_id = store.create_run(ctx.target, ctx.run_name(), ctx.lineage_tags())
+    job_file = home["root"] / "resume-job.json"
+    job_file.write_text(json.dumps({"spec": spec.to_dict(), "context": ctx.__dict__}))
+    driver = (
+        "import json, sys, ray\n"
+        "from anneal.api.distillation import DistillationJobSpec\n"
+        "from anneal.distill import recipe\n"
+        "job = json.load(open(sys.argv[1]))\n"
+        "ray.init(address=sys.argv[2], log_to_driver=False)\n"
+        "recipe.run(DistillationJobSpec.model_validate(job['spec']), recipe.JobContext(**job['context']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", driver, str(job_file), ray_cluster],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    storage = Path(ctx.work_dir) / "ray"
+    deadline = time.monotonic() + 300
+    try:
+        while recipe.latest_checkpoint(storage) is None:
+            assert proc.poll() is None, "the first attempt ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; Ray reaps its trainer and workers
+        proc.wait()
+    _, killed_at = recipe.latest_checkpoint(storage)
+    assert 5 <= killed_at < 40
+    result = recipe.run(spec, ctx)
+    assert result.phase == "Succeeded", result.message
+    assert result.progress["resumedFromStep"] >= killed_at  # not step 0
+    assert store.latest_metrics(home["tracking_uri"], ctx.run_id)["train/step"] == 40
