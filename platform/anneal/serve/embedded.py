@@ -290,9 +290,21 @@ def run_service_manifest(manifest: Any, settings: Any, on_progress: Callable[[di
         if spec is not None and spec.rollout is not None:
             from anneal.rollout.embedded import drive
 
+            def show(update: Any) -> None:
+                if on_progress is None:
+                    return
+                st = update.status
+                ro = st.rollout
+                last = ro.last_analysis if ro else None
+                msg = f"step {ro.step if ro else 0}/{update.steps} {update.current_step} · {st.weights_summary or st.weights}"
+                if last is not None:
+                    msg += f" · analysis {last.verdict}: {last.reason}"
+                on_progress({"phase": st.phase, "message": msg, "endpoint": service.endpoint})
+
             final = drive(manifest, endpoint=service.endpoint, app_name=service.app_name, args=service.args,
                           settings=settings, traffic_rps=traffic, stop_event=stop_event,
-                          until_done=duration is None, timeout_s=duration, desired_models=service.models)
+                          until_done=duration is None, timeout_s=duration, desired_models=service.models,
+                          on_update=show, apply=lambda _app, _args, weights: service.apply_weights(weights))
             out = final.to_dict() if hasattr(final, "to_dict") else dict(final)
             return {**status, **out}
         generator = None
