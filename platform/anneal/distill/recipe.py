@@ -269,19 +269,29 @@ def load_teacher(teacher_dir: str | Path, precision: str, device: Any) -> Any:
     return teacher
 
 
-def restore(model: Any) -> tuple[int, Any]:
-    """Load the Ray Train checkpoint this attempt resumes from into `model`.
+def restore(model: Any, resume_dir: str | None = None) -> tuple[int, Any]:
+    """Load the checkpoint this attempt resumes from into `model`.
+
+    Ray Train's own checkpoint (a worker-group restart) wins; else `resume_dir`, the newest
+    checkpoint a previous attempt of the job left (Ray Train V2 deprecates the trainer's
+    `resume_from_checkpoint`, so the path travels in the loop config instead).
 
     Returns:
         (the step it was taken at, the optimizer state) or (0, None) on a fresh start.
     """
+    import contextlib
+
     import ray.train
     import torch
 
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
+    if ckpt is not None:
+        where = ckpt.as_directory()
+    elif resume_dir:
+        where = contextlib.nullcontext(resume_dir)
+    else:
         return 0, None
-    with ckpt.as_directory() as d:
+    with where as d:
         state = json.loads((Path(d) / STATE_FILE).read_text())
         model.load_state_dict(torch.load(Path(d) / "model.pt", map_location="cpu"))
         opt_state = torch.load(Path(d) / "optimizer.pt", map_location="cpu")
@@ -374,7 +384,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
         model = add_lora(model, spec.lora)
 
-    start_step, opt_state = restore(model)
+    start_step, opt_state = restore(model, cfg.get("resume_dir"))
     model = ray.train.torch.prepare_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=0.0)
@@ -496,6 +506,7 @@ def train(
             "student_init": str(student_init),
             "teacher_dir": str(teacher_dir) if teacher_dir else None,
             "total_steps": steps,
+            "resume_dir": resume.path if resume is not None else None,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -510,7 +521,6 @@ def train(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=0),
         ),
-        resume_from_checkpoint=resume,
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -294,7 +294,7 @@ def rl_loop(cfg: dict[str, Any]) -> None:
     if rl.kd_coef > 0 and cfg.get("teacher_dir"):
         teacher = recipe.load_teacher(cfg["teacher_dir"], t.precision, device)
 
-    start_step, opt_state = recipe.restore(policy)
+    start_step, opt_state = recipe.restore(policy, cfg.get("resume_dir"))
     model = ray.train.torch.prepare_model(policy)
     inner = model.module if hasattr(model, "module") else model
     params = [p for p in model.parameters() if p.requires_grad]
