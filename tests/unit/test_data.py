@@ -76,15 +76,29 @@ def test_steps_compute_answer(difficulty):
 
 
 @pytest.mark.parametrize("difficulty", [1, 2, 3])
-def test_splits_are_disjoint(difficulty):
-    uri = f"builtin://reasoning?difficulty={difficulty}&seed=5"
-    train = {s.messages[-1]["content"] for s in load_samples(uri, split="train", samples=1000, reasoning="on")}
+def test_splits_are_disjoint_by_arithmetic_with_holdout_arithmetic(difficulty):
+    uri = f"builtin://reasoning?difficulty={difficulty}&seed=5&holdout=arithmetic"
+    train = {s.completion for s in load_samples(uri, split="train", samples=1000, reasoning="on")}
     for split in ("eval", "test"):
-        other = {s.messages[-1]["content"] for s in load_samples(uri, split=split, samples=300, reasoning="on")}
+        other = {s.completion for s in load_samples(uri, split=split, samples=300, reasoning="on")}
         assert not train & other
-    eval_ = {s.messages[-1]["content"] for s in load_samples(uri, split="eval", samples=300, reasoning="on")}
-    test = {s.messages[-1]["content"] for s in load_samples(uri, split="test", samples=300, reasoning="on")}
+    eval_ = {s.completion for s in load_samples(uri, split="eval", samples=300, reasoning="on")}
+    test = {s.completion for s in load_samples(uri, split="test", samples=300, reasoning="on")}
     assert not eval_ & test
+
+
+def _questions(uri: str, split: str, n: int) -> set[str]:
+    return {s.messages[-1]["content"] for s in load_samples(uri, split=split, samples=n, reasoning="on")}
+
+
+@pytest.mark.parametrize("difficulty", [1, 2])
+def test_splits_never_share_a_question_by_default(difficulty):
+    uri = f"builtin://reasoning?difficulty={difficulty}&seed=5"
+    train, eval_, test = (_questions(uri, s, n) for s, n in (("train", 1000), ("eval", 300), ("test", 300)))
+    assert not train & eval_ and not train & test and not eval_ & test
+    # ...while the arithmetic recurs, so the default task is learnable by a tiny model.
+    steps = lambda split, n: {s.completion for s in load_samples(uri, split=split, samples=n, reasoning="on")}
+    assert steps("train", 1000) & steps("eval", 300)
 
 
 def test_generate_rejects_bad_difficulty():

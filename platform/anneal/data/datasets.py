@@ -19,7 +19,7 @@ DEFAULT_BUILTIN_PROBLEMS = 1000
 BUILTIN_TASKS = ("reasoning",)
 FORMATS = ("chat", "text", "prompt-completion")
 REASONING_CHOICES = ("both", "on", "off")
-_BUILTIN_PARAMS = {"difficulty", "seed", "n"}
+_BUILTIN_PARAMS = {"difficulty", "seed", "n", "holdout"}
 _HF_SPLIT_ALIASES = {
     "train": ("train",),
     "eval": ("eval", "validation", "valid", "dev"),
@@ -59,6 +59,7 @@ class DatasetURI:
     difficulty: int = 2
     seed: int = 0
     n: int | None = None
+    holdout: str = "problem"
     path: Path | None = None
     repo_id: str | None = None
     revision: str | None = None
@@ -79,7 +80,7 @@ def _int_param(uri: str, params: dict[str, list[str]], name: str, default: int |
 def parse_dataset_uri(uri: str) -> DatasetURI:
     """Parse a dataset URI.
 
-    Accepted: `builtin://reasoning[?difficulty=1..5&seed=N&n=N]`, a `.jsonl` path
+    Accepted: `builtin://reasoning[?difficulty=1..5&seed=N&n=N&holdout=problem|arithmetic]`, a `.jsonl` path
     (relative, absolute or `file:///abs`), a local Hugging Face dataset directory,
     `hf://datasets/org/name[@revision]`, `s3://bucket/key.jsonl`.
 
@@ -112,8 +113,11 @@ def parse_dataset_uri(uri: str) -> DatasetURI:
         n = _int_param(uri, params, "n", None)
         if n is not None and n < 1:
             raise DatasetError(f"{uri}: n={n} must be >= 1")
+        holdout = params.get("holdout", ["problem"])[-1]
+        if holdout not in reasoning_task.HOLDOUTS:
+            raise DatasetError(f"{uri}: holdout={holdout!r}; use one of {list(reasoning_task.HOLDOUTS)}")
         return DatasetURI(raw=uri, scheme="builtin", task=task, difficulty=difficulty,
-                          seed=_int_param(uri, params, "seed", 0), n=n)
+                          seed=_int_param(uri, params, "seed", 0), n=n, holdout=holdout)
     if uri.startswith("hf://"):
         rest = uri[len("hf://"):]
         if not rest.startswith("datasets/"):
@@ -174,7 +178,8 @@ def _builtin_records(parsed: DatasetURI, split: str, samples: int | None,
         n = math.ceil(samples / len(modes)) if samples else DEFAULT_BUILTIN_PROBLEMS
     try:
         problems = reasoning_task.generate(
-            n, seed=split_seed(parsed.seed, split), difficulty=parsed.difficulty, split=split
+            n, seed=split_seed(parsed.seed, split), difficulty=parsed.difficulty, split=split,
+            holdout=parsed.holdout,
         )
     except ValueError as e:
         raise DatasetError(f"{parsed.raw}: {e}") from None

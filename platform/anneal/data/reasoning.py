@@ -16,8 +16,11 @@ MIN_DIFFICULTY = 1
 MAX_DIFFICULTY = 5
 
 #: Splits the built-in task can be drawn from, and which of ten hash buckets each owns.
-#: A problem's bucket comes from its arithmetic alone (numbers and operations, not the
-#: names or items), so an eval problem is never a reworded train problem.
+#: With ``holdout="problem"`` (the default) a problem's bucket comes from its question text, so
+#: no eval question is ever trained on, while arithmetic facts recur across splits (a tiny model
+#: can learn the task on a CPU in minutes). With ``holdout="arithmetic"`` the bucket comes from
+#: the numbers and operations alone, so an eval problem is never a reworded train problem: the
+#: harder test of generalising arithmetic to unseen facts.
 SPLIT_BUCKETS: dict[str, frozenset[int]] = {
     "train": frozenset(range(8)),
     "eval": frozenset({8}),
@@ -69,9 +72,15 @@ def normalize_split(split: str) -> str:
     return name
 
 
-def _bucket(start: int, ops: list[tuple[str, int]]) -> int:
-    signature = f"{start}|" + "|".join(f"{op}{n}" for op, n in ops)
+HOLDOUTS = ("problem", "arithmetic")
+
+
+def _bucket(signature: str) -> int:
     return int.from_bytes(hashlib.sha256(signature.encode()).digest()[:8], "big") % 10
+
+
+def _arithmetic(start: int, ops: list[tuple[str, int]]) -> str:
+    return f"{start}|" + "|".join(f"{op}{n}" for op, n in ops)
 
 
 def _draw(rng: random.Random, difficulty: int) -> tuple[int, list[tuple[str, int]]]:
@@ -123,7 +132,8 @@ def _render(pid: str, rng: random.Random, start: int, ops: list[tuple[str, int]]
     return Problem(id=pid, question=question, steps=steps, answer=value, difficulty=difficulty)
 
 
-def generate(n: int, seed: int = 0, difficulty: int = 2, split: str | None = None) -> list[Problem]:
+def generate(n: int, seed: int = 0, difficulty: int = 2, split: str | None = None,
+             holdout: str = "problem") -> list[Problem]:
     """Generate word problems deterministically.
 
     Problem `i` depends only on (`seed`, `difficulty`, `split`, `i`), never on `n`, so a
@@ -133,8 +143,10 @@ def generate(n: int, seed: int = 0, difficulty: int = 2, split: str | None = Non
         n: number of problems (>= 0).
         seed: base seed.
         difficulty: number of arithmetic steps, 1..5.
-        split: `train`, `eval` or `test` to draw only problems whose arithmetic belongs to
-            that split (the three are disjoint); None draws from all of them.
+        split: `train`, `eval` or `test` to draw only problems that belong to that split
+            (the three are disjoint); None draws from all of them.
+        holdout: what the splits keep apart: `problem` (question texts) or `arithmetic`
+            (the numbers and operations; see SPLIT_BUCKETS).
 
     Returns:
         `n` problems.
@@ -146,17 +158,23 @@ def generate(n: int, seed: int = 0, difficulty: int = 2, split: str | None = Non
             f"difficulty must be {MIN_DIFFICULTY}..{MAX_DIFFICULTY} (the number of steps), "
             f"got {difficulty}"
         )
+    if holdout not in HOLDOUTS:
+        raise ValueError(f"holdout must be one of {list(HOLDOUTS)}, got {holdout!r}")
     buckets = SPLIT_BUCKETS[normalize_split(split)] if split is not None else None
     tag = split if split is None else normalize_split(split)
     problems = []
     for i in range(n):
         # A string seed is hashed with SHA-512 by `random`, so it is stable across runs.
         rng = random.Random(f"reasoning:{seed}:{difficulty}:{tag}:{i}")
-        start, ops = _draw(rng, difficulty)
-        while buckets is not None and _bucket(start, ops) not in buckets:
-            start, ops = _draw(rng, difficulty)
         pid = f"reasoning-d{difficulty}-s{seed}-{tag or 'all'}-{i}"
-        problems.append(_render(pid, rng, start, ops, difficulty))
+        while True:
+            start, ops = _draw(rng, difficulty)
+            if buckets is not None and holdout == "arithmetic" and _bucket(_arithmetic(start, ops)) not in buckets:
+                continue
+            problem = _render(pid, rng, start, ops, difficulty)
+            if buckets is None or holdout == "arithmetic" or _bucket(problem.question) in buckets:
+                break
+        problems.append(problem)
     return problems
 
 
