@@ -132,3 +132,32 @@ def test_build_llama_is_seeded(tokenizer):
 def test_bad_shapes(tokenizer, shape, message):
     with pytest.raises(ValueError, match=message):
         build_llama(shape, tokenizer)
+
+
+def test_unmerged_adapter_resolves_and_loads_onto_its_base(tmp_path, tokenizer):
+    """A lora-kd output with merge: false is a directory with adapter_config.json only."""
+    from peft import LoraConfig, get_peft_model
+
+    from anneal.modeling.tiny import save_pretrained
+    from anneal.modeling.uris import load_model, resolve_model_dir
+
+    base = build_llama(LlamaShape(hidden_size=32, layers=1, heads=4, kv_heads=2, intermediate_size=64), tokenizer, seed=3)
+    base_dir = save_pretrained(base, tokenizer, tmp_path / "base")
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    cfg = (tmp_path / "adapter" / "adapter_config.json")
+    import json
+
+    doc = json.loads(cfg.read_text())
+    doc["base_model_name_or_path"] = str(base_dir)
+    cfg.write_text(json.dumps(doc))
+
+    assert resolve_model_dir(str(tmp_path / "adapter"), cache_dir=tmp_path / "c") == tmp_path / "adapter"
+    model, tok = load_model(str(tmp_path / "adapter"), cache_dir=tmp_path / "c")
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        expected = peft_model.eval()(input_ids=ids).logits
+        got = model(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert len(tok) == len(tokenizer)

@@ -12,6 +12,9 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 CONFIG_FILE = "config.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+#: Files that mark a checkpoint directory: a full model, or an unmerged LoRA adapter.
+CHECKPOINT_MARKERS = (CONFIG_FILE, ADAPTER_CONFIG_FILE)
 _MLFLOW_NAME_RE = re.compile(r"^[^/@]+$")
 
 
@@ -115,9 +118,9 @@ def find_checkpoint_dir(root: Path, source: str) -> Path:
     Returns:
         The checkpoint directory.
     """
-    if (root / CONFIG_FILE).is_file():
+    if any((root / marker).is_file() for marker in CHECKPOINT_MARKERS):
         return root
-    found = sorted(p.parent for p in root.glob(f"*/{CONFIG_FILE}"))
+    found = sorted({p.parent for marker in CHECKPOINT_MARKERS for p in root.glob(f"*/{marker}")})
     if len(found) == 1:
         return found[0]
     if not found:
@@ -265,7 +268,7 @@ def resolve_model_dir(
         path = parsed.path.resolve()
         if not path.is_dir():
             raise ModelNotFoundError(f"{parsed.raw}: {path} is not a directory; point it at a saved checkpoint")
-        if not (path / CONFIG_FILE).is_file():
+        if not any((path / marker).is_file() for marker in CHECKPOINT_MARKERS):
             raise ModelNotFoundError(
                 f"{parsed.raw}: {path} has no {CONFIG_FILE}; point it at a checkpoint saved with save_pretrained"
             )
@@ -332,6 +335,13 @@ def load_model(
     path = resolve_model_dir(uri, cache_dir=cache_dir, tracking_uri=tracking_uri,
                              s3_endpoint_url=s3_endpoint_url)
     kwargs = {} if dtype is None else {"dtype": dtype}
+    if not (path / CONFIG_FILE).is_file() and (path / ADAPTER_CONFIG_FILE).is_file():
+        # An unmerged LoRA adapter (lora-kd with merge: false): load it onto its base.
+        from anneal.distill.lora import load_adapter_model
+
+        model = load_adapter_model(path, cache_dir=cache_dir, tracking_uri=tracking_uri)
+        model.to(device)
+        return model, AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     model.to(device)
     model.eval()
