@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import threading
@@ -37,7 +36,10 @@ def ray_session(settings: Settings) -> Iterator[None]:
         yield
         return
     env = {"TOKENIZERS_PARALLELISM": "false", "ANNEAL_HOME": str(settings.anneal.root)}
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    # Worker output (Ray Train's own chatter) stays in Ray's log files unless debugging: failures
+    # come back as exceptions with their message, and progress is shown from MLflow.
+    verbose = settings.anneal.log_level.upper() == "DEBUG"
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": verbose}
     if settings.ray.address:
         ray.init(address=settings.ray.address, **kwargs)
     else:
@@ -174,8 +176,3 @@ def run_manifest(manifest: Manifest, settings: Settings, on_progress: ProgressFn
         return run_pipeline(manifest, settings, on_progress, **options)
     raise NotSupportedError(f"kind {manifest.kind!r} cannot be run")
 
-
-def spec_digest(spec: dict[str, Any]) -> str:
-    import json
-
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
