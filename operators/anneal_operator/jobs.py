@@ -98,6 +98,10 @@ def observe(status: Mapping[str, Any], obs: Observation, retry: Retry, now: floa
     if result and result.get("phase") in RESULT_PHASES:
         final = result["phase"]
         new["phase"] = final
+        seen = set(status.get("warnings") or [])
+        for warning in result.get("warnings") or []:
+            if warning not in seen:  # pre-flight findings become Warning events, once each
+                out.events.append(("Warning", "Preflight", warning))
         for key in ("modelUri", "metrics", "warnings"):
             if result.get(key):
                 new[key] = result[key]
