@@ -543,20 +543,28 @@ def _choose_ports(state: State) -> dict[str, int]:
     return ports
 
 
+def _is_running(pid: int, component: str) -> bool:
+    """Whether `pid` is a live (not zombie) process of the component's binary."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    except (OSError, IndexError):
+        pass
+    return os.path.basename(cmdline.decode(errors="replace")) == component
+
+
 def _pid_alive(state: State, component: str) -> int | None:
     """The pid from the component's pidfile if that process is still our binary."""
     try:
         pid = int(state.pidfile(component).read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
     except (OSError, ValueError):
         return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return None
-    except (OSError, IndexError):
-        pass
-    return pid if os.path.basename(cmdline.decode(errors="replace")) == component else None
+    return pid if _is_running(pid, component) else None
 
 
 _CHILDREN: list[subprocess.Popen] = []
@@ -592,14 +600,17 @@ def _wait_for(proc: subprocess.Popen, state: State, component: str, probe, timeo
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
-        code = proc.poll()
-        if code is not None:
-            reason = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-            raise ClusterError(f"{component} exited during start-up ({reason}); tail of "
-                               f"{state.logfile(component)}:\n{_log_tail(state, component)}")
         ok, last = probe()
         if ok:
             return
+        code = proc.poll()
+        # Popen.poll() is not proof of death: when something else in this process reaps
+        # children (a SIGCHLD handler, a waitpid(-1) loop), waitpid fails with ECHILD and
+        # Popen reports "exit status 0" for a process that is still running. Ask /proc.
+        if code is not None and not _is_running(proc.pid, component):
+            reason = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            raise ClusterError(f"{component} exited during start-up ({reason}); tail of "
+                               f"{state.logfile(component)}:\n{_log_tail(state, component)}")
         time.sleep(0.2)
     raise ClusterError(f"{component} not ready after {timeout:.0f}s ({last}); tail of "
                        f"{state.logfile(component)}:\n{_log_tail(state, component)}")
@@ -709,6 +720,35 @@ def _ready(state: State) -> bool:
     return ok
 
 
+def _write_config(state: State, paths: Paths) -> dict:
+    """Choose ports; write the kubeconfigs and cluster.json for them."""
+    ports = _choose_ports(state)
+    server = _server(ports)
+    info = {"server": server, "kubeconfig": str(state.kubeconfig), "state_dir": str(state.dir),
+            "bin_dir": str(paths.bin), "ports": ports}
+    state.kubeconfig.write_text(_kubeconfig(server, state.pki, "anneal-admin", "admin"))
+    os.chmod(state.kubeconfig, 0o600)
+    kcm_kubeconfig = state.dir / "controller-manager.kubeconfig"
+    kcm_kubeconfig.write_text(_kubeconfig(server, state.pki, "system:kube-controller-manager", "controller-manager"))
+    os.chmod(kcm_kubeconfig, 0o600)
+    state.info.write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _start_components(state: State, paths: Paths, ports: dict[str, int], controllers: tuple[str, ...],
+                      timeout: float) -> None:
+    server = _server(ports)
+    proc = _start(state, paths, "etcd", _etcd_args(state, ports))
+    _wait_for(proc, state, "etcd", _http_probe(f"http://127.0.0.1:{ports['etcd_client']}/health"), timeout)
+    proc = _start(state, paths, "kube-apiserver", _apiserver_args(state, ports))
+    _wait_for(proc, state, "kube-apiserver", _http_probe(server + "/readyz", _admin_ssl_context(state)), timeout)
+    proc = _start(state, paths, "kube-controller-manager", _controller_manager_args(state, ports, controllers))
+    _wait_for(proc, state, "kube-controller-manager",
+              _http_probe(f"https://127.0.0.1:{ports['controller_manager']}/healthz",
+                          ssl._create_unverified_context()),  # its serving cert is self-signed
+              timeout)
+
+
 def up(
     state_dir: Path | str | None = None,
     crd_dirs: list[Path | str] | None = None,
@@ -738,34 +778,22 @@ def up(
             down(state.dir)
         started = time.monotonic()
         _ensure_pki(state.pki)
-        ports = _choose_ports(state)
-        server = _server(ports)
-        info = {"server": server, "kubeconfig": str(state.kubeconfig), "state_dir": str(state.dir),
-                "bin_dir": str(paths.bin), "ports": ports}
-        state.kubeconfig.write_text(_kubeconfig(server, state.pki, "anneal-admin", "admin"))
-        os.chmod(state.kubeconfig, 0o600)
-        kcm_kubeconfig = state.dir / "controller-manager.kubeconfig"
-        kcm_kubeconfig.write_text(_kubeconfig(server, state.pki, "system:kube-controller-manager",
-                                              "controller-manager"))
-        os.chmod(kcm_kubeconfig, 0o600)
-        state.info.write_text(json.dumps(info, indent=2))
-        try:
-            proc = _start(state, paths, "etcd", _etcd_args(state, ports))
-            _wait_for(proc, state, "etcd", _http_probe(f"http://127.0.0.1:{ports['etcd_client']}/health"),
-                      timeout)
-            proc = _start(state, paths, "kube-apiserver", _apiserver_args(state, ports))
-            _wait_for(proc, state, "kube-apiserver", _http_probe(server + "/readyz", _admin_ssl_context(state)),
-                      timeout)
-            proc = _start(state, paths, "kube-controller-manager",
-                          _controller_manager_args(state, ports, controllers))
-            _wait_for(proc, state, "kube-controller-manager",
-                      _http_probe(f"https://127.0.0.1:{ports['controller_manager']}/healthz",
-                                  ssl._create_unverified_context()),  # its serving cert is self-signed
-                      timeout)
-        except BaseException:
-            down(state.dir)
-            raise
-        _say(f"control plane ready in {time.monotonic() - started:.1f}s at {server}")
+        for attempt in range(1, 4):
+            info = _write_config(state, paths)
+            try:
+                _start_components(state, paths, info["ports"], controllers, timeout)
+                break
+            except ClusterError as exc:
+                down(state.dir)
+                # Ports are picked free, then bound by another process: another local cluster
+                # or Ray on this machine may take one in between. Pick again.
+                if attempt == 3 or "address already in use" not in str(exc):
+                    raise
+                _say(f"a port was taken while starting ({exc.args[0].splitlines()[0]}); trying other ports")
+            except BaseException:
+                down(state.dir)
+                raise
+        _say(f"control plane ready in {time.monotonic() - started:.1f}s at {info['server']}")
 
     dirs: list[Path] = [paths.kuberay_crds] if kuberay else []
     dirs += [Path(d) for d in crd_dirs or []]

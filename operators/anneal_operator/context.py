@@ -146,6 +146,19 @@ def _rv(meta: Mapping[str, Any]) -> int:
         return 0
 
 
+def snapshot(body: Any) -> dict[str, Any]:
+    """A frozen, plain copy of a kopf body, taken at the start of a pass.
+
+    kopf's `body` and `meta` are live views: they move to the newest version as watch events
+    arrive, in the middle of a pass. A status write must carry the resourceVersion of the
+    version the pass *read*, or it silently overwrites whatever changed in between (a user's
+    `kubectl patch`, another writer) instead of getting a 409.
+    """
+    import copy
+
+    return copy.deepcopy(dict(body))
+
+
 def event(body: Any, type: str, reason: str, message: str) -> None:
     """A Kubernetes Event on the resource (kopf posts it in the background)."""
     try:

@@ -27,6 +27,7 @@ from anneal_operator.context import (
     OperatorContext,
     clean_status,
     event,
+    snapshot,
     invalid_spec_status,
     with_condition,
 )
@@ -568,7 +569,8 @@ def register_job_handlers(registry: kopf.OperatorRegistry, op: OperatorContext, 
     @op.metrics.timed(kind, "reconcile")
     def reconcile(body: kopf.Body, meta: kopf.Meta, **_: Any) -> None:
         with op.lock(meta["uid"]):
-            rec.reconcile(body, meta)
+            snap = snapshot(body)
+            rec.reconcile(snap, snap["metadata"])
 
     @kopf.on.delete(API_GROUP, API_VERSION, plural, registry=registry, id="stop-ray-job")
     @op.metrics.timed(kind, "delete")

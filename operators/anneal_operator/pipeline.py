@@ -13,7 +13,7 @@ from anneal.api.pipeline import ModelPipelineSpec
 from anneal.api.resources import KINDS, ManifestError, parse_spec
 from anneal.runtime.kuberay import owner_reference
 from anneal.runtime.pipeline import STAGE_DONE, child_name, resolve_stage_refs
-from anneal_operator.context import OperatorContext, event, invalid_spec_status, with_condition
+from anneal_operator.context import OperatorContext, event, invalid_spec_status, snapshot, with_condition
 
 log = logging.getLogger("anneal_operator.pipeline")
 
@@ -145,4 +145,5 @@ def register(registry: kopf.OperatorRegistry, op: OperatorContext) -> None:
     @op.metrics.timed(KIND, "reconcile")
     def pipeline_timer(body: kopf.Body, meta: kopf.Meta, **_: Any) -> None:
         with op.lock(meta["uid"]):
-            reconcile(op, body, meta)
+            snap = snapshot(body)
+            reconcile(op, snap, snap["metadata"])

@@ -16,7 +16,7 @@ import kopf
 from anneal import API_GROUP, API_VERSION
 from anneal.api.resources import KINDS, ManifestError, parse_spec
 from anneal.runtime import kuberay
-from anneal_operator.context import OperatorContext, event, invalid_spec_status, with_condition
+from anneal_operator.context import OperatorContext, event, invalid_spec_status, snapshot, with_condition
 
 log = logging.getLogger("anneal_operator.service")
 
@@ -226,7 +226,8 @@ def register(registry: kopf.OperatorRegistry, op: OperatorContext) -> None:
     @op.metrics.timed(KIND, "reconcile")
     def service_timer(body: kopf.Body, meta: kopf.Meta, **_: Any) -> None:
         with op.lock(meta["uid"]):
-            reconcile(op, body, meta)
+            snap = snapshot(body)
+            reconcile(op, snap, snap["metadata"])
 
     @kopf.on.delete(API_GROUP, API_VERSION, plural, registry=registry, id="remove-serve-app")
     @op.metrics.timed(KIND, "delete")
