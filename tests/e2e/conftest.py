@@ -136,3 +136,180 @@ def namespace(kube_control_plane: KubeCluster, request) -> str:
     kube_control_plane.kubectl("create", "namespace", name)
     yield name
     kube_control_plane.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
+
+
+# ------------------------------------------------------------------ Ray head and MLflow
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of this process group is still alive (zombies excluded)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def stop_group(pgid: int, timeout: float = 20.0) -> None:
+    """SIGTERM a process group we started (its own session), SIGKILL what is left after `timeout`."""
+    import signal
+    import time
+
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not _group_alive(pgid):
+            return
+
+
+class Service:
+    """A server started in the background in its own process group; `url()` waits for it.
+
+    Started early (the test module's first fixture) and awaited late, so that Ray and MLflow
+    boot while the API-server-only tests run; on 2 loaded cores each takes a minute or more.
+    """
+
+    def __init__(self, name: str, cmd: list[str], url: str, probe_path: str, log: Path,
+                 env: dict[str, str] | None = None, timeout: float = 300.0, launcher_exits: bool = False):
+        self.name, self.cmd, self.base, self.probe_path, self.log = name, cmd, url, probe_path, log
+        self.env, self.timeout, self.launcher_exits = env, timeout, launcher_exits
+        self.proc: subprocess.Popen | None = None
+        self._ready = False
+
+    def launch(self) -> "Service":
+        if self.proc is None:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log, "w") as out:
+                self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
+            self.started = __import__("time").monotonic()
+        return self
+
+    def url(self) -> str:
+        """The base URL once the service answers its probe; fails the test with the log's tail if it cannot."""
+        import time
+
+        import httpx
+
+        self.launch()
+        assert self.proc is not None
+        deadline = self.started + self.timeout
+        last: object = None
+        while not self._ready:
+            code = self.proc.poll()
+            # `ray start` (no --block) exits 0 once the head is up; its processes live on in the group.
+            if code is not None and not (self.launcher_exits and code == 0):
+                pytest.fail(f"{self.name} exited with status {code}; tail of {self.log}:\n{self._tail()}", pytrace=False)
+            try:
+                r = httpx.get(self.base + self.probe_path, timeout=5)
+                self._ready = r.status_code == 200
+                last = f"HTTP {r.status_code}"
+            except httpx.HTTPError as exc:
+                last = exc
+            if not self._ready:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{self.name} not ready after {self.timeout:.0f}s ({last!r}); tail of {self.log}:\n"
+                                f"{self._tail()}", pytrace=False)
+                time.sleep(1)
+        return self.base
+
+    def _tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc.pid)
+            with __import__("contextlib").suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+
+
+def ray_head_service(root: Path) -> Service:
+    """`ray start --head` on loopback only, with the dashboard (Jobs API, Serve REST API) on a free port.
+
+    - RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every Ray address on 127.0.0.1: on Linux Ray
+      otherwise swaps 127.0.0.1 for the host's routable address.
+    - No `--block`: with it, any Ray subprocess that dies takes the head down, and under load
+      the Ray Client server (which we never use) gives up after 30 s waiting for the raylet.
+      The head's processes stay in the process group of `ray start`, which `stop()` ends.
+    - Every port is chosen here, so concurrent Ray instances on the machine never collide.
+    """
+    import sys
+
+    ray = Path(sys.executable).parent / "ray"
+    dash = free_port()
+    base = 20000 + (os.getpid() % 400) * 100
+    temp = Path(tempfile.mkdtemp(prefix="ae2e-ray-", dir="/tmp"))  # short: Ray's socket paths are length-bound
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_AUTH_MODE": "disabled", "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(ray), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+           "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+           f"--min-worker-port={base}", f"--max-worker-port={base + 99}", f"--temp-dir={temp}",
+           "--disable-usage-stats"]
+    svc = Service("ray head", cmd, f"http://127.0.0.1:{dash}", "/api/jobs/", root / "ray-start.log", env=env,
+                  timeout=420, launcher_exits=True)
+    svc.temp_dir = temp
+    return svc
+
+
+def mlflow_service(root: Path) -> Service:
+    import sys
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")]
+    return Service("mlflow server", cmd, f"http://127.0.0.1:{port}", "/health", root / "mlflow.log", timeout=300)
+
+
+@pytest.fixture(scope="session")
+def e2e_services():
+    """The session's one Ray head and one MLflow server, launched on first request, awaited by the fixtures below.
+
+    Their logs live in a directory outside pytest's basetemp (concurrent sessions prune it).
+    """
+    root = Path(tempfile.mkdtemp(prefix="anneal-e2e-services-"))
+    services = {"ray": ray_head_service(root / "ray"), "mlflow": mlflow_service(root / "mlflow")}
+    for s in services.values():
+        s.launch()
+    try:
+        yield services
+    finally:
+        for s in services.values():
+            s.stop()
+        shutil.rmtree(services["ray"].temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_head(e2e_services) -> str:
+    """The dashboard URL (Jobs API, Serve REST API) of a Ray head on loopback."""
+    return e2e_services["ray"].url()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(e2e_services) -> str:
+    """The tracking URI of an `mlflow server` on loopback (SQLite store, local artifacts)."""
+    return e2e_services["mlflow"].url()

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +28,7 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "deploy" / "examples").glob("*.yaml"))
 PY = sys.executable
+NS_PREFIX = "e2e-op-"
 
 TINY_SFT = {
     "method": "sft",
@@ -75,57 +78,23 @@ def _stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: floa
 # ----------------------------------------------------------------------------- services
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [PY, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait("mlflow server", lambda: httpx.get(url + "/health", timeout=2).status_code == 200, 180)
-        yield url
-    finally:
-        _stop_group(proc)
-
-
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory) -> str:
-    """A Ray head on loopback (`ray start --head --block`), dashboard serving the Jobs API."""
-    temp = Path(f"/tmp/ae2e-{uuid.uuid4().hex[:6]}")
-    dash = _free_port()
-    base = 20000 + (os.getpid() % 200) * 50
-    env = {**os.environ, "PATH": f"{Path(PY).parent}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
-    log = open(tmp_path_factory.mktemp("ray") / "ray.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(PY).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={_free_port()}", "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}",
-         f"--min-worker-port={base}", f"--max-worker-port={base + 49}", f"--temp-dir={temp}",
-         "--disable-usage-stats"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        _wait("Ray dashboard", lambda: httpx.get(url + "/api/version", timeout=2).status_code == 200, 240, 2)
-        yield url
-    finally:
-        _stop_group(proc, signal.SIGTERM, 60)
+@pytest.fixture(scope="module", autouse=True)
+def _boot_services_early(e2e_services):
+    """Ray and MLflow start booting now; the API-server-only tests run while they do."""
+    yield
 
 
 class Operator:
-    """`python -m anneal_operator` watching one namespace."""
+    """`python -m anneal_operator`, cluster-wide, shared by this module's tests (each in its own namespace)."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, tracking_uri: str, log_dir: Path, **env: str):
+    def __init__(self, kubeconfig: Path, tracking_uri: str, log_dir: Path, **env: str):
         self.log_dir = log_dir
         self.env = {
             **os.environ,
             "ANNEAL_OPERATOR_KUBECONFIG": str(kubeconfig),
-            "ANNEAL_OPERATOR_NAMESPACES": namespace,
+            # Cluster-wide: one watch per kind from the start. (A namespace glob makes kopf
+            # discover namespaces as they come, which under load missed a test's namespace.)
+            "ANNEAL_OPERATOR_NAMESPACES": "",
             "ANNEAL_OPERATOR_TRACKING_URI": tracking_uri,
             "ANNEAL_OPERATOR_JOB_PYTHON": PY,
             "ANNEAL_OPERATOR_POLL_INTERVAL": "1",
@@ -142,9 +111,9 @@ class Operator:
 
     def start(self) -> "Operator":
         self.starts += 1
-        log = open(self.log_dir / f"operator-{self.starts}.log", "w")
-        self.proc = subprocess.Popen([PY, "-m", "anneal_operator"], env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.log_dir / f"operator-{self.starts}.log", "w") as log:
+            self.proc = subprocess.Popen([PY, "-m", "anneal_operator"], env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         port = self.env["ANNEAL_OPERATOR_HEALTH_PORT"]
         _wait("operator readiness", lambda: self.alive() and httpx.get(f"http://127.0.0.1:{port}/readyz",
                                                                      timeout=2).status_code == 200, 120)
@@ -162,27 +131,30 @@ class Operator:
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop_group(self.proc, signal.SIGTERM, 5)
-
-    def metrics(self) -> str:
-        return httpx.get(f"http://127.0.0.1:{self.env['ANNEAL_OPERATOR_METRICS_PORT']}/metrics", timeout=5).text
+            _stop_group(self.proc, signal.SIGTERM, 10)
 
     def log(self) -> str:
         return "\n".join(p.read_text() for p in sorted(self.log_dir.glob("operator-*.log")))
 
 
+@pytest.fixture(scope="module")
+def operator(kube_cluster, mlflow_server):
+    """The module's one operator process (a test may kill and restart it)."""
+    # Outside pytest's basetemp: concurrent pytest sessions prune each other's numbered directories.
+    op = Operator(kube_cluster.kubeconfig, mlflow_server, Path(tempfile.mkdtemp(prefix="anneal-e2e-operator-")))
+    op.start()
+    yield op
+    op.stop()
+
+
 @pytest.fixture
-def operator(kube_cluster, namespace, mlflow_server, tmp_path):
-    ops: list[Operator] = []
-
-    def make(**env: str) -> Operator:
-        op = Operator(kube_cluster.kubeconfig, namespace, mlflow_server, tmp_path, **env)
-        ops.append(op)
-        return op
-
-    yield make
-    for op in ops:
-        op.stop()
+def op_namespace(kube_cluster, operator, request) -> str:
+    """A fresh namespace for a test that needs the running operator; deleted afterwards."""
+    stem = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:30].strip("-")
+    name = f"{NS_PREFIX}{stem}-{uuid.uuid4().hex[:6]}"
+    kube_cluster.kubectl("create", "namespace", name)
+    yield name
+    kube_cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -244,19 +216,18 @@ def test_malformed_manifests_are_rejected_at_apply_naming_the_field(kube_cluster
     assert p.returncode != 0 and named in p.stderr, p.stderr
 
 
-def test_per_job_path_creates_owned_rayjob_and_rayservice_with_gpu_settings(kube_cluster, namespace, operator):
-    operator().start()
+def test_per_job_path_creates_owned_rayjob_and_rayservice_with_gpu_settings(kube_cluster, op_namespace, operator):
     gpu = {"workers": 2, "gpusPerWorker": 1, "cpusPerWorker": 4, "memory": "32Gi", "acceleratorType": "H100",
            "nodeSelector": {"pool": "gpu"}, "priorityClassName": "system-cluster-critical", "queue": "team-a",
            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
-    _apply(kube_cluster, namespace, _job("gpu-job", {**TINY_SFT, "resources": gpu, "activeDeadlineSeconds": 3600}))
+    _apply(kube_cluster, op_namespace, _job("gpu-job", {**TINY_SFT, "resources": gpu, "activeDeadlineSeconds": 3600}))
     svc = {"variants": [{"name": "stable", "model": {"uri": "file:///models/a"}, "weight": 100, "resources": gpu}]}
-    _apply(kube_cluster, namespace, _job("svc", svc, kind="ModelService"))
+    _apply(kube_cluster, op_namespace, _job("svc", svc, kind="ModelService"))
 
-    st = _wait("RayJob submission", lambda: (s := _status(kube_cluster, namespace, "dj", "gpu-job")).get("phase") == "Submitted" and s, 90)
-    rj = _get(kube_cluster, namespace, "rayjob", st["rayCluster"])
+    st = _wait("RayJob submission", lambda: (s := _status(kube_cluster, op_namespace, "dj", "gpu-job")).get("phase") == "Submitted" and s, 90)
+    rj = _get(kube_cluster, op_namespace, "rayjob", st["rayCluster"])
     assert rj is not None, "the RayJob was not created"
-    assert rj["metadata"]["ownerReferences"][0]["uid"] == _get(kube_cluster, namespace, "dj", "gpu-job")["metadata"]["uid"]
+    assert rj["metadata"]["ownerReferences"][0]["uid"] == _get(kube_cluster, op_namespace, "dj", "gpu-job")["metadata"]["uid"]
     assert rj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert rj["spec"]["jobId"] == st["submissionId"] and rj["spec"]["activeDeadlineSeconds"] == 3600
     assert rj["spec"]["shutdownAfterJobFinishes"] is True and "ttlSecondsAfterFinished" in rj["spec"]
@@ -267,57 +238,59 @@ def test_per_job_path_creates_owned_rayjob_and_rayservice_with_gpu_settings(kube
     assert pod["nodeSelector"]["pool"] == "gpu" and pod["priorityClassName"] == "system-cluster-critical"
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
 
-    rs_name = _wait("RayService", lambda: _status(kube_cluster, namespace, "msvc", "svc").get("rayService"), 90)
-    rs = _get(kube_cluster, namespace, "rayservice", rs_name)
+    rs_name = _wait("RayService", lambda: _status(kube_cluster, op_namespace, "msvc", "svc").get("rayService"), 90)
+    rs = _get(kube_cluster, op_namespace, "rayservice", rs_name)
     apps = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
-    assert apps[0]["name"] == f"{namespace}-svc" and apps[0]["args"]["variants"][0]["model_uri"] == "file:///models/a"
+    assert apps[0]["name"] == f"{op_namespace}-svc" and apps[0]["args"]["variants"][0]["model_uri"] == "file:///models/a"
     assert rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
         "resources"]["limits"]["nvidia.com/gpu"] == "1"
 
     # Jobs are immutable once submitted: an edit is refused with an event, nothing resubmitted.
-    kube_cluster.kubectl("patch", "dj", "gpu-job", "-n", namespace, "--type=merge", "-p",
+    kube_cluster.kubectl("patch", "dj", "gpu-job", "-n", op_namespace, "--type=merge", "-p",
                          json.dumps({"spec": {"training": {"steps": 8}}}))
     _wait("SpecChangeRefused event", lambda: any(e["reason"] == "SpecChangeRefused"
-                                                 for e in _events(kube_cluster, namespace, "gpu-job")), 30)
-    assert _status(kube_cluster, namespace, "dj", "gpu-job")["submissionId"] == st["submissionId"]
+                                                 for e in _events(kube_cluster, op_namespace, "gpu-job")), 30)
+    assert _status(kube_cluster, op_namespace, "dj", "gpu-job")["submissionId"] == st["submissionId"]
 
     # Deleting the job takes its RayJob with it (finalizer, then garbage collection).
-    kube_cluster.kubectl("delete", "dj", "gpu-job", "-n", namespace, "--timeout=60s")
-    _wait("RayJob deletion", lambda: _get(kube_cluster, namespace, "rayjob", st["rayCluster"]) is None, 60)
+    kube_cluster.kubectl("delete", "dj", "gpu-job", "-n", op_namespace, "--timeout=60s")
+    _wait("RayJob deletion", lambda: _get(kube_cluster, op_namespace, "rayjob", st["rayCluster"]) is None, 60)
 
 
-def test_cross_field_error_gives_invalid_spec_and_a_warning_event(kube_cluster, namespace, operator):
-    operator().start()
+def test_cross_field_error_gives_invalid_spec_and_a_warning_event(kube_cluster, op_namespace, operator):
     bad = {**TINY_SFT, "student": {"config": {"hiddenSize": 30, "layers": 1, "heads": 4}}}
-    _apply(kube_cluster, namespace, _job("uneven", bad))
-    st = _wait("InvalidSpec", lambda: (s := _status(kube_cluster, namespace, "dj", "uneven")).get("conditions") and s, 60)
+    _apply(kube_cluster, op_namespace, _job("uneven", bad))
+    st = _wait("InvalidSpec", lambda: (s := _status(kube_cluster, op_namespace, "dj", "uneven")).get("conditions") and s, 60)
     ready = next(c for c in st["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
     assert "spec.student.config.hiddenSize" in ready["message"] and "submissionId" not in st
-    events = _wait("Warning event", lambda: [e for e in _events(kube_cluster, namespace, "uneven")
+    events = _wait("Warning event", lambda: [e for e in _events(kube_cluster, op_namespace, "uneven")
                                             if e["reason"] == "InvalidSpec"], 30)
     assert events[0]["type"] == "Warning" and "spec.student.config.hiddenSize" in events[0]["message"]
 
 
-def test_pipeline_creates_stages_in_order_and_fails_naming_the_stage(kube_cluster, namespace, operator):
-    operator().start()
+def test_pipeline_creates_stages_in_order_and_fails_naming_the_stage(kube_cluster, op_namespace, operator):
     pipe = {"stages": [
         {"name": "teacher", "distillation": TINY_SFT, "gate": {"metric": "studentAccuracy", "min": 0.0}},
         {"name": "small", "compression": {"model": {"fromStage": "teacher"}, "quantization": {"scheme": "W8A16", "algorithm": "rtn"}}},
     ]}
-    _apply(kube_cluster, namespace, _job("pipe", pipe, kind="ModelPipeline"))
-    _wait("stage 1", lambda: _get(kube_cluster, namespace, "dj", "pipe-teacher"), 60)
-    assert _get(kube_cluster, namespace, "cj", "pipe-small") is None  # not before stage 1 is done
+    _apply(kube_cluster, op_namespace, _job("pipe", pipe, kind="ModelPipeline"))
+    _wait("stage 1", lambda: _get(kube_cluster, op_namespace, "dj", "pipe-teacher"), 60)
+    assert _get(kube_cluster, op_namespace, "compressionjobs.anneal.dev", "pipe-small") is None  # not before stage 1 is done
     # Play the Ray side of stage 1: it succeeded and registered a model.
-    kube_cluster.kubectl("patch", "dj", "pipe-teacher", "-n", namespace, "--subresource=status", "--type=merge", "-p",
+    kube_cluster.kubectl("patch", "dj", "pipe-teacher", "-n", op_namespace, "--subresource=status", "--type=merge", "-p",
                          json.dumps({"status": {"phase": "Succeeded", "modelUri": "models:/teacher/1",
                                                 "metrics": {"studentAccuracy": 0.25}}}))
-    cj = _wait("stage 2", lambda: _get(kube_cluster, namespace, "cj", "pipe-small"), 60)
+    try:
+        cj = _wait("stage 2", lambda: _get(kube_cluster, op_namespace, "compressionjobs.anneal.dev", "pipe-small"), 60)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\npipeline: {_status(kube_cluster, op_namespace, 'mpipe', 'pipe')}\n"
+                             f"stage 1: {_status(kube_cluster, op_namespace, 'dj', 'pipe-teacher')}") from None
     assert cj["spec"]["model"] == {"uri": "models:/teacher/1"}
     assert cj["metadata"]["ownerReferences"][0]["kind"] == "ModelPipeline"
-    kube_cluster.kubectl("patch", "cj", "pipe-small", "-n", namespace, "--subresource=status", "--type=merge", "-p",
+    kube_cluster.kubectl("patch", "compressionjobs.anneal.dev", "pipe-small", "-n", op_namespace, "--subresource=status", "--type=merge", "-p",
                          json.dumps({"status": {"phase": "Failed", "message": "out of memory"}}))
-    st = _wait("pipeline failure", lambda: (s := _status(kube_cluster, namespace, "mpipe", "pipe")).get("phase") == "Failed" and s, 60)
+    st = _wait("pipeline failure", lambda: (s := _status(kube_cluster, op_namespace, "mpipe", "pipe")).get("phase") == "Failed" and s, 60)
     assert "stage small" in st["message"] and "out of memory" in st["message"]
     assert st["stages"]["teacher"]["gate"].startswith("passed")
 
@@ -335,18 +308,18 @@ def test_lease_lets_one_replica_lead(kube_cluster, namespace):
         assert b.try_acquire() and not a.try_acquire()
 
 
-def test_shared_cluster_sft_job_survives_an_operator_kill(kube_cluster, namespace, operator, ray_head, mlflow_server):
-    op = operator().start()
+def test_shared_cluster_sft_job_survives_an_operator_kill(kube_cluster, op_namespace, operator, ray_head, mlflow_server):
+    op = operator
     spec = {**TINY_SFT, "ray": {"address": ray_head},
-            "mlflow": {"experiment": f"e2e-{namespace}", "registeredModelName": f"tiny-{namespace}"}}
-    _apply(kube_cluster, namespace, _job("tiny", spec))
-    uid = _wait("resource", lambda: _get(kube_cluster, namespace, "dj", "tiny"), 30)["metadata"]["uid"]
-    st = _wait("submission", lambda: (s := _status(kube_cluster, namespace, "dj", "tiny")).get("phase") in ("Submitted", "Running") and s, 120)
+            "mlflow": {"experiment": f"e2e-{op_namespace}", "registeredModelName": f"tiny-{op_namespace}"}}
+    _apply(kube_cluster, op_namespace, _job("tiny", spec))
+    uid = _wait("resource", lambda: _get(kube_cluster, op_namespace, "dj", "tiny"), 30)["metadata"]["uid"]
+    st = _wait("submission", lambda: (s := _status(kube_cluster, op_namespace, "dj", "tiny")).get("phase") in ("Submitted", "Running") and s, 120)
     run_id, sid = st["mlflowRunId"], st["submissionId"]
 
     op.kill()  # mid-job: no chance to clean up
     op.start()
-    st = _wait("Succeeded", lambda: (s := _status(kube_cluster, namespace, "dj", "tiny")).get("phase") in
+    st = _wait("Succeeded", lambda: (s := _status(kube_cluster, op_namespace, "dj", "tiny")).get("phase") in
                ("Succeeded", "Failed") and s, 420, 2)
     assert st["phase"] == "Succeeded", st.get("message")
     assert st["submissionId"] == sid and st["mlflowRunId"] == run_id and st["attempts"] == 1
@@ -359,18 +332,17 @@ def test_shared_cluster_sft_job_survives_an_operator_kill(kube_cluster, namespac
     name, version = st["modelUri"][len("models:/"):].split("/")
     mv = MlflowClient(tracking_uri=mlflow_server).get_model_version(name, version)
     assert mv.run_id == run_id
-    reasons = [e["reason"] for e in _events(kube_cluster, namespace, "tiny")]
+    reasons = [e["reason"] for e in _events(kube_cluster, op_namespace, "tiny")]
     assert "Submitted" in reasons and "Succeeded" in reasons
 
 
-def test_deleting_a_running_job_stops_its_ray_job(kube_cluster, namespace, operator, ray_head):
-    operator().start()
+def test_deleting_a_running_job_stops_its_ray_job(kube_cluster, op_namespace, operator, ray_head):
     spec = {**TINY_SFT, "ray": {"address": ray_head}, "training": {"steps": 100000, "batchSize": 4}}
-    _apply(kube_cluster, namespace, _job("long", spec))
-    uid = _wait("resource", lambda: _get(kube_cluster, namespace, "dj", "long"), 30)["metadata"]["uid"]
+    _apply(kube_cluster, op_namespace, _job("long", spec))
+    uid = _wait("resource", lambda: _get(kube_cluster, op_namespace, "dj", "long"), 30)["metadata"]["uid"]
     _wait("Ray job running", lambda: any(j["status"] == "RUNNING" for j in _ray_jobs_of(ray_head, uid)), 180, 2)
-    kube_cluster.kubectl("delete", "dj", "long", "-n", namespace, "--timeout=90s")
-    assert _get(kube_cluster, namespace, "dj", "long") is None
+    kube_cluster.kubectl("delete", "dj", "long", "-n", op_namespace, "--timeout=90s")
+    assert _get(kube_cluster, op_namespace, "dj", "long") is None
     jobs = _wait("Ray job stopped", lambda: (j := _ray_jobs_of(ray_head, uid)) and all(
         x["status"] in ("STOPPED", "FAILED") for x in j) and j, 60)
     assert [j["status"] for j in jobs] == ["STOPPED"]
