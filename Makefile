@@ -4,7 +4,7 @@ setup:
 	scripts/setup.sh
 
 quickstart: setup
-	.venv/bin/anneal run deploy/examples/distill-sft.yaml
+	.venv/bin/anneal run deploy/examples/pipeline.yaml --duration 20 --traffic 2
 
 test: setup
 	scripts/test.sh
