@@ -62,7 +62,7 @@ KINDS: dict[str, KindInfo] = {
         "CompressionJob",
         "compressionjobs",
         "compressionjob",
-        ("cj",),
+        ("cj", "cmpj"),
         CompressionJobSpec,
         CompressionJobStatus,
         (
