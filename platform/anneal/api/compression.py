@@ -16,7 +16,7 @@ from anneal.api.common import (
     StatusBase,
     cross_field,
 )
-from anneal.api.distillation import DepthPlan, KDConfig, WidthPlan
+from anneal.api.distillation import KDConfig, StructuredPruning
 
 Scheme = Literal["W8A16", "W4A16", "W8A8", "FP8"]
 
@@ -31,27 +31,10 @@ class RecoveryConfig(ApiModel):
     learning_rate: float = Field(default=1e-3, gt=0)
 
 
-class PruningConfig(ApiModel):
-    """Structured pruning by importance measured on calibration data."""
+class PruningConfig(StructuredPruning):
+    """Structured pruning by importance measured on calibration data, with optional recovery."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {"rule": "has(self.depth) || has(self.width)", "message": "set depth and/or width"}
-            ]
-        }
-    )
-
-    depth: DepthPlan | None = None
-    width: WidthPlan | None = None
-    calibration: DatasetRef = Field(default_factory=lambda: DatasetRef(samples=64))
     recovery: RecoveryConfig | None = Field(default=None, description="Optional KD from the unpruned model.")
-
-    @model_validator(mode="after")
-    def _some(self) -> "PruningConfig":
-        if self.depth is None and self.width is None:
-            raise cross_field("", None, "set depth and/or width")
-        return self
 
 
 class QuantizationConfig(ApiModel):

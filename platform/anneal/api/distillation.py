@@ -98,8 +98,8 @@ class WidthPlan(ApiModel):
     hidden_ratio: float = Field(default=1.0, gt=0, le=1, description="Share of hidden channels kept.")
 
 
-class FromTeacher(ApiModel):
-    """A student derived from the teacher by depth and/or width pruning (Minitron)."""
+class StructuredPruning(ApiModel):
+    """Depth and/or width pruning by importance measured on calibration data (Minitron)."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -117,10 +117,14 @@ class FromTeacher(ApiModel):
     )
 
     @model_validator(mode="after")
-    def _some(self) -> "FromTeacher":
+    def _some(self) -> "StructuredPruning":
         if self.depth is None and self.width is None:
             raise cross_field("", None, "set depth and/or width")
         return self
+
+
+class FromTeacher(StructuredPruning):
+    """A student derived from the teacher by depth and/or width pruning (Minitron)."""
 
 
 class StudentSpec(ApiModel):
