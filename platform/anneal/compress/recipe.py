@@ -390,7 +390,8 @@ def run(spec: CompressionJobSpec, ctx: JobContext, on_progress: Callable[[dict[s
             result.message = f"registered {result.model_uri}; {verdict}" if passed else (
                 f"rejected: {verdict}; registered {result.model_uri} with tag rejected=true (no alias)")
     except Exception as exc:  # the job ends with a phase and a message, never a traceback
-        log.error("compression %s/%s failed: %s", ctx.namespace, ctx.name, traceback.format_exc())
+        log.error("compression %s/%s failed: %s", ctx.namespace, ctx.name, exc)
+        log.debug("%s", traceback.format_exc())
         result.phase = "Failed"
         result.message = f"{type(exc).__name__}: {exc}"[:2000]
     result.completion_time = now_iso()

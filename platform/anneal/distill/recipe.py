@@ -653,7 +653,8 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
         result.phase = "Succeeded"
         result.message = f"registered {result.model_uri}"
     except Exception as exc:  # the job ends with a phase and a message, never a traceback
-        log.error("distillation %s/%s failed: %s", ctx.namespace, ctx.name, traceback.format_exc())
+        log.error("distillation %s/%s failed: %s", ctx.namespace, ctx.name, exc)
+        log.debug("%s", traceback.format_exc())
         from anneal.runtime.errors import short_error
 
         result.phase = "Failed"
