@@ -12,6 +12,7 @@ schedule), then both are scored with the evaluation the recipe uses (reasoning o
 
     .venv/bin/python benchmarks/bench_lora_kd.py
     .venv/bin/python benchmarks/bench_lora_kd.py --teacher ~/.anneal/cache/models/mlflow/math-teacher/1
+    .venv/bin/python benchmarks/bench_lora_kd.py --accuracy-only --teacher DIR   # accuracy alone
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                                                "kd": {"alpha": 0.7}})
     samples = load_samples(uri, samples=2000, reasoning="both")
     tokenized = [tokenize_sample(tokenizer, s, 160) for s in samples]
-    eval_plan = EvalPlan(dataset_uri=uri, samples=48, max_new_tokens=48, perplexity=False)
+    eval_plan = EvalPlan(dataset_uri=uri, samples=args.eval_samples, max_new_tokens=48, perplexity=False)
     out = {}
     for variant, lr in (("kd", args.lr), ("lora-kd", args.lr * 3)):
         student, _, _ = derive_student(args.teacher, plan, Path(args.cache))
@@ -175,10 +176,19 @@ def main() -> None:
     ap.add_argument("--teacher", help="a teacher checkpoint directory: also compare final accuracy")
     ap.add_argument("--train-steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--eval-samples", type=int, default=128, help="eval questions per reasoning mode")
+    ap.add_argument("--accuracy-only", action="store_true", help="with --teacher: skip the memory/time runs")
     ap.add_argument("--cache", default="/tmp/anneal-bench-cache")
     args = ap.parse_args()
     if args.variant:
         child(args)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.accuracy_only:
+        if not args.teacher:
+            ap.error("--accuracy-only needs --teacher DIR")
+        print(json.dumps({"accuracy": accuracy(args)}, indent=1))
         return
     rows = {}
     argv = [a for a in sys.argv[1:]]

@@ -76,13 +76,18 @@ def job(method: str, student: dict, **extra) -> DistillationJobSpec:
 
 @pytest.fixture(scope="module")
 def teacher(ray_cluster, home):
-    """A small sft teacher (shared), resolved the way `fromResource` is: newest successful run."""
+    """A small sft teacher (shared), resolved the way `fromResource` is: newest successful run.
+
+    Trained only part way (~0.3 exact-answer accuracy on the eval split): enough for kd and
+    retention to mean something, and room for kd-rl, which starts from it, to improve on.
+    """
     from anneal.runtime.embedded import resolve_from_resource
 
     spec = job("sft", {"config": {"hiddenSize": 64, "layers": 3, "heads": 4, "kvHeads": 2, "intermediateSize": 192}},
-               training={"steps": 120, "batchSize": 16, "learningRate": 3e-3, "warmupSteps": 10},
+               training={"steps": 400, "batchSize": 32, "learningRate": 3e-3, "warmupSteps": 10,
+                         "checkpointEvery": 200},
                evaluation={"samples": 16, "maxNewTokens": 24})
-    spec.dataset.samples = 1000
+    spec.dataset.samples = 2000
     result = recipe.run(spec, context(home, "teacher"))
     assert result.phase == "Succeeded", result.message
     uri = resolve_from_resource(home["tracking_uri"], NAMESPACE, "DistillationJob", "teacher")
@@ -170,25 +175,25 @@ def test_lora_kd_registers_a_merged_model_or_an_adapter_with_its_base(home, teac
         assert model.get_base_model().config.num_hidden_layers == 2
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known gap: 30 GRPO steps raise the sampled reward (~0.02 -> ~0.1) but not yet greedy "
-    "exact-answer accuracy (0.125 -> 0.125) on this tiny teacher; see docs/BENCHMARKS.md"))
 def test_kd_rl_raises_exact_answer_accuracy_over_its_start(home, teacher):
-    # The starting policy is the teacher itself; RL practises on a small pool of training prompts
-    # and is scored on that same pool (the eval split holds arithmetic it has never seen, which
-    # a model this small does not generalise to), so the test isolates "GRPO raises the reward".
-    data = {"uri": DATA, "samples": 16, "maxSeqLength": 128, "reasoning": "off"}
+    # The start is the shared, partly trained sft model (~0.2-0.3). GRPO practises on training
+    # prompts and is scored greedily on 256 held-out eval questions, start and result alike
+    # (fixed seed): 60 steps of 16 prompts x 16 samples at temperature 0.8 gained 5-6 points
+    # in direct runs over several seeds (docs/BENCHMARKS.md); the test asks for more than 3.
+    data = {"uri": DATA, "samples": 512, "maxSeqLength": 128, "reasoning": "off"}
     spec = job("kd-rl", {"fromResource": {"kind": "DistillationJob", "name": "teacher"}},
-               dataset=data, evalDataset={**data, "split": "train"},
-               rl={"groupSize": 8, "kdCoef": 0.01, "klCoef": 0.01, "maxNewTokens": 8, "temperature": 1.0},
-               training={"steps": 30, "batchSize": 8, "learningRate": 3e-3, "checkpointEvery": 30},
-               evaluation={"samples": 16, "reasoningModes": ["off"], "maxNewTokens": 8})
+               dataset=data, evalDataset={**data, "split": "eval", "samples": 256},
+               rl={"groupSize": 16, "kdCoef": 0.01, "klCoef": 0.01, "maxNewTokens": 8, "temperature": 0.8},
+               training={"steps": 60, "batchSize": 16, "learningRate": 2e-4, "checkpointEvery": 60},
+               evaluation={"samples": 256, "reasoningModes": ["off"], "maxNewTokens": 8})
     ctx = context(home, "kd-rl", {"teacher": teacher, "student": teacher})
     result = recipe.run(spec, ctx)
     assert result.phase == "Succeeded", result.message
     m = result.metrics
-    assert m["studentAccuracyOff"] > m["startAccuracyOff"] + 0.05, m
+    assert 0.1 <= m["startAccuracyOff"] <= 0.6, m  # a partly trained start, as intended
+    assert m["studentAccuracyOff"] > m["startAccuracyOff"] + 0.03, m
     assert m["rlGain"] == pytest.approx(m["studentAccuracy"] - m["startAccuracy"])
+    assert m["studentAccuracy"] == m["studentAccuracyOff"]  # one mode evaluated: the mean is that mode
     tags = version_of(home, result.model_uri).tags
     assert tags[store.TAG_METHOD] == "kd-rl" and tags[store.TAG_TEACHER] == teacher
 
