@@ -16,6 +16,7 @@ from anneal.tracking import mlflow_store as store
 
 log = logging.getLogger(__name__)
 
+START_ATTEMPTS = 3
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
@@ -43,13 +44,23 @@ def ray_session(settings: Settings) -> Iterator[None]:
     if settings.ray.address:
         ray.init(address=settings.ray.address, **kwargs)
     else:
-        ray.init(
-            num_cpus=settings.ray.num_cpus or os.cpu_count(),
-            include_dashboard=settings.ray.include_dashboard,
-            configure_logging=True,
-            logging_level=logging.WARNING,
-            **kwargs,
-        )
+        # Ray gives a new node a fixed window to come up; on a busy laptop that is too short.
+        os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                ray.init(
+                    num_cpus=settings.ray.num_cpus or os.cpu_count(),
+                    include_dashboard=settings.ray.include_dashboard,
+                    configure_logging=True,
+                    logging_level=logging.WARNING,
+                    **kwargs,
+                )
+                break
+            except Exception as exc:  # "The current node timed out during startup"
+                ray.shutdown()
+                if attempt == START_ATTEMPTS:
+                    raise
+                log.warning("local Ray did not start (%s); trying again (%d/%d)", exc, attempt + 1, START_ATTEMPTS)
     try:
         yield
     finally:
