@@ -356,13 +356,38 @@ def maybe_checkpoint(
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def dataset_samples(ref: Any, cache_dir: str | Path) -> list[Any]:
+    """The samples a DatasetRef names (the one place recipes read their data)."""
+    from anneal.data.datasets import load_samples
+
+    return load_samples(ref.uri, split=ref.split, format=ref.format, samples=ref.samples,
+                        reasoning=ref.reasoning, cache_dir=Path(cache_dir) / "datasets")
+
+
+def prepare_optimizer(model: Any, learning_rate: float, opt_state: Any | None) -> tuple[Any, list[Any], Any]:
+    """Wrap the model for Ray Train (DDP when there are several workers) and build its AdamW.
+
+    Returns:
+        (the prepared model, its trainable parameters, the optimizer with `opt_state` restored).
+    """
+    import ray.train.torch
+    import torch
+
+    model = ray.train.torch.prepare_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    if opt_state is not None:
+        optimizer.load_state_dict(opt_state)
+    return model, params, optimizer
+
+
 def train_loop(cfg: dict[str, Any]) -> None:
     """Ray Train worker loop of sft, kd and lora-kd (runs on every worker)."""
     import ray.train
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from anneal.data.datasets import load_samples, tokenize_sample
+    from anneal.data.datasets import tokenize_sample
 
     spec = DistillationJobSpec.model_validate(cfg["spec"])
     ctx = JobContext(**cfg["context"])
@@ -385,17 +410,10 @@ def train_loop(cfg: dict[str, Any]) -> None:
         model = add_lora(model, spec.lora)
 
     start_step, opt_state = restore(model, cfg.get("resume_dir"))
-    model = ray.train.torch.prepare_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=0.0)
-    if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
+    model, params, optimizer = prepare_optimizer(model, t.learning_rate, opt_state)
 
     ds = spec.dataset
-    samples = load_samples(
-        ds.uri, split=ds.split, format=ds.format, samples=ds.samples, reasoning=ds.reasoning,
-        cache_dir=Path(ctx.cache_dir) / "datasets",
-    )
+    samples = dataset_samples(ds, ctx.cache_dir)
     shard = samples[rank::world] or samples
     tokenized = [tokenize_sample(tokenizer, s, ds.max_seq_length) for s in shard]
     steps = cfg["total_steps"]
@@ -600,11 +618,7 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
         if info:
             store.log_metrics(ctx.tracking_uri, run_id, {k: v for k, v in info.items() if isinstance(v, (int, float))})
         # Read the data once up front: a bad data set fails here, clearly, before any worker starts.
-        from anneal.data.datasets import load_samples
-
-        ds = spec.dataset
-        n_samples = len(load_samples(ds.uri, split=ds.split, format=ds.format, samples=ds.samples,
-                                     reasoning=ds.reasoning, cache_dir=Path(ctx.cache_dir) / "datasets"))
+        n_samples = len(dataset_samples(spec.dataset, ctx.cache_dir))
         steps = total_steps(spec, n_samples, spec.resources.workers)
         result.progress = {"step": 0, "totalSteps": steps}
         if on_progress:

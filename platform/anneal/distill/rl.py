@@ -271,7 +271,6 @@ def rl_loop(cfg: dict[str, Any]) -> None:
     import ray.train
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from anneal.data.datasets import load_samples
     from anneal.distill import recipe
     from anneal.distill.losses import chunked_kd_loss
     from anneal.tracking import mlflow_store as store
@@ -295,18 +294,10 @@ def rl_loop(cfg: dict[str, Any]) -> None:
         teacher = recipe.load_teacher(cfg["teacher_dir"], t.precision, device)
 
     start_step, opt_state = recipe.restore(policy, cfg.get("resume_dir"))
-    model = ray.train.torch.prepare_model(policy)
+    model, params, optimizer = recipe.prepare_optimizer(policy, t.learning_rate, opt_state)
     inner = model.module if hasattr(model, "module") else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=0.0)
-    if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
 
-    ds = spec.dataset
-    samples = load_samples(
-        ds.uri, split=ds.split, format=ds.format, samples=ds.samples, reasoning=ds.reasoning,
-        cache_dir=Path(ctx.cache_dir) / "datasets",
-    )
+    samples = recipe.dataset_samples(spec.dataset, ctx.cache_dir)
     shard = samples[rank::world] or samples
     reward_fn = load_reward(rl.reward)
     steps = cfg["total_steps"]
