@@ -26,23 +26,6 @@ SOURCE_NAME = "copy-source"
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    for attempt in range(3):  # a loaded 2-core runner can miss Ray's fixed 30 s raylet start window
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 2:
-                raise
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def home(tmp_path_factory):
     root = tmp_path_factory.mktemp("anneal-compress")
     return {"root": root, "tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifacts": str(root / "artifacts")}

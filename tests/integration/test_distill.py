@@ -28,23 +28,6 @@ NAMESPACE = "it"
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    for attempt in range(3):  # a heavily loaded machine can miss Ray's fixed 30 s startup wait
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 2:
-                raise
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def home(tmp_path_factory):
     root = tmp_path_factory.mktemp("anneal")
     return {"root": root, "tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifacts": str(root / "artifacts")}
