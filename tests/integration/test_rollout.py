@@ -8,8 +8,6 @@ stays within a few minutes.
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -26,36 +24,29 @@ MODEL = "tiny-rollout"
 APP = "ab"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A local Ray + Serve on loopback, ANNEAL_HOME and an MLflow SQLite store in a temp dir."""
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     from ray import serve
 
-    home = tmp_path_factory.mktemp("anneal-home")
-    saved = {k: os.environ.get(k) for k in ("ANNEAL_HOME", "ANNEAL_MLFLOW_TRACKING_URI")}
-    os.environ["ANNEAL_HOME"] = str(home)
-    os.environ["ANNEAL_MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
-    port = _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "ANNEAL_HOME": str(home)}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    from anneal.settings import Settings
+    from anneal.serve.embedded import start_http
 
-    yield {"home": home, "port": port, "settings": Settings()}
-    serve.shutdown()
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    home = tmp_path_factory.mktemp("anneal-home")
+    with pytest.MonkeyPatch.context() as mp:  # undone even when the setup below fails
+        mp.setenv("ANNEAL_HOME", str(home))
+        mp.setenv("ANNEAL_MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+        from anneal.runtime.embedded import ray_session
+        from anneal.settings import Settings
+
+        settings = Settings()
+        settings.ray.num_cpus, settings.ray.address = 4, None
+        with ray_session(settings):
+            try:
+                port = start_http("127.0.0.1", 0)
+                yield {"home": home, "port": port, "settings": Settings()}
+            finally:
+                serve.shutdown()
 
 
 VARIANTS = {  # variant -> (registry version, serving engine settings)

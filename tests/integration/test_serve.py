@@ -7,7 +7,6 @@ in for a broken model).
 """
 
 import json
-import socket
 import threading
 import time
 from collections import Counter
@@ -20,25 +19,6 @@ pytestmark = pytest.mark.integration
 
 SERVICE = "test-chat"
 MAX_ON, MAX_OFF = 6, 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init_ray():
-    import ray
-
-    last = None
-    for _ in range(3):  # a loaded machine can miss Ray's fixed 30 s raylet start window
-        try:
-            return ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        except Exception as e:  # noqa: BLE001
-            last = e
-            ray.shutdown()
-    raise last
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +44,15 @@ def service(models):
     from anneal.serve.deploy import deploy_entries
 
     paths, _ = models
-    _init_ray()
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from anneal.runtime.embedded import ray_session
+    from anneal.serve.embedded import start_http
+    from anneal.settings import Settings
+
+    settings = Settings()
+    settings.ray.num_cpus, settings.ray.address = 2, None
+    session = ray_session(settings)
+    session.__enter__()
+    port = start_http("127.0.0.1", 0)
     light = {"num_cpus": 0.1}
     args = AppArgs(
         service=SERVICE,
@@ -93,7 +79,7 @@ def service(models):
     with httpx.Client(base_url=base, timeout=120) as http:
         yield {"args": args, "base": base, "http": http, "port": port}
     serve.shutdown()
-    ray.shutdown()
+    session.__exit__(None, None, None)
 
 
 def post(http, path="/v1/completions", body=None, headers=None, **kw):

@@ -18,7 +18,9 @@ ANNEAL = [sys.executable, "-m", "anneal.cli"]
 
 
 def anneal(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([*ANNEAL, *args], capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=120)
+    """The CLI in a subprocess; `ANNEAL_*` settings come only from `env`, never from the caller's shell."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ANNEAL_")}
+    return subprocess.run([*ANNEAL, *args], capture_output=True, text=True, cwd=cwd, env={**base, **(env or {})}, timeout=120)
 
 
 def test_examples_validate():

@@ -138,6 +138,47 @@ class RunningService:
             ray.shutdown()
 
 
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_http(host: str = "127.0.0.1", port: int = 8000, attempts: int = 3) -> int:
+    """Start Serve's HTTP proxy on `host:port` (idempotent) and return the port it listens on.
+
+    `port=0` picks a free port. A free port found this way can still be taken by another process
+    (Ray itself opens ports while it starts) before the proxy binds it, so a bind failure on a
+    picked port shuts Serve down and tries another one, up to `attempts` times. A fixed port that
+    is taken fails at once with a message that names it.
+
+    Raises:
+        ServiceError: the proxy could not bind.
+    """
+    from ray import serve
+
+    last: Exception | None = None
+    for _ in range(attempts if port == 0 else 1):
+        chosen = port or _free_port(host)
+        try:
+            serve.start(http_options={"host": host, "port": chosen})
+            return chosen
+        except Exception as e:  # noqa: BLE001 - Ray wraps the bind error in RayTaskError
+            if "bind" not in str(e).lower():
+                raise
+            last = e
+            log.warning("Serve could not bind %s:%s; %s", host, chosen,
+                        "trying another port" if port == 0 else "is the port in use?")
+            try:
+                serve.shutdown()
+            except Exception as down:  # noqa: BLE001
+                log.debug("serve.shutdown after a failed start: %s", down)
+    raise ServiceError(f"Serve's HTTP proxy could not listen on {host}:{port or 'a free port'}: "
+                       f"{str(last).strip().splitlines()[-1]}")
+
+
 def start_service(
     manifest: Any,
     *,
@@ -154,7 +195,7 @@ def start_service(
     Args:
         manifest: a parsed `Manifest` (kind ModelService) or the manifest dict.
         settings: `anneal.settings.Settings` (cache dir, MLflow tracking URI, Ray address/CPUs).
-        host, port: where Serve's HTTP proxy listens (loopback by default).
+        host, port: where Serve's HTTP proxy listens (loopback by default; port 0 picks a free one).
         route_prefix: URL prefix of this service.
         resolver: resolves `fromResource` model refs.
         base_dir: directory relative model paths are relative to (default: the working directory).
@@ -180,7 +221,12 @@ def start_service(
         ray.init(address=settings.ray.address or None, num_cpus=settings.ray.num_cpus,
                  include_dashboard=settings.ray.include_dashboard, log_to_driver=False)
         started = True
-    serve.start(http_options={"host": host, "port": port})
+    try:
+        port = start_http(host, port)
+    except Exception:
+        if started:
+            ray.shutdown()
+        raise
     available = float(ray.cluster_resources().get("CPU", 1.0))
     app_name = app_name_of(m.namespace, m.name)
     args = args_from_spec(
