@@ -48,6 +48,10 @@ class OperatorContext:
     #: watch delivered that write must not act on the older status it was handed.
     _written: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
     _locks_guard: threading.Lock = field(default_factory=threading.Lock)
+    #: key → when `due(key, ...)` last said yes (paced reads, e.g. job progress from MLflow).
+    _last: dict[str, float] = field(default_factory=dict)
+    #: Ray Jobs API clients by address, kept for the process (one connection pool each).
+    _jobs_clients: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from kubernetes import client
@@ -65,6 +69,17 @@ class OperatorContext:
         with self._locks_guard:
             self._locks.pop(uid, None)
             self._written.pop(uid, None)
+            for key in [k for k in self._last if k.endswith("/" + uid)]:
+                self._last.pop(key, None)
+
+    def due(self, key: str, interval: float, now: float) -> bool:
+        """True at most once per `interval` seconds for `key` (and the first time it is asked)."""
+        with self._locks_guard:
+            last = self._last.get(key)
+            if last is not None and now - last < interval:
+                return False
+            self._last[key] = now
+            return True
 
     def current_status(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """The object's status: the body's, or our own newer write if the watch has not caught up."""
@@ -77,11 +92,24 @@ class OperatorContext:
     # --------------------------------------------------------------------- Ray
 
     def jobs_client(self, address: str):
-        if self.jobs_client_factory is not None:
-            return self.jobs_client_factory(address)
-        from anneal.runtime.jobs_api import JobsApiClient
+        """The Ray Jobs API client of `address`, shared by every handler thread (httpx clients are thread-safe)."""
+        with self._locks_guard:
+            c = self._jobs_clients.get(address)
+            if c is None:
+                if self.jobs_client_factory is not None:
+                    c = self.jobs_client_factory(address)
+                else:
+                    from anneal.runtime.jobs_api import JobsApiClient
 
-        return JobsApiClient(address)
+                    c = JobsApiClient(address)
+                self._jobs_clients[address] = c
+            return c
+
+    def close(self) -> None:
+        with self._locks_guard:
+            clients, self._jobs_clients = list(self._jobs_clients.values()), {}
+        for c in clients:
+            c.close()
 
     # -------------------------------------------------------------- Kubernetes IO
 

@@ -21,7 +21,7 @@ from anneal import API_GROUP, API_VERSION
 from anneal.api.common import now_iso
 from anneal.api.resources import KINDS, FieldError, ManifestError, parse_spec
 from anneal.runtime import jobs_api, kuberay
-from anneal.runtime.plan import JobInputs, JobPlan, build_job_plan, spec_hash
+from anneal.runtime.plan import JobInputs, JobPlan, build_job_plan, spec_hash, submission_id
 from anneal.tracking import mlflow_store as store
 from anneal_operator.context import (
     OperatorContext,
@@ -31,6 +31,7 @@ from anneal_operator.context import (
     invalid_spec_status,
     with_condition,
 )
+from anneal_operator.tracking import tracker
 
 log = logging.getLogger("anneal_operator.jobs")
 
@@ -269,7 +270,7 @@ class JobReconciler:
             python=self.op.settings.job_python,
         ))
 
-    def create_run(self, spec: Any, meta: Mapping[str, Any], attempt: int) -> str:
+    def _tracking(self, spec: Any, meta: Mapping[str, Any], attempt: int) -> tuple[Any, dict[str, str]]:
         ctx = self.context(spec, meta, None, {})
         target = store.TrackingTarget(
             tracking_uri=ctx["tracking_uri"], experiment=ctx["experiment"],
@@ -280,7 +281,23 @@ class JobReconciler:
             store.TAG_UID: ctx["uid"], store.TAG_RECIPE: f"anneal.{'distill' if self.kind == 'DistillationJob' else 'compress'}.recipe",
             "anneal.attempt": str(attempt),
         }
-        return store.create_run(target, f"{ctx['namespace']}.{ctx['name']}", tags)
+        return target, tags
+
+    def create_run(self, spec: Any, meta: Mapping[str, Any], attempt: int, fresh: bool) -> str:
+        """The MLflow run of one attempt.
+
+        `fresh`: this pass allocated the attempt, so no run can exist for it yet and one is
+        created at once (one request; the experiment id is cached). Otherwise an earlier pass
+        may have created the run and stopped before storing its id: look for it by its tags
+        (resource uid and attempt) first, so a restart never leaves a second run behind.
+        """
+        target, tags = self._tracking(spec, meta, attempt)
+        t = tracker(target.tracking_uri)
+        if not fresh:
+            found = t.find_run(target, {store.TAG_UID: tags[store.TAG_UID], "anneal.attempt": str(attempt)})
+            if found:
+                return found
+        return t.create_run(target, f"{meta['namespace']}.{meta['name']}", tags)
 
     def rayjob_name(self, meta: Mapping[str, Any], attempt: int) -> str:
         return kuberay.kuberay_name(meta["name"], f"-a{attempt}")
@@ -313,11 +330,7 @@ class JobReconciler:
             raise kopf.PermanentError(f"submission id drifted: {plan.submission_id} != {status['submissionId']}")
         address = self.address(spec)
         if address:
-            client = self.op.jobs_client(address)
-            try:
-                outcome = client.submit(plan)
-            finally:
-                client.close()
+            outcome = self.op.jobs_client(address).submit(plan)
             self.op.metrics.submissions.labels(self.kind, "jobs-api", outcome).inc()
             return outcome
         from kubernetes.client.exceptions import ApiException
@@ -340,11 +353,7 @@ class JobReconciler:
     def read_ray(self, spec: Any, meta: Mapping[str, Any], status: Mapping[str, Any]) -> tuple[str | None, str]:
         address = self.address(spec)
         if address:
-            client = self.op.jobs_client(address)
-            try:
-                info = client.get(status["submissionId"])
-            finally:
-                client.close()
+            info = self.op.jobs_client(address).get(status["submissionId"])
             return (None, "") if info is None else (info.status, info.message)
         from kubernetes.client.exceptions import ApiException
 
@@ -363,22 +372,22 @@ class JobReconciler:
         if not run_id:
             return None, None
         uri = self.tracking_uri(spec)
+        t = tracker(uri)
         try:
-            run = store.client(uri).get_run(run_id)
+            run = t.get_run(run_id)
         except Exception as exc:
             log.warning("MLflow %s: cannot read run %s: %s", uri, run_id, exc)
             return None, None
-        m = run.data.metrics
+        m = run.metrics
         progress = None
         if "train/step" in m:
             progress = {"step": int(m["train/step"]), "totalSteps": int(m.get("train/total_steps", 0)) or None,
                         "loss": round(float(m["train/loss"]), 6) if "train/loss" in m else None}
         result = None
-        if store.TAG_PHASE in run.data.tags:
-            try:
-                result = store.read_result(uri, run_id)
-            except Exception as exc:
-                log.warning("MLflow %s: cannot read the result of run %s: %s", uri, run_id, exc)
+        try:
+            result = t.read_result(run)
+        except Exception as exc:
+            log.warning("MLflow %s: cannot read the result of run %s: %s", uri, run_id, exc)
         return result, progress
 
     # ---------------------------------------------------------------------- pass
@@ -425,8 +434,10 @@ class JobReconciler:
                 self._finish(body, old, status, [("Warning", FAILED, status["message"])])
                 return
 
-        # 1. Allocate the attempt's ids and store them before anything is submitted.
+        # 1. Allocate the attempt's submission id and store it before anything is submitted.
+        #    This is the resource's first status: written before any call to MLflow or Ray.
         fresh = not status.get("submissionId")
+        allocated = False
         if fresh or (status.get("phase") == PENDING and retry_due(status, now)):
             try:
                 resolved = self.resolve_refs(spec, ns)
@@ -436,26 +447,25 @@ class JobReconciler:
                 self._finish(body, old, status, [])
                 return
             attempt = int(status.get("attempts") or 0) + 1
-            try:
-                run_id = self.create_run(spec, meta, attempt)
-            except Exception as exc:
-                raise kopf.TemporaryError(f"MLflow {self.tracking_uri(spec)}: cannot create the run: {exc}", delay=10)
-            plan = self.plan(spec, meta, attempt, run_id, resolved)
+            sid = submission_id(ns, name, meta["uid"], attempt)
             status.update(
-                phase=PENDING, attempts=attempt, submissionId=plan.submission_id, mlflowRunId=run_id,
+                phase=PENDING, attempts=attempt, submissionId=sid,
                 specHash=submitted_hash or spec_hash(raw_spec), observedGeneration=generation,
                 rayCluster=self.address(spec) or self.rayjob_name(meta, attempt),
-                message=f"attempt {attempt}: submitting {plan.submission_id}",
+                message=f"attempt {attempt}: submitting {sid}",
             )
             status.setdefault("startTime", now_iso())
             status.pop("retryAt", None)
+            status.pop("mlflowRunId", None)
             with_condition(status, "Ready", "False", PENDING, status["message"])
             self.op.write_status(self.kind, body, old, status)
             old = dict(status)
+            allocated = True
         else:
             resolved = None
 
-        # 2. Submit (again, harmlessly, after a restart between the two writes).
+        # 2. The attempt's MLflow run, then the submission (again, harmlessly, after a restart:
+        #    the run is found by its tags and Ray answers "exists" for the same submission id).
         events: list[tuple[str, str, str]] = []
         if status.get("phase") == PENDING and not status.get("retryAt"):
             if resolved is None:
@@ -463,10 +473,16 @@ class JobReconciler:
                     resolved = self.resolve_refs(spec, ns)
                 except Waiting as w:
                     raise kopf.TemporaryError(str(w), delay=10)
+            if not status.get("mlflowRunId"):
+                try:
+                    status["mlflowRunId"] = self.create_run(spec, meta, int(status["attempts"]), fresh=allocated)
+                except Exception as exc:
+                    raise kopf.TemporaryError(f"MLflow {self.tracking_uri(spec)}: cannot create the run: {exc}", delay=10)
             try:
                 outcome = self.submit(spec, meta, status, resolved)
             except jobs_api.JobsApiError as exc:
                 if exc.transient:
+                    self.op.write_status(self.kind, body, old, status)  # keep the run id for the next pass
                     raise kopf.TemporaryError(str(exc), delay=10)
                 status.update(phase=FAILED, message=str(exc), completionTime=now_iso())
                 with_condition(status, "Ready", "False", "SubmissionRejected", str(exc))
@@ -482,7 +498,12 @@ class JobReconciler:
 
         if status.get("phase") in (SUBMITTED, RUNNING):
             ray_status, ray_message = self.read_ray(spec, meta, status)
-            result, progress = self.read_tracking(spec, status.get("mlflowRunId"))
+            result = progress = None
+            # The result is in MLflow once the Ray job has ended; progress is read at its own,
+            # slower pace while it runs (one MLflow request per job per pass does not scale).
+            if ray_status not in (jobs_api.PENDING, jobs_api.RUNNING) or self.op.due(
+                    f"progress/{meta['uid']}", self.op.settings.progress_interval, now):
+                result, progress = self.read_tracking(spec, status.get("mlflowRunId"))
             outcome = observe(status, Observation(ray_status, ray_message, result, progress),
                               Retry(spec.backoff_limit, self.op.settings.retry_backoff, self.op.settings.retry_backoff_max),
                               now)
@@ -527,15 +548,12 @@ class JobReconciler:
             return
         address = self.address(spec)
         if address:
-            client = self.op.jobs_client(address)
             try:
-                stopped = client.stop(status["submissionId"])
+                stopped = self.op.jobs_client(address).stop(status["submissionId"])
             except jobs_api.JobsApiError as exc:
                 if exc.transient:
                     raise kopf.TemporaryError(str(exc), delay=5)
                 stopped = False
-            finally:
-                client.close()
             log.info("%s %s/%s deleted: Ray job %s %s", self.kind, meta["namespace"], meta["name"],
                      status["submissionId"], "stopped" if stopped else "was not running")
         else:
@@ -552,9 +570,7 @@ class JobReconciler:
         run_id = status.get("mlflowRunId")
         if run_id:
             try:
-                from mlflow.entities import RunStatus
-
-                store.client(self.tracking_uri(spec)).set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+                tracker(self.tracking_uri(spec)).kill(run_id)
             except Exception as exc:
                 log.warning("could not mark MLflow run %s killed: %s", run_id, exc)
 

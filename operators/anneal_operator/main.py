@@ -172,6 +172,7 @@ def run_operator(
             if server is not None:
                 server.shutdown()
                 server.server_close()
+        op.close()
         api_client.close()
     return 1 if lost.is_set() else 0
 

@@ -43,6 +43,10 @@ class OperatorSettings(BaseSettings):
     gang_scheduler: str = Field(default="kueue", description="Queue label flavour: kueue or volcano.")
     ttl_seconds_after_finished: int = Field(default=600, ge=0, description="TTL of finished RayJobs.")
     poll_interval: float = Field(default=5.0, gt=0, description="Seconds between observations of a job.")
+    progress_interval: float = Field(
+        default=30.0, gt=0, description="Seconds between reads of a running job's progress from MLflow "
+        "(its result is read as soon as the Ray job ends)."
+    )
     retry_backoff: float = Field(default=10.0, ge=0, description="Seconds before the first retry (doubles).")
     retry_backoff_max: float = Field(default=300.0, ge=0, description="Cap on the retry delay.")
     handler_workers: int = Field(default=16, ge=1, description="Threads running reconcile passes.")

@@ -229,3 +229,41 @@ def test_operator_context_has_the_io_the_handlers_use():
 
     for name in ("get", "jobs_client", "write_status", "current_status", "lock", "forget"):
         assert callable(getattr(OperatorContext, name)), name
+
+
+def _context(factory=None):
+    from anneal_operator.context import OperatorContext
+    from anneal_operator.settings import OperatorSettings
+    from kubernetes import client
+
+    return OperatorContext(settings=OperatorSettings(), api_client=client.ApiClient(), jobs_client_factory=factory)
+
+
+def test_due_paces_reads_per_key_and_forget_resets():
+    op = _context()
+    assert op.due("progress/u1", 30, now=100.0)
+    assert not op.due("progress/u1", 30, now=129.9)
+    assert op.due("progress/u2", 30, now=110.0)  # keys are independent
+    assert op.due("progress/u1", 30, now=130.0)
+    op.forget("u1")
+    assert op.due("progress/u1", 30, now=131.0)  # a forgotten object starts over
+    assert not op.due("progress/u2", 30, now=131.0)
+
+
+def test_jobs_clients_are_shared_per_address_and_closed_once():
+    made, closed = [], []
+
+    class Client:
+        def __init__(self, address):
+            self.address = address
+            made.append(address)
+
+        def close(self):
+            closed.append(self.address)
+
+    op = _context(Client)
+    a1, a2, b = op.jobs_client("http://a:8265"), op.jobs_client("http://a:8265"), op.jobs_client("http://b:8265")
+    assert a1 is a2 and a1 is not b and made == ["http://a:8265", "http://b:8265"]
+    op.close()
+    assert sorted(closed) == ["http://a:8265", "http://b:8265"]
+    assert op.jobs_client("http://a:8265") is not a1  # a closed client is not handed out again

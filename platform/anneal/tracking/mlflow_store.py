@@ -41,36 +41,90 @@ class TrackingTarget:
     tags: Mapping[str, str] = field(default_factory=dict)
 
 
+_clients: dict[str, Any] = {}
+_experiments: dict[tuple[str, str], str] = {}
+_cache_lock = threading.Lock()
+
+
 def client(tracking_uri: str):
-    from mlflow import MlflowClient
+    """The MlflowClient of a tracking URI, one per process and URI (clients are thread-safe).
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    Building a client resolves the store and imports its modules; a long-lived process (the
+    operator makes one call per job) should not pay that, nor the import lock, on every call.
+    """
+    c = _clients.get(tracking_uri)
+    if c is None:
+        from mlflow import MlflowClient
+
+        with _cache_lock:
+            c = _clients.setdefault(tracking_uri, MlflowClient(tracking_uri=tracking_uri))
+    return c
 
 
-def ensure_experiment(target: TrackingTarget) -> str:
-    """The experiment id, creating the experiment (with its artifact location) if needed."""
+def ensure_experiment(target: TrackingTarget, cached: bool = False) -> str:
+    """The experiment id, creating the experiment (with its artifact location) if needed.
+
+    With `cached`, an id this process already looked up is reused without asking the server
+    (the operator creates one run per job in the same few experiments); `forget_experiment`
+    drops it when the server says it is gone.
+    """
+    key = (target.tracking_uri, target.experiment)
+    if cached and key in _experiments:
+        return _experiments[key]
     c = client(target.tracking_uri)
     exp = c.get_experiment_by_name(target.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if target.artifact_root:
-        location = f"{target.artifact_root.rstrip('/')}/{target.experiment}"
-    try:
-        return c.create_experiment(target.experiment, artifact_location=location)
-    except Exception:  # another process created it meanwhile
-        exp = c.get_experiment_by_name(target.experiment)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is not None and exp.lifecycle_stage != "deleted":
+        exp_id = exp.experiment_id
+    else:
+        location = None
+        if target.artifact_root:
+            location = f"{target.artifact_root.rstrip('/')}/{target.experiment}"
+        if exp is not None:  # deleted: bring it back rather than fail every run in it
+            c.restore_experiment(exp.experiment_id)
+            exp_id = exp.experiment_id
+        else:
+            try:
+                exp_id = c.create_experiment(target.experiment, artifact_location=location)
+            except Exception:  # another process created it meanwhile
+                exp = c.get_experiment_by_name(target.experiment)
+                if exp is None:
+                    raise
+                exp_id = exp.experiment_id
+    _experiments[key] = exp_id
+    return exp_id
 
 
-def create_run(target: TrackingTarget, run_name: str, tags: Mapping[str, str]) -> str:
-    """Create a run up front (so its id can be stored in status before any work starts)."""
+def forget_experiment(target: TrackingTarget) -> None:
+    _experiments.pop((target.tracking_uri, target.experiment), None)
+
+
+def create_run(target: TrackingTarget, run_name: str, tags: Mapping[str, str], cached: bool = False) -> str:
+    """Create a run up front (so its id can be stored in status before any work starts).
+
+    `cached`: reuse this process's experiment id (see `ensure_experiment`); if the server
+    rejects it (the experiment was deleted or the store reset), look it up again once.
+    """
     c = client(target.tracking_uri)
-    exp_id = ensure_experiment(target)
-    run = c.create_run(exp_id, run_name=run_name, tags={**target.tags, **tags})
+    exp_id = ensure_experiment(target, cached=cached)
+    try:
+        run = c.create_run(exp_id, run_name=run_name, tags={**target.tags, **tags})
+    except Exception:
+        if not cached:
+            raise
+        forget_experiment(target)
+        run = c.create_run(ensure_experiment(target), run_name=run_name, tags={**target.tags, **tags})
     return run.info.run_id
+
+
+def find_run(target: TrackingTarget, tags: Mapping[str, str]) -> str | None:
+    """The id of the newest run of the experiment carrying all of `tags`, or None."""
+    c = client(target.tracking_uri)
+    exp = c.get_experiment_by_name(target.experiment)
+    if exp is None:
+        return None
+    flt = " and ".join(f"tags.`{k}` = '{str(v).replace(chr(39), '')}'" for k, v in tags.items())
+    runs = c.search_runs([exp.experiment_id], filter_string=flt, max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
 
 
 def flatten(prefix: str, obj: Any) -> dict[str, str]:
