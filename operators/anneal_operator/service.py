@@ -21,7 +21,9 @@ from anneal_operator.context import OperatorContext, event, invalid_spec_status,
 log = logging.getLogger("anneal_operator.service")
 
 KIND = "ModelService"
-SERVE_PORT = 8000
+# Serve's default HTTP port, and the serve port of KubeRay's `<name>-serve-svc`. On a shared
+# cluster the real port is read from the Serve REST API; this is only the fallback.
+DEFAULT_SERVE_PORT = 8000
 
 
 # ------------------------------------------------------------------------- pure parts
@@ -36,15 +38,64 @@ def route_prefix(namespace: str, name: str) -> str:
     return f"/{namespace}/{name}"
 
 
-def shared_endpoint(address: str, namespace: str, name: str, port: int = SERVE_PORT) -> str:
-    """The Serve HTTP endpoint of the app on a shared cluster (same host as the dashboard)."""
+def shared_endpoint(address: str, namespace: str, name: str, port: int = DEFAULT_SERVE_PORT) -> str:
+    """The Serve HTTP endpoint of the app on a shared cluster.
+
+    The host is the dashboard's (the address the operator reaches the cluster by): the proxy
+    usually binds 0.0.0.0, which names no host a client can dial.
+    """
     host = urlparse(address).hostname or "127.0.0.1"
     return f"http://{host}:{port}{route_prefix(namespace, name)}"
 
 
+def serve_http_port(details: Mapping[str, Any]) -> int | None:
+    """The port Serve's HTTP proxies listen on, from the body of `GET /api/serve/applications/`.
+
+    Args:
+        details: Serve's instance details (`http_options`, `target_groups`, `applications`, ...).
+
+    Returns:
+        `http_options.port`; else the port of the HTTP target group's first proxy (Ray lists in
+        `http_options` only the options Serve was started with explicitly, so a port left at
+        Serve's default, which `RAY_SERVE_DEFAULT_HTTP_PORT` may change, appears only there);
+        None when neither says, e.g. before Serve has started.
+    """
+    port = (details.get("http_options") or {}).get("port")
+    if _is_port(port):
+        return port
+    for group in details.get("target_groups") or []:
+        if str(group.get("protocol") or "").upper() != "HTTP":
+            continue
+        for target in group.get("targets") or []:
+            if _is_port(target.get("port")):
+                return target["port"]
+    return None
+
+
+def _is_port(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
+
+
+def serve_app_status(details: Mapping[str, Any], app: str) -> str | None:
+    """The status of one Serve application in Serve's instance details (None: not deployed)."""
+    return ((details.get("applications") or {}).get(app) or {}).get("status")
+
+
+def live_weights(spec: Any, status_weights: Mapping[str, int] | None) -> dict[str, int]:
+    """The weights the Serve app should run with.
+
+    Without a rollout, the spec's (an edit to them is applied in place); with one, the
+    rollout's (kept in status), unless those do not name exactly the spec's variants.
+    """
+    current = dict(status_weights or {})
+    if spec.rollout is None or set(current) != {v.name for v in spec.variants}:
+        return spec.weights()
+    return current
+
+
 def rayservice_endpoint(rayservice: str, namespace: str, name: str) -> str:
     """KubeRay's serve Service of a RayService (`<name>-serve-svc`)."""
-    return f"http://{rayservice}-serve-svc.{namespace}.svc:{SERVE_PORT}{route_prefix(namespace, name)}"
+    return f"http://{rayservice}-serve-svc.{namespace}.svc:{DEFAULT_SERVE_PORT}{route_prefix(namespace, name)}"
 
 
 def args_hash(entry: Mapping[str, Any]) -> str:
@@ -81,12 +132,13 @@ def _resolve_models(op: OperatorContext, spec: Any, namespace: str) -> dict[str,
     return uris
 
 
-def _serve_app_status(address: str, name: str) -> str | None:
+def _serve_details(address: str) -> dict[str, Any]:
+    """`GET /api/serve/applications/` of a shared cluster: Serve's HTTP options and app states."""
     import httpx
 
     r = httpx.get(address.rstrip("/") + "/api/serve/applications/", timeout=10)
     r.raise_for_status()
-    return ((r.json().get("applications") or {}).get(name) or {}).get("status")
+    return r.json()
 
 
 def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
@@ -108,22 +160,30 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
     args = args_from_spec(app, spec, uris, cache_dir=s.cache_dir, tracking_uri=tracking,
                           route_prefix=route_prefix(ns, name))
     status = dict(old)
-    weights = dict(status.get("weights") or spec.weights())
-    if set(weights) != {v.name for v in spec.variants}:
-        weights = spec.weights()
+    weights = live_weights(spec, status.get("weights"))
     entry = build_serve_config(args, weights)
     digest = args_hash(entry)
     events: list[tuple[str, str, str]] = []
     address = spec.ray.address or s.ray_address
     if address:
-        endpoint = shared_endpoint(address, ns, name)
-        if status.get("appHash") != digest:
+        if status.get("appHash") != digest or status.get("weights") != weights:
             from anneal.serve.deploy import deploy_entries
 
+            # Only the router's user_config differs on a weight change: Serve reconfigures in place.
             deploy_entries([entry], dashboard_url=address, wait_s=0)
-            events.append(("Normal", "Deployed", f"Serve app {app} deployed to {address}"))
+            if status.get("appHash") != digest:
+                events.append(("Normal", "Deployed", f"Serve app {app} deployed to {address}"))
+            else:
+                events.append(("Normal", "WeightsApplied", f"Serve app {app}: weights {weights}"))
             status["appHash"] = digest
-        app_status = _serve_app_status(address, app)
+            status["weights"] = weights
+        details = _serve_details(address)
+        app_status = serve_app_status(details, app)
+        port = serve_http_port(details)
+        endpoint = shared_endpoint(address, ns, name, port or DEFAULT_SERVE_PORT)
+        if port is None and old.get("endpoint") != endpoint:
+            log.warning("Serve REST API at %s reports no HTTP port (is Serve running?); %s assumes Serve's "
+                        "default port %d", address, app, DEFAULT_SERVE_PORT)
     else:
         rs_name = kuberay.kuberay_name(name, "-serve")
         endpoint = rayservice_endpoint(rs_name, ns, name)
@@ -132,7 +192,7 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
     status.update(endpoint=endpoint, models=dict(uris), observedGeneration=generation)
     if spec.rollout is None or serve_phase(app_status) != "Ready":
         status["phase"] = serve_phase(app_status) if spec.rollout is None or not status.get("rollout") else status.get("phase")
-        status.setdefault("weights", weights)
+        status["weights"] = weights
         status["weightsSummary"] = " ".join(f"{k}={v}" for k, v in status["weights"].items())
     else:
         status = _rollout_pass(op, spec, body, status, args, address, endpoint, uris, events)
@@ -245,13 +305,19 @@ def _remove_serve_app(address: str, name: str) -> None:
     base = address.rstrip("/") + "/api/serve/applications/"
     try:
         with httpx.Client(timeout=30) as http:
-            apps = (http.get(base).json().get("applications") or {})
-            keep = [a["deployed_app_config"] for n, a in apps.items() if n != name and a.get("deployed_app_config")]
-            if len(keep) == len(apps):
+            r = http.get(base)
+            r.raise_for_status()
+            details = r.json()
+            apps = details.get("applications") or {}
+            if name not in apps:
                 return
-            if keep:
-                http.put(base, json={"applications": keep}).raise_for_status()
-            else:
-                http.delete(base).raise_for_status()
+            keep = [a["deployed_app_config"] for n, a in apps.items() if n != name and a.get("deployed_app_config")]
+            # A PUT, even of no apps, rather than DELETE (which shuts Serve down): Serve and its
+            # proxy stay up on the cluster's HTTP options for the other tenants. Sending the
+            # options Serve reports keeps the dashboard from warning that they differ.
+            body: dict[str, Any] = {"applications": keep}
+            if details.get("http_options"):
+                body["http_options"] = details["http_options"]
+            http.put(base, json=body).raise_for_status()
     except Exception as exc:
         raise kopf.TemporaryError(f"Serve REST API {address}: cannot remove app {name}: {exc}", delay=10)
