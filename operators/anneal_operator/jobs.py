@@ -25,7 +25,6 @@ from anneal.runtime.plan import JobInputs, JobPlan, build_job_plan, spec_hash, s
 from anneal.tracking import mlflow_store as store
 from anneal_operator.context import (
     OperatorContext,
-    clean_status,
     event,
     snapshot,
     invalid_spec_status,
@@ -205,6 +204,10 @@ class Waiting(Exception):
     """An input is not ready yet (e.g. a fromResource job still running)."""
 
 
+class TrackingUnavailable(Exception):
+    """MLflow could not be read (unreachable, erroring)."""
+
+
 class JobReconciler:
     """One kind's reconcile pass and delete hook; the kopf handlers in the kind modules call these."""
 
@@ -238,10 +241,19 @@ class JobReconciler:
             out[key] = st["modelUri"]
         return out
 
-    def context(self, spec: Any, meta: Mapping[str, Any], run_id: str | None, resolved: dict[str, str]) -> dict[str, Any]:
-        """The recipe's JobContext (as JSON) for this resource."""
+    def context(self, spec: Any, meta: Mapping[str, Any], run_id: str | None, resolved: dict[str, str],
+                attempt: int | None = None) -> dict[str, Any]:
+        """The recipe's JobContext (as JSON) for this resource.
+
+        With `attempt`, the run the recipe creates (and the model version it registers) carry
+        the attempt and its Ray submission id as tags: that is how the operator finds the run.
+        """
         s = self.op.settings
         ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        tags = dict(spec.mlflow.tags)
+        if attempt is not None:
+            tags[store.TAG_ATTEMPT] = str(attempt)
+            tags[store.TAG_SUBMISSION] = submission_id(ns, name, uid, attempt)
         return {
             "kind": self.kind,
             "namespace": ns,
@@ -255,7 +267,7 @@ class JobReconciler:
             "artifact_root": None,
             "run_id": run_id,
             "resolved_uris": resolved,
-            "extra_tags": dict(spec.mlflow.tags),
+            "extra_tags": tags,
         }
 
     def plan(self, spec: Any, meta: Mapping[str, Any], attempt: int, run_id: str | None, resolved: dict[str, str]) -> JobPlan:
@@ -266,38 +278,29 @@ class JobReconciler:
             uid=meta["uid"],
             attempt=attempt,
             spec=spec.to_dict(),
-            context=self.context(spec, meta, run_id, resolved),
+            context=self.context(spec, meta, run_id, resolved, attempt),
             python=self.op.settings.job_python,
         ))
 
-    def _tracking(self, spec: Any, meta: Mapping[str, Any], attempt: int) -> tuple[Any, dict[str, str]]:
+    def target(self, spec: Any, meta: Mapping[str, Any]) -> store.TrackingTarget:
         ctx = self.context(spec, meta, None, {})
-        target = store.TrackingTarget(
-            tracking_uri=ctx["tracking_uri"], experiment=ctx["experiment"],
-            registered_model_name=ctx["registered_model_name"], tags=ctx["extra_tags"],
-        )
-        tags = {
-            store.TAG_KIND: self.kind, store.TAG_NAMESPACE: ctx["namespace"], store.TAG_NAME: ctx["name"],
-            store.TAG_UID: ctx["uid"], store.TAG_RECIPE: f"anneal.{'distill' if self.kind == 'DistillationJob' else 'compress'}.recipe",
-            "anneal.attempt": str(attempt),
-        }
-        return target, tags
+        return store.TrackingTarget(tracking_uri=ctx["tracking_uri"], experiment=ctx["experiment"],
+                                    registered_model_name=ctx["registered_model_name"])
 
-    def create_run(self, spec: Any, meta: Mapping[str, Any], attempt: int, fresh: bool) -> str:
-        """The MLflow run of one attempt.
+    def find_run(self, spec: Any, meta: Mapping[str, Any], status: Mapping[str, Any]) -> str | None:
+        """The attempt's MLflow run: the one the recipe created, tagged with the submission id.
 
-        `fresh`: this pass allocated the attempt, so no run can exist for it yet and one is
-        created at once (one request; the experiment id is cached). Otherwise an earlier pass
-        may have created the run and stopped before storing its id: look for it by its tags
-        (resource uid and attempt) first, so a restart never leaves a second run behind.
+        Ray refuses a second job with the same submission id, so there is at most one.
         """
-        target, tags = self._tracking(spec, meta, attempt)
-        t = tracker(target.tracking_uri)
-        if not fresh:
-            found = t.find_run(target, {store.TAG_UID: tags[store.TAG_UID], "anneal.attempt": str(attempt)})
-            if found:
-                return found
-        return t.create_run(target, f"{meta['namespace']}.{meta['name']}", tags)
+        if status.get("mlflowRunId"):
+            return status["mlflowRunId"]
+        if not status.get("submissionId"):
+            return None
+        target = self.target(spec, meta)
+        try:
+            return tracker(target.tracking_uri).find_run(target, {store.TAG_SUBMISSION: status["submissionId"]})
+        except Exception as exc:
+            raise TrackingUnavailable(f"MLflow {target.tracking_uri}: cannot search runs: {exc}") from exc
 
     def rayjob_name(self, meta: Mapping[str, Any], attempt: int) -> str:
         return kuberay.kuberay_name(meta["name"], f"-a{attempt}")
@@ -368,26 +371,25 @@ class JobReconciler:
         return ray_job_state(obj)
 
     def read_tracking(self, spec: Any, run_id: str | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        """(result, progress) from the attempt's MLflow run; (None, None) when unreadable."""
+        """(result, progress) from the attempt's MLflow run; (None, None) while it has no run.
+
+        Raises:
+            TrackingUnavailable: MLflow could not be read.
+        """
         if not run_id:
             return None, None
         uri = self.tracking_uri(spec)
         t = tracker(uri)
         try:
             run = t.get_run(run_id)
+            result = t.read_result(run)
         except Exception as exc:
-            log.warning("MLflow %s: cannot read run %s: %s", uri, run_id, exc)
-            return None, None
+            raise TrackingUnavailable(f"MLflow {uri}: cannot read run {run_id}: {exc}") from exc
         m = run.metrics
         progress = None
         if "train/step" in m:
             progress = {"step": int(m["train/step"]), "totalSteps": int(m.get("train/total_steps", 0)) or None,
                         "loss": round(float(m["train/loss"]), 6) if "train/loss" in m else None}
-        result = None
-        try:
-            result = t.read_result(run)
-        except Exception as exc:
-            log.warning("MLflow %s: cannot read the result of run %s: %s", uri, run_id, exc)
         return result, progress
 
     # ---------------------------------------------------------------------- pass
@@ -434,10 +436,10 @@ class JobReconciler:
                 self._finish(body, old, status, [("Warning", FAILED, status["message"])])
                 return
 
-        # 1. Allocate the attempt's submission id and store it before anything is submitted.
-        #    This is the resource's first status: written before any call to MLflow or Ray.
+        # 1. Allocate the attempt: its submission id is deterministic (resource uid + attempt),
+        #    so an operator that stops anywhere before writing it computes the same id again and
+        #    Ray answers "exists". The job creates its own MLflow run, tagged with that id.
         fresh = not status.get("submissionId")
-        allocated = False
         if fresh or (status.get("phase") == PENDING and retry_due(status, now)):
             try:
                 resolved = self.resolve_refs(spec, ns)
@@ -458,14 +460,11 @@ class JobReconciler:
             status.pop("retryAt", None)
             status.pop("mlflowRunId", None)
             with_condition(status, "Ready", "False", PENDING, status["message"])
-            self.op.write_status(self.kind, body, old, status)
-            old = dict(status)
-            allocated = True
         else:
             resolved = None
 
-        # 2. The attempt's MLflow run, then the submission (again, harmlessly, after a restart:
-        #    the run is found by its tags and Ray answers "exists" for the same submission id).
+        # 2. Submit, then write the ids and the outcome in one status write (MLflow is not on
+        #    this path). A transient failure is written too, so the status always says why.
         events: list[tuple[str, str, str]] = []
         if status.get("phase") == PENDING and not status.get("retryAt"):
             if resolved is None:
@@ -473,21 +472,19 @@ class JobReconciler:
                     resolved = self.resolve_refs(spec, ns)
                 except Waiting as w:
                     raise kopf.TemporaryError(str(w), delay=10)
-            if not status.get("mlflowRunId"):
-                try:
-                    status["mlflowRunId"] = self.create_run(spec, meta, int(status["attempts"]), fresh=allocated)
-                except Exception as exc:
-                    raise kopf.TemporaryError(f"MLflow {self.tracking_uri(spec)}: cannot create the run: {exc}", delay=10)
             try:
                 outcome = self.submit(spec, meta, status, resolved)
             except jobs_api.JobsApiError as exc:
                 if exc.transient:
-                    self.op.write_status(self.kind, body, old, status)  # keep the run id for the next pass
+                    status["message"] = f"attempt {status['attempts']}: not submitted yet, retrying: {exc}"
+                    with_condition(status, "Ready", "False", PENDING, status["message"])
+                    self._finish(body, old, status, [])
                     raise kopf.TemporaryError(str(exc), delay=10)
                 status.update(phase=FAILED, message=str(exc), completionTime=now_iso())
                 with_condition(status, "Ready", "False", "SubmissionRejected", str(exc))
                 self._finish(body, old, status, [("Warning", "SubmissionRejected", str(exc))])
                 return
+            self.op.due(f"progress/{meta['uid']}", 0, now)  # first progress read one interval from now
             where = self.address(spec) or f"RayJob {status.get('rayCluster')}"
             status.update(phase=SUBMITTED, message=f"attempt {status['attempts']}: submitted to {where}")
             with_condition(status, "Ready", "False", SUBMITTED, status["message"])
@@ -501,9 +498,18 @@ class JobReconciler:
             result = progress = None
             # The result is in MLflow once the Ray job has ended; progress is read at its own,
             # slower pace while it runs (one MLflow request per job per pass does not scale).
-            if ray_status not in (jobs_api.PENDING, jobs_api.RUNNING) or self.op.due(
-                    f"progress/{meta['uid']}", self.op.settings.progress_interval, now):
-                result, progress = self.read_tracking(spec, status.get("mlflowRunId"))
+            ended = ray_status not in (jobs_api.PENDING, jobs_api.RUNNING)
+            if ended or self.op.due(f"progress/{meta['uid']}", self.op.settings.progress_interval, now):
+                try:
+                    run_id = self.find_run(spec, meta, status)
+                    if run_id:
+                        status["mlflowRunId"] = run_id
+                    result, progress = self.read_tracking(spec, run_id)
+                except TrackingUnavailable as exc:
+                    if ended:  # never fail an attempt because MLflow could not be read
+                        self._finish(body, old, status, [])
+                        raise kopf.TemporaryError(str(exc), delay=10)
+                    log.warning("%s", exc)
             outcome = observe(status, Observation(ray_status, ray_message, result, progress),
                               Retry(spec.backoff_limit, self.op.settings.retry_backoff, self.op.settings.retry_backoff_max),
                               now)
@@ -539,21 +545,34 @@ class JobReconciler:
 
     def on_delete(self, body: Any, meta: Mapping[str, Any]) -> None:
         """Stop the Ray job of a running attempt before the resource goes."""
-        status = clean_status(body.get("status"))
-        if not status.get("submissionId") or status.get("phase") in TERMINAL:
+        status = self.op.current_status(body)
+        if status.get("phase") in TERMINAL:
             return
         try:
             spec = parse_spec(self.kind, dict(body.get("spec") or {}))
         except ManifestError:
             return
         address = self.address(spec)
+        guessed = not status.get("submissionId")
+        if guessed:
+            if not address:
+                return  # a RayJob, if one was created, is owned by the resource: garbage-collected with it
+            # An operator stopped between submitting and writing status leaves no id behind: stop
+            # the id it would have used (Ray answers "not found" if it never got there). Best
+            # effort: a job that most likely never reached Ray does not hold its deletion on Ray.
+            status = {**status, "submissionId": submission_id(meta["namespace"], meta["name"], meta["uid"],
+                                                              int(status.get("attempts") or 0) + 1)}
         if address:
             try:
                 stopped = self.op.jobs_client(address).stop(status["submissionId"])
             except jobs_api.JobsApiError as exc:
-                if exc.transient:
+                if exc.transient and not guessed:
                     raise kopf.TemporaryError(str(exc), delay=5)
+                log.warning("%s %s/%s deleted: could not stop Ray job %s: %s", self.kind, meta["namespace"],
+                            meta["name"], status["submissionId"], exc)
                 stopped = False
+            if guessed and not stopped:
+                return
             log.info("%s %s/%s deleted: Ray job %s %s", self.kind, meta["namespace"], meta["name"],
                      status["submissionId"], "stopped" if stopped else "was not running")
         else:
@@ -567,12 +586,12 @@ class JobReconciler:
             except ApiException as exc:
                 if exc.status != 404:
                     raise
-        run_id = status.get("mlflowRunId")
-        if run_id:
-            try:
+        try:
+            run_id = self.find_run(spec, meta, status)
+            if run_id:
                 tracker(self.tracking_uri(spec)).kill(run_id)
-            except Exception as exc:
-                log.warning("could not mark MLflow run %s killed: %s", run_id, exc)
+        except Exception as exc:
+            log.warning("could not mark the MLflow run of %s killed: %s", status["submissionId"], exc)
 
 
 def register_job_handlers(registry: kopf.OperatorRegistry, op: OperatorContext, kind: str) -> JobReconciler:

@@ -315,23 +315,29 @@ def test_shared_cluster_sft_job_survives_an_operator_kill(kube_cluster, op_names
     _apply(kube_cluster, op_namespace, _job("tiny", spec))
     uid = _wait("resource", lambda: _get(kube_cluster, op_namespace, "dj", "tiny"), 30)["metadata"]["uid"]
     st = _wait("submission", lambda: (s := _status(kube_cluster, op_namespace, "dj", "tiny")).get("phase") in ("Submitted", "Running") and s, 120)
-    run_id, sid = st["mlflowRunId"], st["submissionId"]
+    sid = st["submissionId"]
 
     op.kill()  # mid-job: no chance to clean up
     op.start()
     st = _wait("Succeeded", lambda: (s := _status(kube_cluster, op_namespace, "dj", "tiny")).get("phase") in
                ("Succeeded", "Failed") and s, 420, 2)
     assert st["phase"] == "Succeeded", st.get("message")
-    assert st["submissionId"] == sid and st["mlflowRunId"] == run_id and st["attempts"] == 1
+    assert st["submissionId"] == sid and st["attempts"] == 1
     assert [j["submission_id"] for j in _ray_jobs_of(ray_head, uid)] == [sid]  # one submission, not two
     assert st["progress"]["step"] == st["progress"]["totalSteps"] == 4
     assert st["observedGeneration"] == 1
 
     from mlflow import MlflowClient
 
+    # The job created its run, tagged with its submission id: one run for the resource, the one in
+    # status, and the registered version comes from it.
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name(f"e2e-{op_namespace}")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`anneal.uid` = '{uid}'")
+    assert [r.info.run_id for r in runs] == [st["mlflowRunId"]]
+    assert runs[0].data.tags["anneal.submission_id"] == sid and runs[0].data.tags["anneal.attempt"] == "1"
     name, version = st["modelUri"][len("models:/"):].split("/")
-    mv = MlflowClient(tracking_uri=mlflow_server).get_model_version(name, version)
-    assert mv.run_id == run_id
+    assert client.get_model_version(name, version).run_id == st["mlflowRunId"]
     reasons = [e["reason"] for e in _events(kube_cluster, op_namespace, "tiny")]
     assert "Submitted" in reasons and "Succeeded" in reasons
 

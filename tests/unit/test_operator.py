@@ -125,6 +125,10 @@ def test_context_matches_the_recipe_job_context():
     assert set(ctx) == {f.name for f in fields(JobContext)}
     jc = JobContext(**ctx)
     assert jc.run_id == "run1" and jc.tracking_uri == "http://mlflow:5000" and jc.registered_model_name == "j"
+    # An attempt's context tags the run the recipe creates, so the operator can find it by submission id.
+    tagged = JobContext(**rec.context(spec, {"namespace": "ns", "name": "j", "uid": "u"}, None, {}, attempt=2))
+    assert tagged.lineage_tags()["anneal.attempt"] == "2"
+    assert tagged.lineage_tags()["anneal.submission_id"] == jobs.submission_id("ns", "j", "u", 2)
 
 
 # ----------------------------------------------------------------------------- pipeline

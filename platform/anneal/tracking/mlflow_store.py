@@ -27,6 +27,8 @@ TAG_RECIPE = "anneal.recipe"
 TAG_PHASE = "anneal.phase"
 TAG_MODEL_URI = "anneal.model_uri"
 TAG_MESSAGE = "anneal.message"
+TAG_ATTEMPT = "anneal.attempt"
+TAG_SUBMISSION = "anneal.submission_id"
 RESULT_ARTIFACT = "anneal-result.json"
 
 
