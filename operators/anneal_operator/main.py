@@ -8,7 +8,7 @@ import os
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import kopf
 
@@ -96,6 +96,19 @@ class Health:
         return server
 
 
+async def until_stopped(operator: Awaitable[Any], stop: threading.Event) -> None:
+    """Await kopf, then set `stop`, however kopf ended (SIGTERM, SIGINT, `stop`, an error).
+
+    kopf waits for a `threading.Event` stop flag in the event loop's default executor. When a
+    signal stops kopf, that wait stays blocked, and `asyncio.run` then waits for the executor
+    forever: the process would never exit (nor release its Lease) until it is SIGKILLed.
+    """
+    try:
+        await operator
+    finally:
+        stop.set()
+
+
 def run_operator(
     namespaces: Sequence[str] | None = None,
     *,
@@ -109,7 +122,7 @@ def run_operator(
     Args:
         namespaces: namespaces to watch; empty: `ANNEAL_OPERATOR_NAMESPACES`, else the cluster.
         settings: operator settings (default: from the environment).
-        stop_flag: set it to stop the operator (tests run it in a thread).
+        stop_flag: set it to stop the operator (tests run it in a thread); set once it stopped.
         ready_flag: set once kopf is up.
         jobs_client_factory: Ray Jobs API client by address (the benchmark stubs Ray with it).
 
@@ -155,7 +168,7 @@ def run_operator(
         threading.Thread(target=mark_ready, daemon=True).start()
         log.info("anneal operator watching %s", ", ".join(watch) if watch else "all namespaces")
         registry = build_registry(op)
-        asyncio.run(kopf.operator(
+        asyncio.run(until_stopped(kopf.operator(
             registry=registry,
             settings=kopf_settings(s),
             namespaces=watch,
@@ -164,7 +177,7 @@ def run_operator(
             stop_flag=stop,
             ready_flag=kopf_ready,
             memo=kopf.Memo(op=op),
-        ))
+        ), stop))
     finally:
         if elector is not None:
             elector.release()
