@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -147,8 +148,17 @@ def run_operator(
             identity = s.identity or f"{socket.gethostname()}-{os.getpid()}"
             elector = LeaderElector(api_client, s.lease_name, s.lease_namespace, identity, s.lease_duration)
             health.standby.set()
-            if not elector.acquire(stop):
-                return 0
+            # A standby waits here, before kopf (which handles signals once it runs): SIGTERM
+            # must end the wait cleanly, not kill the process.
+            previous = None
+            if threading.current_thread() is threading.main_thread():
+                previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            try:
+                if not elector.acquire(stop):
+                    return 0
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
             health.standby.clear()
             op.metrics.leader.set(1)
 

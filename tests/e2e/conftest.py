@@ -256,7 +256,14 @@ def ray_head_service(root: Path) -> Service:
 
     ray = Path(sys.executable).parent / "ray"
     dash = free_port()
-    base = 20000 + (os.getpid() % 400) * 100
+    # Worker ports below the kernel's ephemeral range (where free_port() picks the others), so the
+    # two can never overlap; the pid spreads concurrent sessions apart.
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    slots = max(1, (low - 10000) // 100 - 1)
+    base = 10000 + (os.getpid() % slots) * 100
     temp = Path(tempfile.mkdtemp(prefix="ae2e-ray-", dir="/tmp"))  # short: Ray's socket paths are length-bound
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",

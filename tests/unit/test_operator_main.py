@@ -61,3 +61,28 @@ def test_an_error_in_kopf_still_sets_the_stop_flag_and_propagates():
     with pytest.raises(RuntimeError, match="watch failed"):
         asyncio.run(until_stopped(failing(), stop))
     assert stop.is_set()
+
+
+def test_leader_steps_down_before_its_lease_can_expire():
+    """A leader cut off from the API server gives up at the renew deadline, inside the Lease duration.
+
+    The API server is unreachable for real: the client points at a closed loopback port.
+    """
+    import threading
+
+    from kubernetes import client
+
+    from anneal_operator.lease import LeaderElector
+
+    cfg = client.Configuration()
+    cfg.host = "http://127.0.0.1:9"
+    elector = LeaderElector(client.ApiClient(cfg), "l", "default", "me", duration=1.5)
+    assert elector.renew_deadline == pytest.approx(1.0) and elector.request_timeout < elector.renew_deadline
+    elector.is_leader.set()
+    lost = threading.Event()
+    elector.keep(lost.set)
+    assert lost.wait(30), "leadership was never given up"
+    assert not elector.is_leader.is_set()
+    assert elector.renew_deadline <= elector.lost_after < elector.duration + elector.retry_period
+    with pytest.raises(ValueError, match="renew deadline"):
+        LeaderElector(client.ApiClient(cfg), "l", "default", "me", duration=3, renew_deadline=3)
