@@ -15,6 +15,7 @@ import kopf
 
 from anneal import API_GROUP, API_VERSION
 from anneal.api.resources import KINDS, ManifestError, parse_spec
+from anneal.runtime.jobs_api import ray_auth_headers
 from anneal.runtime import kuberay
 from anneal_operator.context import OperatorContext, event, invalid_spec_status, snapshot, with_condition
 
@@ -136,7 +137,7 @@ def _serve_details(address: str) -> dict[str, Any]:
     """`GET /api/serve/applications/` of a shared cluster: Serve's HTTP options and app states."""
     import httpx
 
-    r = httpx.get(address.rstrip("/") + "/api/serve/applications/", timeout=10)
+    r = httpx.get(address.rstrip("/") + "/api/serve/applications/", timeout=10, headers=ray_auth_headers())
     r.raise_for_status()
     return r.json()
 
@@ -304,7 +305,7 @@ def _remove_serve_app(address: str, name: str) -> None:
 
     base = address.rstrip("/") + "/api/serve/applications/"
     try:
-        with httpx.Client(timeout=30) as http:
+        with httpx.Client(timeout=30, headers=ray_auth_headers()) as http:
             r = http.get(base)
             r.raise_for_status()
             details = r.json()

@@ -40,6 +40,35 @@ class RayJobInfo:
         return self.status in TERMINAL
 
 
+def ray_auth_headers() -> dict[str, str]:
+    """The `Authorization` header for a Ray cluster with token authentication (Ray >= 2.52).
+
+    The token comes from where Ray itself looks: `RAY_AUTH_TOKEN`, else the file named by
+    `RAY_AUTH_TOKEN_PATH` (a missing or empty file is an error, as in Ray), else
+    `~/.ray/auth_token` when it exists. No token: no header (a cluster without authentication).
+
+    Raises:
+        JobsApiError: `RAY_AUTH_TOKEN_PATH` names a file that cannot be read or is empty.
+    """
+    import os
+    from pathlib import Path
+
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token and os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        path = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise JobsApiError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the Ray token: {exc}", transient=False) from None
+        if not token:
+            raise JobsApiError(f"RAY_AUTH_TOKEN_PATH={path}: the file is empty", transient=False)
+    if not token:
+        default = Path.home() / ".ray" / "auth_token"
+        if default.is_file():
+            token = default.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def dashboard_url(address: str) -> str:
     """The dashboard base URL of a `spec.ray.address` (`http(s)://host:port`).
 
@@ -64,7 +93,7 @@ class JobsApiClient:
 
     def __init__(self, address: str, timeout: float = 15.0, transport: httpx.BaseTransport | None = None):
         self.base = dashboard_url(address)
-        self._http = httpx.Client(base_url=self.base, timeout=timeout, transport=transport)
+        self._http = httpx.Client(base_url=self.base, timeout=timeout, transport=transport, headers=ray_auth_headers())
 
     def close(self) -> None:
         self._http.close()

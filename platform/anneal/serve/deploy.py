@@ -122,8 +122,10 @@ def _wait_weights(app_name: str, weights: dict[str, int], timeout_s: float) -> N
 def _rest_deploy(dashboard_url: str, entries: list[dict[str, Any]], wait_s: float) -> None:
     import httpx
 
+    from anneal.runtime.jobs_api import ray_auth_headers
+
     base = dashboard_url.rstrip("/") + "/api/serve/applications/"
-    with httpx.Client(timeout=30.0) as http:
+    with httpx.Client(timeout=30.0, headers=ray_auth_headers()) as http:
         # The REST API replaces the whole set of apps: keep the ones we are not changing.
         r = http.get(base)
         r.raise_for_status()
