@@ -26,6 +26,20 @@ DEFAULT_CRD_DIR = Path("charts/anneal/crds")
 SUCCESS_PHASES = {"Succeeded", "Ready", "Promoted"}
 
 
+def _quiet_libraries(level: str) -> None:
+    """Below DEBUG, `anneal run` shows its own progress only: no per-request httpx lines, no library progress bars."""
+    if level.upper() == "DEBUG":
+        return
+    import os
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # Read when those libraries are imported (later, lazily): transformers' and the hub's tqdm bars,
+    # MLflow's artifact download bars.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
     err.print(f"[red]error:[/red] {message}", highlight=False)
     return typer.Exit(code)
@@ -148,6 +162,7 @@ def run(
         raise fail(f"--output {output!r}: only 'json' is supported")
     settings = Settings()
     logging.basicConfig(level=settings.anneal.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries(settings.anneal.log_level)
     reports = load_file(file, settings.anneal.namespace)
     problems = [line for r in reports for line in r.lines() if not r.ok]
     if problems:
