@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.e2e.test_operator import Operator, _free_port, _get, _job, _status, _wait
+from tests.e2e.test_operator import operator  # noqa: F401 - the module-scoped operator fixture, one per module
 
 pytestmark = pytest.mark.e2e
 
@@ -80,16 +81,6 @@ def serve_port(ray_head) -> int:
     yield port
     if started and not _serve_apps(ray_head):
         httpx.delete(ray_head + "/api/serve/applications/", timeout=120)
-
-
-@pytest.fixture(scope="module")
-def operator(kube_cluster, mlflow_server):
-    """This module's operator process (cluster-wide, as in test_operator.py)."""
-    op = Operator(kube_cluster.kubeconfig, mlflow_server, Path(tempfile.mkdtemp(prefix="anneal-e2e-operator-")))
-    op.start()
-    yield op
-    op.stop()
-    shutil.rmtree(op.log_dir, ignore_errors=True)
 
 
 def _remove_app(ray: str, app: str) -> None:
