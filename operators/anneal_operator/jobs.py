@@ -2,9 +2,12 @@
 
 A job runs either on a shared Ray cluster (`spec.ray.address`: Ray Jobs API) or on a KubeRay
 `RayJob` owned by the resource. Each reconcile pass is level-based: it reads the resource, Ray
-and MLflow and acts on the gap. Ids (submission id, MLflow run id) are written to status
-*before* anything is submitted, so a restarted operator re-submits the same id and Ray (or the
-API server) answers "already there".
+and MLflow and acts on the gap. Submission ids are a function of the resource's uid and the
+attempt number, so a restarted operator re-submits the same id and Ray (or the API server)
+answers "already there"; ids and outcome go to status in one write after the submission. The
+job creates its own MLflow run, tagged with its submission id, which is how the operator finds
+it (DESIGN.md had the operator create the run first; that put MLflow on every job's path to
+submission, see docs/BENCHMARKS.md#operator).
 """
 
 from __future__ import annotations
