@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import statistics
 import sys
 import tempfile
@@ -39,35 +38,12 @@ SCHEMES = [("W8A16", "gptq"), ("W8A16", "rtn"), ("W4A16", "gptq"), ("W4A16", "rt
            ("W8A8", "gptq"), ("FP8", "rtn")]
 
 
-def copy_task(path: Path, n: int, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    with path.open("w") as f:
-        for x in rng.sample(range(10, 100), n):
-            f.write(json.dumps({"prompt": f"Repeat: {x}\n", "completion": f"Answer: {x}", "answer": x}) + "\n")
-    return path
-
-
 def train_copy_source(root: Path, samples: int, steps: int) -> tuple[Path, str]:
-    import torch
+    from anneal.modeling.tiny import LlamaShape, memorize_copy_task
 
-    from anneal.data.datasets import collate, load_samples, tokenize_sample
-    from anneal.modeling.tiny import LlamaShape, build_llama, save_pretrained
-    from anneal.modeling.tokenizer import builtin_tokenizer
-
-    data = copy_task(root / "copy.jsonl", samples)
-    tok = builtin_tokenizer(root / "cache" / "tokenizers")
-    model = build_llama(LlamaShape(hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate_size=384), tok, seed=1)
-    batch = collate([tokenize_sample(tok, s, 64) for s in load_samples(str(data), format="prompt-completion")],
-                    tok.pad_token_id)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.01:
-            break
-    return save_pretrained(model.eval(), tok, root / "source"), str(data)
+    shape = LlamaShape(hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate_size=384)
+    source, data = memorize_copy_task(root, shape, samples=samples, max_steps=steps)
+    return source, str(data)
 
 
 def ms_per_token(model_dir: Path, prompt: str, tokens: int = 32, repeats: int = 3) -> float:

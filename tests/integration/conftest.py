@@ -18,3 +18,10 @@ def ray_cluster():
     settings.ray.address = None
     with ray_session(settings):
         yield ray.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A module's MLflow SQLite store and artifact root in a temp dir (what a recipe's JobContext points at)."""
+    root = tmp_path_factory.mktemp("anneal")
+    return {"root": root, "tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifacts": str(root / "artifacts")}

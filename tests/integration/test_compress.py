@@ -9,7 +9,6 @@ llm-compressor, evaluation, gate, registration) or the quantizer alone.
 from __future__ import annotations
 
 import json
-import random
 import uuid
 from pathlib import Path
 
@@ -26,46 +25,12 @@ SOURCE_NAME = "copy-source"
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    root = tmp_path_factory.mktemp("anneal-compress")
-    return {"root": root, "tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifacts": str(root / "artifacts")}
-
-
-def _copy_data(path: Path, n: int = 16, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    numbers = rng.sample(range(10, 100), n)
-    with path.open("w") as f:
-        for x in numbers:
-            f.write(json.dumps({"prompt": f"Repeat: {x}\n", "completion": f"Answer: {x}", "answer": x}) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
 def source(home):
     """A 4-layer Llama (hidden 64) that has memorised the copy task, registered as models:/copy-source/1."""
-    import torch
+    from anneal.modeling.tiny import LlamaShape, memorize_copy_task
 
-    from anneal.data.datasets import collate, load_samples, tokenize_sample
-    from anneal.modeling.tiny import LlamaShape, build_llama, save_pretrained
-    from anneal.modeling.tokenizer import builtin_tokenizer
-
-    root = home["root"]
-    data = _copy_data(root / "copy.jsonl")
-    tokenizer = builtin_tokenizer(root / "cache" / "tokenizers")
-    model = build_llama(LlamaShape(hidden_size=64, layers=4, heads=4, kv_heads=2, intermediate_size=128), tokenizer, seed=1)
-    samples = load_samples(str(data), format="prompt-completion")
-    batch = collate([tokenize_sample(tokenizer, s, 64) for s in samples], tokenizer.pad_token_id)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(300):  # converges in ~130 steps
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.01:
-            break
-    model.eval()
-    src = save_pretrained(model, tokenizer, root / "source")
+    shape = LlamaShape(hidden_size=64, layers=4, heads=4, kv_heads=2, intermediate_size=128)
+    src, data = memorize_copy_task(home["root"], shape, samples=16, max_steps=300)  # converges in ~130 steps
     target = store.TrackingTarget(home["tracking_uri"], "it-compress-source", home["artifacts"])
     run_id = store.create_run(target, "source", {store.TAG_KIND: "DistillationJob", store.TAG_NAME: SOURCE_NAME,
                                                  store.TAG_NAMESPACE: NAMESPACE})

@@ -27,12 +27,6 @@ DATA = "builtin://reasoning?difficulty=1&seed=7"
 NAMESPACE = "it"
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    root = tmp_path_factory.mktemp("anneal")
-    return {"root": root, "tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifacts": str(root / "artifacts")}
-
-
 def context(home, name: str, resolved: dict[str, str] | None = None, uid: str | None = None) -> recipe.JobContext:
     uid = uid or uuid.uuid4().hex[:10]
     return recipe.JobContext(

@@ -131,3 +131,51 @@ def save_pretrained(model: Any, tokenizer: Any, path: str | Path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def copy_task(path: str | Path, n: int, seed: int = 0) -> Path:
+    """A JSONL data set of `n` trivially learnable samples ("Repeat: 42" → "Answer: 42").
+
+    A tiny model memorises it in a few hundred steps, which gives compression tests and
+    benchmarks a source model whose accuracy (1.0) any loss shows up against.
+    """
+    import json
+    import random
+
+    path = Path(path)
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for x in rng.sample(range(10, 100), n):
+            f.write(json.dumps({"prompt": f"Repeat: {x}\n", "completion": f"Answer: {x}", "answer": x}) + "\n")
+    return path
+
+
+def memorize_copy_task(root: str | Path, shape: LlamaShape, samples: int, max_steps: int,
+                       seed: int = 1) -> tuple[Path, Path]:
+    """Train a tiny Llama (local tokenizer) until it has memorised a copy task.
+
+    Full-batch AdamW until the loss is below 0.01 or `max_steps`; the model is saved under
+    `root/source`, the data under `root/copy.jsonl`.
+
+    Returns:
+        (model directory, data file).
+    """
+    from anneal.data.datasets import collate, load_samples, tokenize_sample
+    from anneal.modeling.tokenizer import builtin_tokenizer
+
+    root = Path(root)
+    data = copy_task(root / "copy.jsonl", samples)
+    tokenizer = builtin_tokenizer(root / "cache" / "tokenizers")
+    model = build_llama(shape, tokenizer, seed=seed)
+    batch = collate([tokenize_sample(tokenizer, s, 64) for s in load_samples(str(data), format="prompt-completion")],
+                    tokenizer.pad_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(max_steps):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    return save_pretrained(model.eval(), tokenizer, root / "source"), data
