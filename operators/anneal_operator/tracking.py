@@ -18,7 +18,6 @@ log = logging.getLogger("anneal_operator.tracking")
 
 
 class Tracker(Protocol):
-    def create_run(self, target: store.TrackingTarget, run_name: str, tags: Mapping[str, str]) -> str: ...
     def find_run(self, target: store.TrackingTarget, tags: Mapping[str, str]) -> str | None: ...
     def get_run(self, run_id: str) -> RunView: ...
     def read_result(self, run: RunView) -> dict[str, Any] | None: ...
@@ -29,9 +28,6 @@ class RestTracker:
     def __init__(self, tracking_uri: str):
         self.uri = tracking_uri
         self.rest = rest_client(tracking_uri)
-
-    def create_run(self, target: store.TrackingTarget, run_name: str, tags: Mapping[str, str]) -> str:
-        return self.rest.create_run(target.experiment, run_name, {**target.tags, **tags})
 
     def find_run(self, target: store.TrackingTarget, tags: Mapping[str, str]) -> str | None:
         return self.rest.find_run(target.experiment, tags)
@@ -58,9 +54,6 @@ class RestTracker:
 class StoreTracker:
     def __init__(self, tracking_uri: str):
         self.uri = tracking_uri
-
-    def create_run(self, target: store.TrackingTarget, run_name: str, tags: Mapping[str, str]) -> str:
-        return store.create_run(target, run_name, tags, cached=True)
 
     def find_run(self, target: store.TrackingTarget, tags: Mapping[str, str]) -> str | None:
         return store.find_run(target, tags)

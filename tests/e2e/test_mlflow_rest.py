@@ -25,8 +25,8 @@ def test_runs_round_trip_with_mlflows_own_client(rest, mlflow_server):
 
     official = MlflowClient(tracking_uri=mlflow_server)
     exp = f"rest-{uuid.uuid4().hex[:8]}"
-    run_id = rest.create_run(exp, "job", {"anneal.uid": "u1", "anneal.attempt": "1"})
-    assert rest.experiment_id(exp) == official.get_experiment_by_name(exp).experiment_id
+    run_id = store.create_run(store.TrackingTarget(mlflow_server, exp), "job", {"anneal.uid": "u1", "anneal.attempt": "1"})
+    assert rest.experiment(exp)["experiment_id"] == official.get_experiment_by_name(exp).experiment_id
 
     official.log_metric(run_id, "train/step", 7)
     official.set_tag(run_id, "extra", "x")
@@ -48,24 +48,11 @@ def test_result_artifact_is_read_through_the_artifact_proxy(mlflow_server):
     """What a recipe writes with `write_result`, the operator reads back without importing mlflow."""
     target = store.TrackingTarget(tracking_uri=mlflow_server, experiment=f"rest-{uuid.uuid4().hex[:8]}")
     t = RestTracker(mlflow_server)
-    run_id = t.create_run(target, "job", {"anneal.uid": "u2"})
+    run_id = store.create_run(target, "job", {"anneal.uid": "u2"})
     assert t.read_result(t.get_run(run_id)) is None  # no result yet
     result = {"phase": "Succeeded", "modelUri": "models:/m/3", "metrics": {"accuracy": 0.5}, "message": "ok"}
     store.write_result(mlflow_server, run_id, result)
     assert t.read_result(t.get_run(run_id)) == result
-
-
-def test_deleted_experiment_is_restored_and_cached_id_relearned(rest, mlflow_server):
-    from mlflow import MlflowClient
-
-    official = MlflowClient(tracking_uri=mlflow_server)
-    exp = f"rest-{uuid.uuid4().hex[:8]}"
-    rest.create_run(exp, "a", {})
-    exp_id = rest.experiment_id(exp)
-    official.delete_experiment(exp_id)
-    run_id = rest.create_run(exp, "b", {})  # the cached id is refused, looked up again, restored
-    assert official.get_run(run_id).info.experiment_id == exp_id
-    assert official.get_experiment(exp_id).lifecycle_stage == "active"
 
 
 def test_errors_name_the_call_and_fail_fast():

@@ -1,4 +1,4 @@
-"""anneal.tracking.mlflow_store against a real MLflow SQLite store: client and experiment caches, run lookup by tags."""
+"""anneal.tracking.mlflow_store against a real MLflow SQLite store: the client cache, experiments, run lookup by tags."""
 
 from __future__ import annotations
 
@@ -22,15 +22,14 @@ def test_one_client_per_uri(target):
     assert store.client("http://127.0.0.1:9") is not store.client(target.tracking_uri)  # no request is made
 
 
-def test_cached_experiment_id_is_reused_and_relearned_after_deletion(target):
-    first = store.create_run(target, "r1", {"anneal.uid": "u", "anneal.attempt": "1"}, cached=True)
-    exp_id = store.ensure_experiment(target, cached=True)
+def test_a_deleted_experiment_is_restored_not_failed(target):
+    first = store.create_run(target, "r1", {"anneal.uid": "u", "anneal.attempt": "1"})
     c = store.client(target.tracking_uri)
-    assert c.get_run(first).info.experiment_id == exp_id
-    # The experiment is deleted behind the process's back: the cached id is refused by the
-    # server, looked up again, and the experiment restored rather than every run failing.
+    exp_id = c.get_run(first).info.experiment_id
+    assert store.ensure_experiment(target) == exp_id
+    # MLflow keeps a deleted experiment's name reserved: without the restore no run could be created in it.
     c.delete_experiment(exp_id)
-    second = store.create_run(target, "r2", {"anneal.uid": "u", "anneal.attempt": "2"}, cached=True)
+    second = store.create_run(target, "r2", {"anneal.uid": "u", "anneal.attempt": "2"})
     assert c.get_run(second).info.experiment_id == exp_id
     assert c.get_experiment(exp_id).lifecycle_stage == "active"
 

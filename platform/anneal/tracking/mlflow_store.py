@@ -44,78 +44,58 @@ class TrackingTarget:
 
 
 _clients: dict[str, Any] = {}
-_experiments: dict[tuple[str, str], str] = {}
-_cache_lock = threading.Lock()
+_clients_lock = threading.Lock()
 
 
 def client(tracking_uri: str):
     """The MlflowClient of a tracking URI, one per process and URI (clients are thread-safe).
 
-    Building a client resolves the store and imports its modules; a long-lived process (the
-    operator makes one call per job) should not pay that, nor the import lock, on every call.
+    Building a client resolves the store and imports its modules; a long-lived process should
+    not pay that, nor the import lock, on every call.
     """
     c = _clients.get(tracking_uri)
     if c is None:
         from mlflow import MlflowClient
 
-        with _cache_lock:
+        with _clients_lock:
             c = _clients.setdefault(tracking_uri, MlflowClient(tracking_uri=tracking_uri))
     return c
 
 
-def ensure_experiment(target: TrackingTarget, cached: bool = False) -> str:
+def ensure_experiment(target: TrackingTarget) -> str:
     """The experiment id, creating the experiment (with its artifact location) if needed.
 
-    With `cached`, an id this process already looked up is reused without asking the server
-    (the operator creates one run per job in the same few experiments); `forget_experiment`
-    drops it when the server says it is gone.
+    A deleted experiment of that name is restored: MLflow keeps its name reserved, so it could
+    be neither used nor created again.
     """
-    key = (target.tracking_uri, target.experiment)
-    if cached and key in _experiments:
-        return _experiments[key]
     c = client(target.tracking_uri)
     exp = c.get_experiment_by_name(target.experiment)
-    if exp is not None and exp.lifecycle_stage != "deleted":
-        exp_id = exp.experiment_id
-    else:
-        location = None
-        if target.artifact_root:
-            location = f"{target.artifact_root.rstrip('/')}/{target.experiment}"
-        if exp is not None:  # deleted: bring it back rather than fail every run in it
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
-            exp_id = exp.experiment_id
-        else:
-            try:
-                exp_id = c.create_experiment(target.experiment, artifact_location=location)
-            except Exception:  # another process created it meanwhile
-                exp = c.get_experiment_by_name(target.experiment)
-                if exp is None:
-                    raise
-                exp_id = exp.experiment_id
-    _experiments[key] = exp_id
-    return exp_id
-
-
-def forget_experiment(target: TrackingTarget) -> None:
-    _experiments.pop((target.tracking_uri, target.experiment), None)
-
-
-def create_run(target: TrackingTarget, run_name: str, tags: Mapping[str, str], cached: bool = False) -> str:
-    """Create a run up front (so its id can be stored in status before any work starts).
-
-    `cached`: reuse this process's experiment id (see `ensure_experiment`); if the server
-    rejects it (the experiment was deleted or the store reset), look it up again once.
-    """
-    c = client(target.tracking_uri)
-    exp_id = ensure_experiment(target, cached=cached)
+        return exp.experiment_id
+    location = None
+    if target.artifact_root:
+        location = f"{target.artifact_root.rstrip('/')}/{target.experiment}"
     try:
-        run = c.create_run(exp_id, run_name=run_name, tags={**target.tags, **tags})
-    except Exception:
-        if not cached:
+        return c.create_experiment(target.experiment, artifact_location=location)
+    except Exception:  # another process created it meanwhile
+        exp = c.get_experiment_by_name(target.experiment)
+        if exp is None:
             raise
-        forget_experiment(target)
-        run = c.create_run(ensure_experiment(target), run_name=run_name, tags={**target.tags, **tags})
+        return exp.experiment_id
+
+
+def create_run(target: TrackingTarget, run_name: str, tags: Mapping[str, str]) -> str:
+    """Create a run up front (so its id can be stored in status before any work starts)."""
+    c = client(target.tracking_uri)
+    run = c.create_run(ensure_experiment(target), run_name=run_name, tags={**target.tags, **tags})
     return run.info.run_id
+
+
+def tag_filter(tags: Mapping[str, str]) -> str:
+    """An MLflow search filter matching runs that carry every one of `tags` (quotes in values dropped)."""
+    return " and ".join(f"tags.`{k}` = '{str(v).replace(chr(39), '')}'" for k, v in tags.items())
 
 
 def find_run(target: TrackingTarget, tags: Mapping[str, str]) -> str | None:
@@ -124,8 +104,8 @@ def find_run(target: TrackingTarget, tags: Mapping[str, str]) -> str | None:
     exp = c.get_experiment_by_name(target.experiment)
     if exp is None:
         return None
-    flt = " and ".join(f"tags.`{k}` = '{str(v).replace(chr(39), '')}'" for k, v in tags.items())
-    runs = c.search_runs([exp.experiment_id], filter_string=flt, max_results=1, order_by=["attributes.start_time DESC"])
+    runs = c.search_runs([exp.experiment_id], filter_string=tag_filter(tags), max_results=1,
+                         order_by=["attributes.start_time DESC"])
     return runs[0].info.run_id if runs else None
 
 

@@ -1,7 +1,7 @@
 """A small MLflow REST client for long-lived control-plane processes (the operator).
 
-The operator needs five MLflow calls per job: find the experiment, create a run, read a run,
-find a run by tags, end a run; and one artifact (the recipe's result JSON). `mlflow`'s own
+The operator needs four MLflow calls per job: find the experiment, find the job's run by its
+tags, read it, end it; and one artifact (the recipe's result JSON). The job creates its run. `mlflow`'s own
 client brings pandas, numpy and the GenAI modules with it (about 165 MB resident, 3 s to
 import), and its HTTP layer retries a failing server for minutes with exponential backoff
 inside the calling thread. This client speaks the documented REST API
@@ -23,6 +23,8 @@ from typing import Any, Mapping
 from urllib.parse import quote
 
 import httpx
+
+from anneal.tracking.mlflow_store import tag_filter
 
 API = "/api/2.0/mlflow"
 ARTIFACTS = "/api/2.0/mlflow-artifacts/artifacts"
@@ -55,7 +57,7 @@ def is_rest_uri(tracking_uri: str) -> bool:
 
 
 class MlflowRest:
-    """One tracking server; thread-safe (one httpx connection pool); experiment ids cached."""
+    """One tracking server; thread-safe (one httpx connection pool)."""
 
     def __init__(self, tracking_uri: str, timeout: float = 10.0, retries: int = 2,
                  transport: httpx.BaseTransport | None = None):
@@ -76,8 +78,6 @@ class MlflowRest:
             verify = os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
         self._http = httpx.Client(base_url=self.base, timeout=timeout, auth=auth, headers=headers,
                                   verify=verify, transport=transport)
-        self._experiments: dict[str, str] = {}
-        self._lock = threading.Lock()
 
     def close(self) -> None:
         self._http.close()
@@ -123,50 +123,6 @@ class MlflowRest:
                 return None
             raise
 
-    def experiment_id(self, name: str, artifact_location: str | None = None, cached: bool = True) -> str:
-        """The id of experiment `name`, created (or restored, if deleted) when needed."""
-        if cached and name in self._experiments:
-            return self._experiments[name]
-        exp = self.experiment(name)
-        if exp is None:
-            body = {"name": name}
-            if artifact_location:
-                body["artifact_location"] = artifact_location
-            try:
-                exp_id = self._json("POST", "/experiments/create", json=body)["experiment_id"]
-            except MlflowRestError as exc:
-                if exc.code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                exp = self.experiment(name)  # created meanwhile by another process
-                if exp is None:
-                    raise
-                exp_id = exp["experiment_id"]
-        else:
-            exp_id = exp["experiment_id"]
-            if exp.get("lifecycle_stage") == "deleted":
-                self._json("POST", "/experiments/restore", json={"experiment_id": exp_id})
-        with self._lock:
-            self._experiments[name] = exp_id
-        return exp_id
-
-    def forget_experiment(self, name: str) -> None:
-        with self._lock:
-            self._experiments.pop(name, None)
-
-    # ----------------------------------------------------------------------- runs
-
-    def create_run(self, experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
-        """A new run in `experiment` (by name; its id is cached, and looked up again if refused)."""
-        body = {"run_name": run_name, "start_time": int(time.time() * 1000),
-                "tags": [{"key": k, "value": str(v)} for k, v in tags.items()]}
-        try:
-            return self._json("POST", "/runs/create", json={**body, "experiment_id": self.experiment_id(experiment)})["run"]["info"]["run_id"]
-        except MlflowRestError as exc:
-            if exc.status is None or exc.status >= 500:
-                raise
-            self.forget_experiment(experiment)  # deleted or unknown since it was cached
-            return self._json("POST", "/runs/create", json={**body, "experiment_id": self.experiment_id(experiment)})["run"]["info"]["run_id"]
-
     def get_run(self, run_id: str) -> RunView:
         run = self._json("GET", "/runs/get", params={"run_id": run_id})["run"]
         return _view(run)
@@ -176,9 +132,8 @@ class MlflowRest:
         exp = self.experiment(experiment)
         if exp is None:
             return None
-        flt = " and ".join(f"tags.`{k}` = '{str(v).replace(chr(39), '')}'" for k, v in tags.items())
         runs = self._json("POST", "/runs/search", json={
-            "experiment_ids": [exp["experiment_id"]], "filter": flt, "max_results": 1,
+            "experiment_ids": [exp["experiment_id"]], "filter": tag_filter(tags), "max_results": 1,
             "order_by": ["attributes.start_time DESC"],
         }).get("runs") or []
         return runs[0]["info"]["run_id"] if runs else None
