@@ -52,6 +52,9 @@ class OperatorContext:
     _last: dict[str, float] = field(default_factory=dict)
     #: Ray Jobs API clients by address, kept for the process (one connection pool each).
     _jobs_clients: dict[str, Any] = field(default_factory=dict)
+    #: uid → name → (value, close): what a resource's passes keep between them (a rollout's
+    #: probe loop and MLflow tracker), closed when the resource is forgotten.
+    _attachments: dict[str, dict[str, tuple[Any, Callable[[Any], None] | None]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from kubernetes import client
@@ -65,7 +68,31 @@ class OperatorContext:
         with self._locks_guard:
             return self._locks.setdefault(uid, threading.Lock())
 
+    def attachment(self, uid: str, name: str) -> Any:
+        """What `attach` kept for the resource under `name` (None: nothing)."""
+        with self._locks_guard:
+            return self._attachments.get(uid, {}).get(name, (None, None))[0]
+
+    def attach(self, uid: str, name: str, value: Any, close: Callable[[Any], None] | None = None) -> None:
+        """Keep `value` for the resource's later passes; `close(value)` runs when it is forgotten."""
+        with self._locks_guard:
+            if value is None:
+                self._attachments.get(uid, {}).pop(name, None)
+            else:
+                self._attachments.setdefault(uid, {})[name] = (value, close)
+
+    def forget_attachments(self, uid: str) -> None:
+        with self._locks_guard:
+            held = self._attachments.pop(uid, {})
+        for value, close in held.values():
+            if close is not None:
+                try:
+                    close(value)
+                except Exception as exc:  # noqa: BLE001 - a close must not stop the forgetting
+                    log.warning("closing %s of %s: %s", value, uid, exc)
+
     def forget(self, uid: str) -> None:
+        self.forget_attachments(uid)
         with self._locks_guard:
             self._locks.pop(uid, None)
             self._written.pop(uid, None)
@@ -106,6 +133,8 @@ class OperatorContext:
             return c
 
     def close(self) -> None:
+        for uid in list(self._attachments):
+            self.forget_attachments(uid)
         with self._locks_guard:
             clients, self._jobs_clients = list(self._jobs_clients.values()), {}
         for c in clients:

@@ -1,6 +1,10 @@
-"""ModelService handlers: deploy the Serve app (shared cluster: Serve REST API; else a KubeRay
-RayService built from the same app args), publish endpoint and weights, and drive the rollout
-state machine from a timer (with `anneal.dev/promote` / `anneal.dev/abort` annotations)."""
+"""ModelService handlers: the operator's driver of a service.
+
+Each pass observes Serve (the Serve REST API of a shared cluster, or the KubeRay RayService
+built from the same app args), the router's stats and the probe answers, calls the shared
+rollout tick (`anneal.control.rollout`) with the `anneal.dev/promote|abort|retry`
+annotations as commands, deploys the Serve config with the weights it decided, moves the
+MLflow aliases, and writes status once."""
 
 from __future__ import annotations
 
@@ -142,7 +146,20 @@ def _serve_details(address: str) -> dict[str, Any]:
     return r.json()
 
 
+def serve_app_problem(details: Mapping[str, Any], app: str) -> str | None:
+    """Why a Serve app is not serving, in Serve's own words (app message, unhealthy deployments)."""
+    body = (details.get("applications") or {}).get(app) or {}
+    parts = []
+    if body.get("status") not in (None, "RUNNING") and body.get("message"):
+        parts.append(str(body["message"]).strip())
+    for dep_name, dep in (body.get("deployments") or {}).items():
+        if dep.get("status") not in (None, "HEALTHY") and dep.get("message"):
+            parts.append(f"{dep_name} {dep.get('status')}: {str(dep['message']).strip()}")
+    return "; ".join(parts)[:2000] or None
+
+
 def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
+    """One pass: observe Serve (and the stats), decide (`anneal.control.rollout.tick`), deploy, write status once."""
     from anneal.serve.app import args_from_spec, build_serve_config
 
     ns, name, generation = meta["namespace"], meta["name"], meta.get("generation")
@@ -160,46 +177,61 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
     app = app_name(ns, name)
     args = args_from_spec(app, spec, uris, cache_dir=s.cache_dir, tracking_uri=tracking,
                           route_prefix=route_prefix(ns, name))
-    status = dict(old)
-    weights = live_weights(spec, status.get("weights"))
-    entry = build_serve_config(args, weights)
-    digest = args_hash(entry)
     events: list[tuple[str, str, str]] = []
     address = spec.ray.address or s.ray_address
+    rs_name = kuberay.kuberay_name(name, "-serve")
+    # Observe.
+    problem = None
     if address:
-        if status.get("appHash") != digest or status.get("weights") != weights:
-            from anneal.serve.deploy import deploy_entries
-
-            # Only the router's user_config differs on a weight change: Serve reconfigures in place.
-            deploy_entries([entry], dashboard_url=address, wait_s=0)
-            if status.get("appHash") != digest:
-                events.append(("Normal", "Deployed", f"Serve app {app} deployed to {address}"))
-            else:
-                events.append(("Normal", "WeightsApplied", f"Serve app {app}: weights {weights}"))
-            status["appHash"] = digest
-            status["weights"] = weights
         details = _serve_details(address)
         app_status = serve_app_status(details, app)
+        problem = serve_app_problem(details, app)
         port = serve_http_port(details)
         endpoint = shared_endpoint(address, ns, name, port or DEFAULT_SERVE_PORT)
         if port is None and old.get("endpoint") != endpoint:
             log.warning("Serve REST API at %s reports no HTTP port (is Serve running?); %s assumes Serve's "
                         "default port %d", address, app, DEFAULT_SERVE_PORT)
     else:
-        rs_name = kuberay.kuberay_name(name, "-serve")
         endpoint = rayservice_endpoint(rs_name, ns, name)
-        app_status = _apply_rayservice(op, spec, meta, rs_name, entry, status, digest, events)
-        status["rayService"] = rs_name
-    status.update(endpoint=endpoint, models=dict(uris), observedGeneration=generation)
-    if spec.rollout is None or serve_phase(app_status) != "Ready":
-        status["phase"] = serve_phase(app_status) if spec.rollout is None or not status.get("rollout") else status.get("phase")
-        status["weights"] = weights
+        app_status = _rayservice_app_status(op, ns, rs_name, app)
+    # Decide.
+    if spec.rollout is None:
+        status = dict(old)
+        if old.get("phase") in ("RollingOut", "Paused"):
+            events.append(("Warning", "RolloutRemoved", "the rollout section was removed mid-rollout; declared "
+                                                        "weights apply"))
+            op.forget_attachments(meta["uid"])
+        status.update(models=dict(uris), weights=spec.weights(), phase=serve_phase(app_status))
         status["weightsSummary"] = " ".join(f"{k}={v}" for k, v in status["weights"].items())
     else:
-        status = _rollout_pass(op, spec, body, status, args, address, endpoint, uris, events)
-    ready = status.get("phase") in ("Ready", "Promoted", "RollingOut", "Paused")
-    with_condition(status, "Ready", "True" if ready else "False", status.get("phase") or "Deploying",
-                   f"Serve app {app}: {app_status or 'absent'}")
+        status = _rollout_pass(op, spec, body, old, endpoint, app, app_status, problem, uris, events)
+    weights = live_weights(spec, status.get("weights"))
+    # Act: the Serve config with the decided weights (only the router's user_config differs on a
+    # weight change, so Serve reconfigures it in place). Level-based: an app that vanished is redeployed.
+    entry = build_serve_config(args, weights)
+    digest = args_hash(entry)
+    if address:
+        if old.get("appHash") != digest or old.get("weights") != weights or app_status is None:
+            from anneal.serve.deploy import deploy_entries
+
+            deploy_entries([entry], dashboard_url=address, wait_s=0)
+            if old.get("appHash") != digest or app_status is None:
+                events.append(("Normal", "Deployed", f"Serve app {app} deployed to {address}"))
+            else:
+                events.append(("Normal", "WeightsApplied", f"Serve app {app}: weights {weights}"))
+        status["appHash"] = digest
+    else:
+        _apply_rayservice(op, spec, meta, rs_name, entry, status, digest, events)
+        status["rayService"] = rs_name
+    status.update(endpoint=endpoint, observedGeneration=generation)
+    serving = app_status in ("RUNNING", "Running")
+    if problem and not serving:
+        status["message"] = f"Serve app {app}: {problem}"
+    with_condition(status, "Ready", "True" if serving else "False",
+                   "Serving" if serving else ("ServeProblem" if problem else (app_status or "NotDeployed")),
+                   f"Serve app {app}: {app_status or 'absent'}" + (f": {problem}" if problem else ""))
+    if problem and not serving and problem != _last_problem(old):
+        events.append(("Warning", "ServeProblem", f"Serve app {app}: {problem}"))
     if op.write_status(KIND, body, old, status):
         if status.get("phase") != old.get("phase"):
             op.metrics.phases.labels(KIND, status.get("phase") or "").inc()
@@ -209,8 +241,28 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
             event(body, type_, reason, message)
 
 
+def _last_problem(status: Mapping[str, Any]) -> str | None:
+    for c in status.get("conditions") or []:
+        if c.get("type") == "Ready" and c.get("reason") == "ServeProblem":
+            return str(c.get("message") or "").split(": ", 2)[-1] or None
+    return None
+
+
+def _rayservice_app_status(op: OperatorContext, namespace: str, rs_name: str, app: str) -> str | None:
+    """The Serve app's state as KubeRay reports it on the RayService (None: no RayService yet)."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        obj = op.custom.get_namespaced_custom_object("ray.io", "v1", namespace, "rayservices", rs_name)
+    except ApiException:
+        return None
+    st = obj.get("status") or {}
+    return ((st.get("activeServiceStatus") or {}).get("applicationStatuses") or {}).get(app, {}).get("status") \
+        or st.get("serviceStatus")
+
+
 def _apply_rayservice(op: OperatorContext, spec: Any, meta: Mapping[str, Any], rs_name: str, entry: dict[str, Any],
-                      status: dict[str, Any], digest: str, events: list) -> str | None:
+                      status: dict[str, Any], digest: str, events: list) -> None:
     from kubernetes.client.exceptions import ApiException
 
     s = op.settings
@@ -234,49 +286,89 @@ def _apply_rayservice(op: OperatorContext, spec: Any, meta: Mapping[str, Any], r
                 raise
             op.custom.patch_namespaced_custom_object("ray.io", "v1", meta["namespace"], "rayservices", rs_name,
                                                      {"spec": {"serveConfigV2": body["spec"]["serveConfigV2"]}})
-        status["appHash"] = wanted
-    try:
-        obj = op.custom.get_namespaced_custom_object("ray.io", "v1", meta["namespace"], "rayservices", rs_name)
-    except ApiException:
-        return None
-    st = obj.get("status") or {}
-    return ((st.get("activeServiceStatus") or {}).get("applicationStatuses") or {}).get(entry["name"], {}).get("status") \
-        or st.get("serviceStatus")
+    status["appHash"] = wanted
 
 
-def _rollout_pass(op: OperatorContext, spec: Any, body: Any, status: dict[str, Any], args: Any, address: str | None,
-                  endpoint: str, uris: Mapping[str, str], events: list) -> dict[str, Any]:
-    """One tick of the rollout state machine: read stats, apply the annotations' command, set weights."""
-    import httpx
-
+def _rollout_pass(op: OperatorContext, spec: Any, body: Any, old: Mapping[str, Any], endpoint: str, app: str,
+                  app_status: str | None, problem: str | None, uris: Mapping[str, str], events: list) -> dict[str, Any]:
+    """Observe the rollout (stats, probes, the annotations' command), call the shared tick, act on MLflow and probes."""
     from anneal.api.service import ModelServiceStatus
-    from anneal.rollout import control, machine
-    from anneal.rollout.embedded import fetch_window
+    from anneal.control.rollout import Observation, stats_since, tick
+    from anneal.rollout import control
+    from anneal.serve.client import stats as serve_stats
 
-    current = ModelServiceStatus.model_validate({k: v for k, v in status.items() if k not in ("appHash", "rayService")})
-    since = current.rollout.step_started_at if current.rollout else None
-    window = None
-    try:
-        with httpx.Client(timeout=5) as http:
-            window = fetch_window(http, endpoint, since)
-    except Exception as exc:
-        log.info("rollout of %s: stats unavailable (%s); analyses wait", args.service, exc)
-    handled = (status.get("rollout") or {}).get("handledCommands")
+    uid = body["metadata"]["uid"]
+    current = ModelServiceStatus.model_validate({k: v for k, v in old.items() if k not in ("appHash", "rayService")})
+    stats, unavailable = None, None
+    if app_status not in ("RUNNING", "Running"):
+        unavailable = f"Serve app {app} is {app_status or 'not deployed'}" + (f": {problem}" if problem else "")
+    else:
+        try:
+            stats = serve_stats(endpoint, stats_since(current), timeout=5.0)
+        except Exception as exc:  # noqa: BLE001 - no stats: the rollout holds
+            unavailable = f"stats unreadable: {exc}"
+            log.info("rollout of %s: %s", app, unavailable)
+    probes = _probe_loop(op, uid, spec, endpoint)
+    handled = current.rollout.handled_commands if current.rollout else None
     command = control.command_from_annotations(body.get("metadata", {}).get("annotations"), handled)
-    tr = machine.step(spec, current, window, time.time(), command, desired_models=dict(uris))
-    if tr.weights is not None:
-        if address:
-            from anneal.serve.deploy import apply_weights
-
-            apply_weights(args.service, args, tr.weights, dashboard_url=address, wait_s=0)
-        # the RayService path picks the new weights up from status on the next pass (serveConfigV2)
-    for ev in tr.events:
+    obs = Observation(stats, unavailable, probes.results() if probes else {}, command)
+    t = tick(spec, current, obs, time.time(), desired_models=dict(uris))
+    if probes is not None:
+        probes.follow_plan(t.probes)
+    tracker = _tracker(op, uid, spec, body["metadata"]["name"], t.status)
+    if tracker is not None:
+        tracker.apply(t.registry, t.status)
+    for ev in t.events:
         events.append((ev.type, ev.reason, ev.message))
-    new = tr.status.to_dict()
+    new = t.status.to_dict()
     for key in ("appHash", "rayService"):
-        if key in status:
-            new[key] = status[key]
+        if key in old:
+            new[key] = old[key]
     return new
+
+
+def _probe_loop(op: OperatorContext, uid: str, spec: Any, endpoint: str) -> Any:
+    """The service's probe loop (kept across passes; restarted when the endpoint or the probes change)."""
+    from anneal.control.rollout import wants_probes
+    from anneal.rollout.probes import start_probe_loop
+
+    key = json.dumps([endpoint, spec.rollout.to_dict() if spec.rollout else None, spec.routing.to_dict()],
+                     sort_keys=True) if wants_probes(spec) else None
+    held = op.attachment(uid, "probes")
+    if held is not None and held[0] == key:
+        return held[1]
+    if held is not None:
+        held[1].stop()
+    loop = None
+    if key is not None:
+        try:
+            loop = start_probe_loop(spec, endpoint)
+        except ValueError as exc:
+            log.warning("%s: accuracy probes cannot start: %s", endpoint, exc)
+    op.attach(uid, "probes", (key, loop) if loop is not None else None, close=lambda h: h[1].stop())
+    return loop
+
+
+def _tracker(op: OperatorContext, uid: str, spec: Any, name: str, status: Any) -> Any:
+    """The service's MLflow rollout tracker (aliases, rolled-back tag, the rollout run), when its models are registered."""
+    from anneal.rollout.aliases import RolloutTracker, parse_registry_uri
+
+    rs = status.rollout
+    if rs is None or not any(parse_registry_uri(u) for u in (rs.candidate_model, rs.stable_model)):
+        return None
+    tracking = spec.mlflow.tracking_uri or op.settings.tracking_uri
+    key = (tracking, spec.mlflow.experiment or op.settings.experiment, spec.mlflow.champion_alias,
+           spec.mlflow.challenger_alias)
+    held = op.attachment(uid, "tracker")
+    if held is not None and held[0] == key:
+        return held[1]
+    try:
+        tracker = RolloutTracker(tracking, key[1], name, champion_alias=key[2], challenger_alias=key[3])
+    except Exception as exc:  # noqa: BLE001 - MLflow down: aliases wait, the rollout goes on
+        log.warning("%s: MLflow unavailable, aliases will not move this pass: %s", name, exc)
+        return None
+    op.attach(uid, "tracker", (key, tracker))
+    return tracker
 
 
 def register(registry: kopf.OperatorRegistry, op: OperatorContext) -> None:
@@ -295,9 +387,9 @@ def register(registry: kopf.OperatorRegistry, op: OperatorContext) -> None:
     def service_delete(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, **_: Any) -> None:
         """Remove the Serve app from a shared cluster (a RayService goes with its owner)."""
         address = (spec.get("ray") or {}).get("address") or op.settings.ray_address
+        op.forget(meta["uid"])  # stops its probe loop before the app goes
         if address:
             _remove_serve_app(address, app_name(meta["namespace"], meta["name"]))
-        op.forget(meta["uid"])
 
 
 def _remove_serve_app(address: str, name: str) -> None:

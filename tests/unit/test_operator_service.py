@@ -96,3 +96,19 @@ def _spec(weights: tuple[int, int], rollout: bool) -> ModelServiceSpec:
 )
 def test_live_weights(weights, rollout, status_weights, live):
     assert service.live_weights(_spec(weights, rollout), status_weights) == live
+
+
+def test_serve_app_problem_quotes_serve_on_unhealthy_deployments():
+    details = {"applications": {"ns_svc": {
+        "status": "DEPLOYING", "message": "",
+        "deployments": {
+            "router": {"status": "UPDATING", "message": 'Deployment "router" has 1 replicas that have taken more '
+                       'than 30s to be scheduled. Resources required for each replica: {"CPU": 0.5}, '
+                       'total resources available: {}.'},
+            "variant-stable": {"status": "HEALTHY", "message": ""},
+        }}}}
+    problem = service.serve_app_problem(details, "ns_svc")
+    assert problem.startswith("router UPDATING: ") and '{"CPU": 0.5}' in problem
+    assert "variant-stable" not in problem
+    assert service.serve_app_problem(RUNNING, "ns-svc") is None
+    assert service.serve_app_problem(NOT_STARTED, "ns-svc") is None

@@ -264,16 +264,17 @@ def test_command_from_annotations(annotations, handled, expected):
 
 def test_annotation_command_is_recorded_as_handled_by_the_machine():
     from anneal.api.service import ModelServiceStatus
+    from anneal.rollout.analysis import StatsWindow
     from anneal.rollout.machine import step
 
     m = manifest([{"setWeight": 30}, {"pause": {}}, {"setWeight": 100}], [])
-    st = step(m.spec, ModelServiceStatus(), None, 1000.0).status
-    st = step(m.spec, st, None, 1001.0).status
+    st = step(m.spec, ModelServiceStatus(), StatsWindow(1000.0, None), 1000.0).status
+    st = step(m.spec, st, StatsWindow(1001.0, None), 1001.0).status
     ann = {"anneal.dev/promote": "a"}
-    cmd = command_from_annotations(ann, st.rollout.model_extra.get("handledCommands"))
-    st = step(m.spec, st, None, 1002.0, cmd).status
+    cmd = command_from_annotations(ann, st.rollout.handled_commands)
+    st = step(m.spec, st, StatsWindow(1002.0, None), 1002.0, cmd).status
     assert st.rollout.step == 2
-    assert command_from_annotations(ann, st.rollout.model_extra["handledCommands"]) is None
+    assert command_from_annotations(ann, st.rollout.handled_commands) is None
 
 
 def test_solver_matches_the_builtin_task():

@@ -218,13 +218,48 @@ def test_min_requests_not_reached_is_wait_not_pass_nor_fail():
     assert d.status.rollout.step == 2
 
 
-def test_stats_unavailable_skips_analysis_but_not_weights():
+def test_stats_unavailable_hold_every_step_then_resume():
     d = Driver(make_spec())
-    d.tick(win=None)
-    d.tick(win=None)
-    assert d.status.weights["canary"] == 10
+    d.tick(win=None)  # starts the rollout: candidate at 0
+    d.tick(win=None, unavailable="GET /-/stats: connection refused")
+    assert d.status.weights["canary"] == 0 and d.status.rollout.step == 0
+    assert d.status.rollout.holding == "GET /-/stats: connection refused"
+    assert "holding at step 0" in d.status.message
     d.tick(100, None)
-    assert d.status.rollout.step == 1 and d.status.rollout.last_analysis is None
+    assert d.status.rollout.step == 0 and d.status.rollout.last_analysis is None
+    assert d.reasons.count(Reason.HOLDING) == 1
+    d.tick(1)  # evidence again: the step goes on
+    assert d.status.weights["canary"] == 10 and d.status.rollout.holding is None
+    assert Reason.RESUMED in d.reasons
+
+
+def test_partial_stats_hold_like_missing_ones():
+    d = Driver(make_spec())
+    d.tick()
+    partial = StatsWindow(GOOD.time, GOOD.since, GOOD.variants, partial=True)
+    d.tick(1, partial)
+    assert d.status.rollout.step == 0 and "partial" in d.status.rollout.holding
+
+
+def test_holding_past_the_progress_deadline_rolls_back_with_the_reason():
+    spec = make_spec()
+    spec.rollout.progress_deadline = "2m"
+    d = Driver(spec)
+    d.tick()
+    d.tick(1)
+    assert d.status.weights["canary"] == 10
+    d.tick(1, None, unavailable="variant canary: replica has taken more than 30s to be scheduled")
+    d.tick(119, None, unavailable="variant canary: replica has taken more than 30s to be scheduled")
+    assert d.phase == "RollingOut"
+    d.tick(1, None, unavailable="variant canary: replica has taken more than 30s to be scheduled")
+    assert d.phase == "RolledBack" and d.status.weights["canary"] == 0
+    assert "progressDeadline 2m" in d.status.rollout.reason and "scheduled" in d.status.rollout.reason
+
+
+def test_all_error_traffic_never_promotes_without_an_error_gate():
+    d = Driver(make_spec(gates=[{"metric": "latencyP95Ms", "max": 1000}], failure_limit=0))
+    d.run_until(("Promoted", "RolledBack"), win=window(requests=50, errors=50))
+    assert d.phase == "RolledBack" and "errorRate" in d.status.rollout.reason
 
 
 def test_background_analysis_during_a_pause_rolls_back():
@@ -253,7 +288,7 @@ def test_history_is_bounded_and_records_every_analysis():
         d.tick(10, GOOD)
     rs = d.status.rollout
     assert len(rs.history) == HISTORY_LIMIT
-    assert rs.model_extra["analyses"] == HISTORY_LIMIT + 7
+    assert rs.analyses == HISTORY_LIMIT + 7
     assert rs.history[-1] == rs.last_analysis
     assert all(h.verdict == "wait" for h in rs.history)
 
@@ -314,7 +349,7 @@ def test_timed_pause_waits_its_duration():
     d.tick()
     d.tick()
     d.tick(1)
-    assert d.phase == "Paused" and d.status.rollout.model_extra["pausedReason"] == "PauseStep"
+    assert d.phase == "Paused" and d.status.rollout.paused_reason == "PauseStep"
     d.tick(28)
     assert d.phase == "Paused"
     d.tick(1)
@@ -329,7 +364,7 @@ def test_pause_without_duration_waits_for_promote():
     for _ in range(5):
         d.tick(3600)
     assert d.phase == "Paused" and d.status.rollout.step == 1
-    assert d.status.rollout.model_extra["pausedReason"] == "WaitingForPromote"
+    assert d.status.rollout.paused_reason == "WaitingForPromote"
     d.tick(1, command=Command("promote"))
     assert d.phase == "RollingOut" and d.status.rollout.step == 2
     assert Reason.STEP_PROMOTED in d.reasons
@@ -355,7 +390,7 @@ def test_promote_or_abort_during_a_pause(pause, command, phase, canary):
     assert d.phase == phase
     assert t.weights == {"stable": 100 - canary, "canary": canary}
     if command.kind == "abort":
-        assert "looks odd" in d.status.rollout.model_extra["reason"]
+        assert "looks odd" in d.status.rollout.reason
         assert Reason.ABORTED in d.reasons
 
 
@@ -378,7 +413,7 @@ def test_auto_rollback_off_pauses_and_waits_for_a_human():
     d.tick()
     d.tick(10, BAD)
     assert d.phase == "Paused"
-    assert d.status.rollout.model_extra["pausedReason"] == "AnalysisFailed"
+    assert d.status.rollout.paused_reason == "AnalysisFailed"
     assert d.status.weights["canary"] == 10  # weights stay where they were
     assert Reason.ROLLOUT_PAUSED in d.reasons
     for _ in range(3):
@@ -413,7 +448,7 @@ def test_retry_after_rollback_starts_again_from_step_zero():
     assert d.phase == "RolledBack"  # stays rolled back on its own
     d.tick(1, command=Command("retry"))
     rs = d.status.rollout
-    assert d.phase == "RollingOut" and rs.step == 0 and rs.model_extra["attempt"] == 2
+    assert d.phase == "RollingOut" and rs.step == 0 and rs.attempt == 2
     assert rs.consecutive_failures == 0 and len(rs.history) == 1  # history kept across attempts
     assert Reason.RETRIED in d.reasons
     d.run_until(("Promoted",))
@@ -460,7 +495,7 @@ def test_candidate_model_changed_mid_rollout_restarts():
     assert rs.step == 0 and rs.candidate_model == "models:/tiny/3"
     assert t.weights == {"stable": 100, "canary": 0}
     assert t.events[0].reason == Reason.RESTARTED
-    assert rs.model_extra["attempt"] == 2
+    assert rs.attempt == 2
     assert d.status.models["canary"] == "models:/tiny/3"
 
 
@@ -479,7 +514,7 @@ def test_desired_models_override_the_spec_uri():
     d.tick(desired_models={"canary": "models:/tiny/9", "stable": "models:/tiny/1"})
     assert d.status.rollout.candidate_model == "models:/tiny/9"
     d.tick(desired_models={"canary": "models:/tiny/9", "stable": "models:/tiny/1"})
-    assert d.status.rollout.model_extra["attempt"] == 1
+    assert d.status.rollout.attempt == 1
 
 
 def test_rollout_removed_mid_rollout_restores_declared_weights():

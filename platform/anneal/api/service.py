@@ -141,12 +141,27 @@ class Probes(ApiModel):
     reasoning: Literal["on", "off"] = "off"
 
 
+#: Added to the gates of every analysis that has no error-rate gate of its own: a candidate
+#: whose requests all fail must never be promoted, whatever else is measured.
+DEFAULT_ERROR_GATE = {"metric": "errorRate", "max": 0.05}
+
+
 class Analysis(ApiModel):
     interval: Duration = "30s"
     min_requests: int = Field(default=20, ge=0)
     failure_limit: int = Field(default=2, ge=0, le=100)
-    gates: list[Gate] = Field(default_factory=list, max_length=16)
+    gates: list[Gate] = Field(
+        default_factory=list, max_length=16,
+        description="Thresholds on the candidate's figures. Without an errorRate or errorRateVsStable "
+        "gate, errorRate <= 0.05 is checked as well.",
+    )
     probes: Probes = Field(default_factory=Probes)
+
+    def effective_gates(self) -> list[Gate]:
+        """The gates an analysis checks: the declared ones, plus the default error-rate gate."""
+        if any(g.metric in ("errorRate", "errorRateVsStable") for g in self.gates):
+            return list(self.gates)
+        return [*self.gates, Gate.model_validate(DEFAULT_ERROR_GATE)]
 
 
 class RolloutStep(ApiModel):
@@ -194,6 +209,11 @@ class Rollout(ApiModel):
     )
     analysis: Analysis = Field(default_factory=Analysis)
     auto_rollback: bool = True
+    progress_deadline: Duration = Field(
+        default="10m",
+        description="How long the rollout may hold without evidence (the candidate not serving, stats "
+        "unreadable or partial) before it is rolled back.",
+    )
 
     @model_validator(mode="after")
     def _distinct(self) -> "Rollout":
@@ -299,7 +319,7 @@ class ServicePhase(str, enum.Enum):
 
 
 class AnalysisResult(ApiModel):
-    model_config = ConfigDict(extra="allow")
+    """One analysis of a rollout: its verdict, the figures it saw and why."""
 
     time: str
     step: int
@@ -307,10 +327,16 @@ class AnalysisResult(ApiModel):
     figures: dict[str, float | None] = Field(default_factory=dict)
     failed_gates: list[str] = Field(default_factory=list)
     reason: str = ""
+    consecutive_failures: int | None = None
+    candidate_weight: int | None = None
 
 
 class RolloutStatus(ApiModel):
-    model_config = ConfigDict(extra="allow")
+    """What the rollout state machine keeps between ticks.
+
+    Every field is declared (not kept as extra fields) so that the CRD's structural schema
+    lists it and the API server does not prune it on a status write.
+    """
 
     step: int = 0
     step_started_at: float | None = None
@@ -319,6 +345,22 @@ class RolloutStatus(ApiModel):
     last_analysis: AnalysisResult | None = None
     history: list[AnalysisResult] = Field(default_factory=list)
     outcome: str | None = None
+    candidate: str | None = Field(default=None, description="The candidate variant this rollout is for.")
+    stable: str | None = Field(default=None, description="The stable variant this rollout is for.")
+    stable_model: str | None = None
+    steps_hash: str | None = Field(default=None, description="Digest of spec.rollout.steps when last seen.")
+    attempt: int | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    last_analysis_at: float | None = None
+    paused_reason: Literal["PauseStep", "WaitingForPromote", "AnalysisFailed"] | None = None
+    reason: str | None = Field(default=None, description="Why the rollout ended (or paused).")
+    analyses: int | None = None
+    handled_commands: dict[str, str] = Field(
+        default_factory=dict, description="Annotation → value already acted on (each value acts once).")
+    holding: str | None = Field(default=None, description="Why no step advances now (no evidence), if so.")
+    holding_since: float | None = None
+    mlflow_run_id: str | None = Field(default=None, description="The rollout's MLflow run.")
 
 
 class ModelServiceStatus(StatusBase):

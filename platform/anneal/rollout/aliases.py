@@ -146,6 +146,33 @@ class RolloutTracker:
     def close(self) -> None:
         self._close_run("stopped")
 
+    def apply(self, actions: Any, status: Any) -> None:
+        """Record a tick's `RegistryAction`s; keep the rollout run's id in ``status.rollout.mlflowRunId``.
+
+        A tracker that did not see the start (a restarted driver) takes the run up again from
+        the id in status, so analyses go on into the same run and the aliases still move.
+        """
+        rs = status.rollout
+        if rs is not None and self.run_id is None and not self._seen_start and rs.mlflow_run_id \
+                and rs.outcome is None:
+            self.run_id = rs.mlflow_run_id
+            self._seen_start = True
+            self.candidate = self._resolve(rs.candidate_model)
+            self.stable = self._resolve(rs.stable_model)
+            self._analyses = int(rs.analyses or 0)
+        for a in actions:
+            if a.kind == "started":
+                self.started(a.candidate_model, a.stable_model, a.attempt)
+            elif a.kind == "analysed":
+                self.analysed(a.analysis.get("figures") or {}, a.analysis.get("verdict", "wait"),
+                              int(a.analysis.get("step", 0)), int(a.analysis.get("candidateWeight", 0)))
+            elif a.kind == "promoted":
+                self.promoted(a.reason, a.candidate_model)
+            elif a.kind == "rolled_back":
+                self.rolled_back(a.reason, a.candidate_model)
+        if rs is not None and any(a.kind == "started" for a in actions):
+            rs.mlflow_run_id = self.run_id
+
     # -------------------------------------------------------------------- helpers
 
     def _candidate_or(self, uri: str | None) -> ModelVersionRef | None:

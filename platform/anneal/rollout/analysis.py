@@ -78,6 +78,7 @@ class StatsWindow:
     since: float | None
     variants: dict[str, VariantWindow] = field(default_factory=dict)
     probes: dict[str, ProbeResults] = field(default_factory=dict)
+    partial: bool = False
 
     @classmethod
     def from_stats(
@@ -98,6 +99,8 @@ class StatsWindow:
             since=float(since) if since is not None else None,
             variants=variants,
             probes=dict(probes or {}),
+            # Some router replica did not answer: its requests are missing from the figures.
+            partial=bool(payload.get("partial")),
         )
 
     def variant(self, name: str) -> VariantWindow:
@@ -192,7 +195,7 @@ def evaluate(analysis: Analysis, window: StatsWindow, stable: str, candidate: st
     """
     figures = figures_of(window, stable, candidate)
     requests = int(figures["requests"] or 0)
-    results = [check_gate(g, figures, analysis.probes.per_interval) for g in analysis.gates]
+    results = [check_gate(g, figures, analysis.probes.per_interval) for g in analysis.effective_gates()]
     if requests < analysis.min_requests:
         return AnalysisOutcome(
             "wait", figures, [],

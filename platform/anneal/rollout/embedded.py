@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
-from anneal.api.common import parse_duration
 from anneal.api.service import ModelServiceSpec, ModelServiceStatus
+from anneal.control.rollout import Observation, stats_since, tick
 from anneal.rollout import machine
-from anneal.rollout.analysis import ProbeResults, StatsWindow
+from anneal.rollout.analysis import ProbeResults
 from anneal.rollout.control import CommandInbox, service_dir, write_json_atomic
-from anneal.rollout.machine import ACTIVE, TERMINAL, Event, Reason
+from anneal.rollout.machine import TERMINAL, Event
+from anneal.rollout.probes import start_probe_loop
+from anneal.serve.client import stats as serve_stats
 
 log = logging.getLogger("anneal.rollout")
 
@@ -173,70 +175,6 @@ class TrafficGenerator:
                 self.failures.append((time.time(), variant, status))
 
 
-# ---------------------------------------------------------------------------- probes
-
-
-class ProbeLoop:
-    """Sends a batch of labelled probes to the candidate and the stable once per interval.
-
-    Results are kept per step (keyed by the step's start time) so the figures handed to the
-    analysis cover exactly the window since the step began.
-    """
-
-    def __init__(self, sender: Any, stable: str, candidate: str, per_interval: int, interval_s: float):
-        self.sender = sender
-        self.stable = stable
-        self.candidate = candidate
-        self.per_interval = per_interval
-        self.interval_s = interval_s
-        self._key: float | None = None
-        self._active = False
-        self._results: dict[str, ProbeResults] = {}
-        self._last_batch = -float("inf")
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="anneal-probes", daemon=True)
-
-    def start(self) -> "ProbeLoop":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        self.sender.close()
-
-    def follow(self, key: float | None, active: bool) -> None:
-        """The current step (its start time) and whether probing is wanted."""
-        with self._lock:
-            if key != self._key:
-                self._key = key
-                self._results = {}
-                self._last_batch = -float("inf")
-            self._active = active
-
-    def results(self) -> dict[str, ProbeResults]:
-        with self._lock:
-            return dict(self._results)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with self._lock:
-                key, active = self._key, self._active
-                due = active and time.monotonic() - self._last_batch >= self.interval_s
-                if due:
-                    self._last_batch = time.monotonic()
-            if not due:
-                self._stop.wait(0.1)
-                continue
-            for variant in (self.candidate, self.stable):
-                got = self.sender.send(variant, self.per_interval)
-                with self._lock:
-                    if self._key != key:
-                        break  # the step moved on while we asked: these answers belong to no window
-                    self._results[variant] = self._results.get(variant, ProbeResults()) + got
-
-
 # ------------------------------------------------------------------------ the driver
 
 
@@ -275,13 +213,6 @@ def _current_step(spec: ModelServiceSpec, status: ModelServiceStatus) -> str:
     return machine.describe_step(spec.rollout.steps[rs.step])
 
 
-def fetch_window(http: Any, endpoint: str, since: float | None,
-                 probes: Mapping[str, ProbeResults] | None = None) -> StatsWindow:
-    """Contract 1: ``GET {endpoint}/-/stats?since=T`` as a `StatsWindow`."""
-    params = {"since": f"{since:.6f}"} if since is not None else None
-    r = http.get(endpoint.rstrip("/") + "/-/stats", params=params)
-    r.raise_for_status()
-    return StatsWindow.from_stats(r.json(), probes)
 
 
 def drive(
@@ -352,7 +283,7 @@ def drive(
     inbox = CommandInbox(cdir) if control else None
     command_log: deque[dict[str, Any]] = deque(maxlen=20)
     tracker = _make_tracker(spec, name, settings, desired_models) if track else None
-    probes = _make_probes(spec, endpoint)
+    probes = start_probe_loop(spec, endpoint)
     traffic = (
         TrafficGenerator(endpoint, traffic_rps, **dict(traffic_options or {})).start() if traffic_rps > 0 else None
     )
@@ -362,15 +293,14 @@ def drive(
             now = time.time()
             taken = inbox.take() if inbox is not None else None
             cid, command = taken if taken else (None, None)
-            rs = status.rollout
-            since = rs.step_started_at if rs is not None and status.phase in ACTIVE else None
-            window, stats_error = None, None
+            stats, stats_error = None, None
             try:
-                window = fetch_window(http, endpoint, since, probes.results() if probes else None)
-            except Exception as exc:  # noqa: BLE001 - no stats this tick: no analysis, rollout waits
-                stats_error = f"{type(exc).__name__}: {exc}"
-                log.warning("%s: cannot read %s/-/stats: %s", name, endpoint, stats_error)
-            t = machine.step(spec, status, window, now, command, desired_models)
+                stats = serve_stats(endpoint, stats_since(status), timeout=10.0, http=http)
+            except Exception as exc:  # noqa: BLE001 - no stats this tick: the rollout holds
+                stats_error = f"stats unreadable: {exc}"
+                log.warning("%s: cannot read the stats: %s", name, stats_error)
+            obs = Observation(stats, stats_error, probes.results() if probes else {}, command)
+            t = tick(spec, status, obs, now, desired_models)
             if t.weights is not None:
                 try:
                     apply(app_name, args, dict(t.weights))
@@ -388,21 +318,15 @@ def drive(
                 rs.step_started_at = max(now, time.time())
             for ev in t.events:
                 _log_event(name, ev)
-                if tracker is not None:
-                    _track(tracker, ev, status)
+            if tracker is not None:
+                tracker.apply(t.registry, status)
             if cid:
-                ignored = [e for e in t.events if e.reason == Reason.COMMAND_IGNORED]
                 command_log.append({
-                    "id": cid, "kind": command.kind, "accepted": not ignored,
+                    "id": cid, "kind": command.kind, "accepted": bool(t.command_accepted),
                     "message": "; ".join(e.message for e in t.events) or "ok", "phase": status.phase,
                 })
-            rs = status.rollout
-            if probes is not None and rs is not None:
-                current = r.steps[rs.step] if rs.step < len(r.steps) else None
-                want = status.phase in ACTIVE and (
-                    status.weights.get(r.candidate, 0) > 0 or (current is not None and current.analysis is not None)
-                ) and (rs.model_extra or {}).get("pausedReason") != "AnalysisFailed"
-                probes.follow(rs.step_started_at, want)
+            if probes is not None:
+                probes.follow_plan(t.probes)
             update = RolloutUpdate(
                 service=name, time=now, status=status, steps=len(r.steps), current_step=_current_step(spec, status),
                 events=list(t.events), traffic=traffic.snapshot() if traffic else None,
@@ -459,39 +383,9 @@ def _make_tracker(spec: ModelServiceSpec, name: str, settings: Any,
         return None
 
 
-def _make_probes(spec: ModelServiceSpec, endpoint: str) -> ProbeLoop | None:
-    r = spec.rollout
-    assert r is not None
-    if not any(g.metric == "accuracy" for g in r.analysis.gates):
-        return None
-    from anneal.rollout.probes import ProbeSender, load_questions
-
-    p = r.analysis.probes
-    sender = ProbeSender(
-        endpoint, load_questions(p), override_header=spec.routing.override_header,
-        reasoning_header=spec.routing.reasoning.header, reasoning=p.reasoning,
-    )
-    interval = parse_duration(r.analysis.interval)
-    return ProbeLoop(sender, r.stable, r.candidate, p.per_interval, interval).start()
-
-
 def _log_event(name: str, ev: Event) -> None:
     level = logging.WARNING if ev.type == "Warning" else logging.INFO
     log.log(level, "%s: %s: %s", name, ev.reason, ev.message)
-
-
-def _track(tracker: Any, ev: Event, status: ModelServiceStatus) -> None:
-    rs = status.rollout
-    if ev.reason in (Reason.STARTED, Reason.RESTARTED, Reason.RETRIED):
-        tracker.started(ev.data.get("candidate_model"), ev.data.get("stable_model"), int(ev.data.get("attempt") or 1))
-    elif ev.reason in (Reason.ANALYSIS_PASSED, Reason.ANALYSIS_FAILED, Reason.ANALYSIS_WAITING):
-        a = ev.data.get("analysis") or {}
-        tracker.analysed(a.get("figures") or {}, a.get("verdict", "wait"), int(a.get("step", 0)),
-                         int(a.get("candidateWeight", 0)))
-    elif ev.reason == Reason.PROMOTED:
-        tracker.promoted(str((rs.model_extra or {}).get("reason", "")) if rs else "", ev.data.get("candidate_model"))
-    elif ev.reason == Reason.ROLLED_BACK:
-        tracker.rolled_back(str(ev.data.get("why") or "rolled back"), ev.data.get("candidate_model"))
 
 
 def _publish(cdir: Any, name: str, endpoint: str, app_name: str, update: RolloutUpdate,

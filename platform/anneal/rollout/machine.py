@@ -22,11 +22,14 @@ Life of a rollout (see docs/rollouts.md):
 of any other variants, which the rollout leaves alone. ``setWeight: N`` gives the candidate
 N% of the pool (N% of all traffic when the service has only these two variants).
 
-Extra state lives in `status.rollout` as extra camelCase fields (the model allows them):
+* Without evidence (no stats window, or a partial one) it **holds**: no step advances and no
+  analysis runs; after ``progressDeadline`` of holding it is rolled back with the reason.
+
+Its state is `status.rollout` (`RolloutStatus`, every field declared so the CRD keeps it):
 ``candidate``, ``stable`` (variant names the rollout is for), ``stepsHash``,
 ``lastAnalysisAt``, ``pausedReason`` (PauseStep | WaitingForPromote | AnalysisFailed),
-``attempt``, ``startedAt``, ``finishedAt``, ``reason`` (why it ended), ``analyses`` (count)
-and ``handledCommands`` (annotation → value already acted on).
+``attempt``, ``startedAt``, ``finishedAt``, ``reason`` (why it ended), ``analyses`` (count),
+``holding``/``holdingSince`` and ``handledCommands`` (annotation → value already acted on).
 """
 
 from __future__ import annotations
@@ -99,6 +102,8 @@ class Reason:
     CLOCK_SKEW = "ClockWentBackwards"
     COMMAND_IGNORED = "CommandIgnored"
     REMOVED = "RolloutRemoved"
+    HOLDING = "RolloutHolding"
+    RESUMED = "RolloutResumed"
 
 
 CommandKind = Literal["promote", "abort", "retry"]
@@ -145,14 +150,6 @@ class Transition:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _x(rs: RolloutStatus, key: str, default: Any = None) -> Any:
-    return (rs.model_extra or {}).get(key, default)
-
-
-def _setx(rs: RolloutStatus, key: str, value: Any) -> None:
-    setattr(rs, key, value)
 
 
 def _iso(now: float) -> str:
@@ -229,18 +226,19 @@ class _Pass:
     def advance(self) -> None:
         self.rs.step += 1
         self.rs.step_started_at = self.now
-        _setx(self.rs, "pausedReason", None)
+        self.rs.paused_reason = None
         self.status.phase = Phase.ROLLING_OUT
 
     def finish(self, phase: str, reason: str) -> None:
         rs = self.rs
         r = self.spec.rollout
         assert r is not None
+        rs.holding = rs.holding_since = None
         self.status.phase = phase
         rs.outcome = phase
-        _setx(rs, "pausedReason", None)
-        _setx(rs, "finishedAt", self.now)
-        _setx(rs, "reason", reason)
+        rs.paused_reason = None
+        rs.finished_at = self.now
+        rs.reason = reason
         if phase == Phase.PROMOTED:
             self.set_weights(rollout_weights(self.spec, 100))
             self.event("Normal", Reason.PROMOTED, f"candidate {r.candidate} ({rs.candidate_model}) promoted: {reason}",
@@ -262,6 +260,7 @@ def step(
     now: float,
     command: Command | None = None,
     desired_models: Mapping[str, str] | None = None,
+    unavailable: str | None = None,
 ) -> Transition:
     """Advance a ModelService's rollout by at most one step.
 
@@ -270,11 +269,15 @@ def step(
         status: the status the last call returned (or a fresh `ModelServiceStatus()`);
             never modified.
         window: the router's stats since `status.rollout.step_started_at` (with probe
-            results), or None when they could not be read (analyses are then skipped).
+            results), or None when they could not be read. Without a complete window (None,
+            or `partial`) the rollout holds: no step advances, no analysis runs, and after
+            `progressDeadline` of holding it is rolled back.
         now: the controller's clock, unix seconds.
         command: a manual override to apply in this call.
         desired_models: variant → model the spec asks for, when the caller resolved
             references (e.g. ``fromResource``) to URIs; default ``variant.model.describe()``.
+        unavailable: why there is no window (the candidate is not serving yet, the stats
+            endpoint failed), for the hold's message and the rollback reason.
 
     Returns:
         The new status, the weights to apply (None when unchanged) and the events.
@@ -297,7 +300,7 @@ def step(
     _track_steps(p)
     acted = _apply_command(p, command) if command is not None else False
     if not (started or acted):
-        _advance(p, window)
+        _advance(p, window, unavailable)
     return _done(p, status)
 
 
@@ -312,7 +315,7 @@ def _done(p: _Pass, before: ModelServiceStatus) -> Transition:
 def _without_rollout(p: _Pass, command: Command | None) -> None:
     st = p.status
     if st.rollout is not None and st.phase in ACTIVE:
-        _setx(st.rollout, "reason", "rollout section removed from the spec")
+        st.rollout.reason = "rollout section removed from the spec"
         st.rollout.outcome = "Removed"
         p.event("Warning", Reason.REMOVED, "the rollout section was removed mid-rollout; declared weights apply")
     st.phase = Phase.READY
@@ -333,8 +336,8 @@ def _start_if_needed(p: _Pass, candidate_model: str, stable_model: str) -> bool:
         reason, message = Reason.STARTED, f"candidate {r.candidate} is new ({candidate_model})"
     elif (
         rs.candidate_model == candidate_model
-        and _x(rs, "candidate") == r.candidate
-        and _x(rs, "stable") == r.stable
+        and rs.candidate == r.candidate
+        and rs.stable == r.stable
     ):
         return False
     elif st.phase in ACTIVE:
@@ -366,16 +369,16 @@ def _begin(
         last_analysis=previous.last_analysis if previous else None,
         history=list(previous.history) if previous else [],
     )
-    _setx(rs, "candidate", r.candidate)
-    _setx(rs, "stable", r.stable)
-    _setx(rs, "stableModel", stable_model)
-    _setx(rs, "stepsHash", steps_hash(r.steps))
-    _setx(rs, "attempt", int(_x(previous, "attempt", 0) or 0) + 1 if previous else 1)
-    _setx(rs, "startedAt", p.now)
-    _setx(rs, "lastAnalysisAt", None)
-    _setx(rs, "pausedReason", None)
-    _setx(rs, "analyses", 0)
-    _setx(rs, "handledCommands", dict(_x(previous, "handledCommands", {}) or {}) if previous else {})
+    rs.candidate = r.candidate
+    rs.stable = r.stable
+    rs.stable_model = stable_model
+    rs.steps_hash = steps_hash(r.steps)
+    rs.attempt = (previous.attempt or 0) + 1 if previous else 1
+    rs.started_at = p.now
+    rs.last_analysis_at = None
+    rs.paused_reason = None
+    rs.analyses = 0
+    rs.handled_commands = dict(previous.handled_commands) if previous else {}
     p.status.rollout = rs
     p.status.phase = Phase.ROLLING_OUT
     p.status.models[r.candidate] = candidate_model
@@ -383,7 +386,7 @@ def _begin(
     p.set_weights(rollout_weights(p.spec, 0))
     p.status.message = message
     p.event("Normal", reason, message, candidate_model=candidate_model, stable_model=stable_model,
-            attempt=_x(rs, "attempt"))
+            attempt=rs.attempt)
 
 
 def _track_steps(p: _Pass) -> None:
@@ -392,9 +395,9 @@ def _track_steps(p: _Pass) -> None:
     assert r is not None
     rs = p.rs
     digest = steps_hash(r.steps)
-    if _x(rs, "stepsHash") == digest:
+    if rs.steps_hash == digest:
         return
-    _setx(rs, "stepsHash", digest)
+    rs.steps_hash = digest
     if p.status.phase not in ACTIVE:
         return
     message = f"steps changed mid-rollout ({len(r.steps)} steps now)"
@@ -408,10 +411,10 @@ def _track_steps(p: _Pass) -> None:
 def _mark_handled(p: _Pass, command: Command) -> None:
     if command.source is None or p.status.rollout is None:
         return
-    handled = dict(_x(p.status.rollout, "handledCommands", {}) or {})
+    handled = dict(p.status.rollout.handled_commands)
     key, value = command.source
     handled[key] = value
-    _setx(p.status.rollout, "handledCommands", handled)
+    p.status.rollout.handled_commands = handled
 
 
 def _apply_command(p: _Pass, command: Command) -> bool:
@@ -438,9 +441,9 @@ def _apply_command(p: _Pass, command: Command) -> bool:
             p.event("Normal", Reason.STEP_PROMOTED, f"step {rs.step - 1} ({skipped}) skipped by the user{why}")
             return True
     elif command.kind == "retry":
-        if st.phase == Phase.ROLLED_BACK or (st.phase == Phase.PAUSED and _x(rs, "pausedReason") == "AnalysisFailed"):
+        if st.phase == Phase.ROLLED_BACK or (st.phase == Phase.PAUSED and rs.paused_reason == "AnalysisFailed"):
             _begin(
-                p, rs.candidate_model or "", _x(rs, "stableModel", "") or "", previous=rs,
+                p, rs.candidate_model or "", rs.stable_model or "", previous=rs,
                 reason=Reason.RETRIED, message=f"rollout of {rs.candidate_model} retried from step 0{why}",
             )
             return True
@@ -458,7 +461,23 @@ def describe_step(s: RolloutStep) -> str:
     return "analysis"
 
 
-def _advance(p: _Pass, window: StatsWindow | None) -> None:
+def _hold(p: _Pass, why: str) -> None:
+    """No evidence this tick: nothing advances; past `progressDeadline` the rollout rolls back."""
+    rs, r = p.rs, p.spec.rollout
+    assert r is not None
+    if rs.holding is None or rs.holding_since is None:
+        rs.holding_since = p.now
+        p.event("Warning", Reason.HOLDING, f"step {rs.step}: holding, no evidence: {why}")
+    rs.holding = why
+    deadline = parse_duration(r.progress_deadline)
+    held = p.now - rs.holding_since
+    if held >= deadline:
+        p.finish(Phase.ROLLED_BACK, f"no evidence for {math.floor(held)}s (progressDeadline {r.progress_deadline}): {why}")
+        return
+    p.status.message = f"holding at step {rs.step} ({math.ceil(deadline - held)}s to progressDeadline): {why}"
+
+
+def _advance(p: _Pass, window: StatsWindow | None, unavailable: str | None = None) -> None:
     st = p.status
     rs = p.rs
     r = p.spec.rollout
@@ -467,25 +486,33 @@ def _advance(p: _Pass, window: StatsWindow | None) -> None:
         # Keep the outcome's weights even when other variants' declared weights changed.
         p.set_weights(rollout_weights(p.spec, 100 if st.phase == Phase.PROMOTED else 0))
         return
-    if st.phase == Phase.PAUSED and _x(rs, "pausedReason") == "AnalysisFailed":
+    if st.phase == Phase.PAUSED and rs.paused_reason == "AnalysisFailed":
         return  # waits for promote, abort or retry
     started_at = rs.step_started_at if rs.step_started_at is not None else p.now
-    last = _x(rs, "lastAnalysisAt")
+    last = rs.last_analysis_at
     if p.now < started_at or (last is not None and p.now < last):
         # The clock went backwards: restart the step's timers from now, never advance.
         rs.step_started_at = p.now
         if last is not None and last > p.now:
-            _setx(rs, "lastAnalysisAt", None)
+            rs.last_analysis_at = None
         p.event("Warning", Reason.CLOCK_SKEW, "the clock went backwards; the current step's timers restart now")
         return
+    if window is None or window.partial:
+        _hold(p, unavailable or ("the stats are partial: a router replica did not answer"
+                                 if window is not None else "the router's stats could not be read"))
+        return
+    if rs.holding is not None:
+        p.event("Normal", Reason.RESUMED, f"step {rs.step}: evidence again after {p.now - (rs.holding_since or p.now):.0f}s")
+        # The held time is not the step's: its pause and analysis timers start again.
+        rs.step_started_at = started_at = p.now
+        rs.holding = rs.holding_since = None
     if rs.step >= len(r.steps):
         p.finish(Phase.PROMOTED, "all steps completed")
         return
     current = r.steps[rs.step]
     if _analysis_due(p, current, started_at):
-        if window is not None:
-            if _analyse(p, window, current):
-                return
+        if _analyse(p, window, current):
+            return
     if current.set_weight is not None:
         p.set_weights(rollout_weights(p.spec, current.set_weight))
         p.advance()
@@ -499,22 +526,22 @@ def _advance(p: _Pass, window: StatsWindow | None) -> None:
             p.advance()
             p.event("Normal", Reason.PAUSE_ENDED, f"step {rs.step - 1}: pause {current.pause} over")
         else:
-            if _x(rs, "pausedReason") != "PauseStep":
+            if rs.paused_reason != "PauseStep":
                 p.event("Normal", Reason.PAUSED, f"step {rs.step}: pausing {current.pause}")
             st.phase = Phase.PAUSED
-            _setx(rs, "pausedReason", "PauseStep")
+            rs.paused_reason = "PauseStep"
             st.message = f"paused: {math.ceil(left)}s left of {current.pause}"
     elif current.pause is not None:
-        if _x(rs, "pausedReason") != "WaitingForPromote":
+        if rs.paused_reason != "WaitingForPromote":
             p.event("Normal", Reason.WAITING_FOR_PROMOTE,
                     f"step {rs.step}: waiting for a promote (anneal rollout promote / annotation anneal.dev/promote)")
         st.phase = Phase.PAUSED
-        _setx(rs, "pausedReason", "WaitingForPromote")
+        rs.paused_reason = "WaitingForPromote"
         st.message = "paused: waiting for promote"
     else:
         st.phase = Phase.ROLLING_OUT
         interval = parse_duration(r.analysis.interval)
-        anchor = max(started_at, _x(rs, "lastAnalysisAt") or -math.inf)
+        anchor = max(started_at, rs.last_analysis_at if rs.last_analysis_at is not None else -math.inf)
         st.message = f"step {rs.step}: analysis, next in {max(0, math.ceil(anchor + interval - p.now))}s"
 
 
@@ -526,7 +553,7 @@ def _analysis_due(p: _Pass, current: RolloutStep, started_at: float) -> bool:
     if current.analysis is None and p.weights.get(r.candidate, 0) <= 0:
         return False
     interval = parse_duration(r.analysis.interval)
-    anchor = max(started_at, _x(rs, "lastAnalysisAt") or -math.inf)
+    anchor = max(started_at, rs.last_analysis_at if rs.last_analysis_at is not None else -math.inf)
     return p.now - anchor >= interval
 
 
@@ -536,8 +563,8 @@ def _analyse(p: _Pass, window: StatsWindow, current: RolloutStep) -> bool:
     assert r is not None
     st, rs = p.status, p.rs
     outcome = evaluate(r.analysis, window, r.stable, r.candidate)
-    _setx(rs, "lastAnalysisAt", p.now)
-    _setx(rs, "analyses", int(_x(rs, "analyses", 0) or 0) + 1)
+    rs.last_analysis_at = p.now
+    rs.analyses = (rs.analyses or 0) + 1
     if outcome.verdict == "fail":
         rs.consecutive_failures += 1
     elif outcome.verdict == "pass":
@@ -546,8 +573,8 @@ def _analyse(p: _Pass, window: StatsWindow, current: RolloutStep) -> bool:
         time=_iso(p.now), step=rs.step, verdict=outcome.verdict, figures=outcome.figures,
         failed_gates=outcome.failed_gates, reason=outcome.reason,
     )
-    setattr(result, "consecutiveFailures", rs.consecutive_failures)
-    setattr(result, "candidateWeight", p.weights.get(r.candidate, 0))
+    result.consecutive_failures = rs.consecutive_failures
+    result.candidate_weight = p.weights.get(r.candidate, 0)
     rs.last_analysis = result
     rs.history = (rs.history + [result])[-HISTORY_LIMIT:]
     limit = r.analysis.failure_limit
@@ -565,7 +592,7 @@ def _analyse(p: _Pass, window: StatsWindow, current: RolloutStep) -> bool:
                 p.finish(Phase.ROLLED_BACK, why)
             else:
                 st.phase = Phase.PAUSED
-                _setx(rs, "pausedReason", "AnalysisFailed")
+                rs.paused_reason = "AnalysisFailed"
                 st.message = f"paused after failed analyses (autoRollback off): {why}"
                 p.event("Warning", Reason.ROLLOUT_PAUSED,
                         f"{why}; autoRollback is off: promote to go on, abort to roll back")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -115,3 +116,88 @@ class ProbeSender:
 
     def close(self) -> None:
         self._http.close()
+
+
+class ProbeLoop:
+    """Sends a batch of labelled probes to the candidate and the stable once per interval.
+
+    Results are kept per step (keyed by the step's start time) so the figures handed to the
+    analysis cover exactly the window since the step began.
+    """
+
+    def __init__(self, sender: Any, stable: str, candidate: str, per_interval: int, interval_s: float):
+        self.sender = sender
+        self.stable = stable
+        self.candidate = candidate
+        self.per_interval = per_interval
+        self.interval_s = interval_s
+        self._key: float | None = None
+        self._active = False
+        self._results: dict[str, ProbeResults] = {}
+        self._last_batch = -float("inf")
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="anneal-probes", daemon=True)
+
+    def start(self) -> "ProbeLoop":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.sender.close()
+
+    def follow_plan(self, plan: Any) -> None:
+        """Follow a `anneal.control.rollout.ProbePlan` (the tick's word on what to measure)."""
+        self.follow(plan.step_started_at, plan.active)
+
+    def follow(self, key: float | None, active: bool) -> None:
+        """The current step (its start time) and whether probing is wanted."""
+        with self._lock:
+            if key != self._key:
+                self._key = key
+                self._results = {}
+                self._last_batch = -float("inf")
+            self._active = active
+
+    def results(self) -> dict[str, ProbeResults]:
+        with self._lock:
+            return dict(self._results)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                key, active = self._key, self._active
+                due = active and time.monotonic() - self._last_batch >= self.interval_s
+                if due:
+                    self._last_batch = time.monotonic()
+            if not due:
+                self._stop.wait(0.1)
+                continue
+            for variant in (self.candidate, self.stable):
+                got = self.sender.send(variant, self.per_interval)
+                with self._lock:
+                    if self._key != key:
+                        break  # the step moved on while we asked: these answers belong to no window
+                    self._results[variant] = self._results.get(variant, ProbeResults()) + got
+
+
+def start_probe_loop(spec: Any, endpoint: str) -> ProbeLoop | None:
+    """The probe loop a ModelService's rollout needs (None: it has no ``accuracy`` gate).
+
+    Raises:
+        ValueError: the probe data set has no labelled questions.
+    """
+    from anneal.api.common import parse_duration
+    from anneal.control.rollout import wants_probes
+
+    if not wants_probes(spec):
+        return None
+    r = spec.rollout
+    p = r.analysis.probes
+    sender = ProbeSender(
+        endpoint, load_questions(p), override_header=spec.routing.override_header,
+        reasoning_header=spec.routing.reasoning.header, reasoning=p.reasoning,
+    )
+    return ProbeLoop(sender, r.stable, r.candidate, p.per_interval, parse_duration(r.analysis.interval)).start()

@@ -86,15 +86,22 @@ def call(
     }
 
 
-def stats(endpoint: str, since: float | None = None, *, timeout: float = 30.0) -> dict[str, Any]:
+def stats(endpoint: str, since: float | None = None, *, timeout: float = 30.0,
+          http: httpx.Client | None = None) -> dict[str, Any]:
     """The service's `GET /-/stats` document (contract 1; see docs/serving.md).
+
+    Args:
+        endpoint: the service's base URL.
+        since: the window's start (unix seconds); None for the totals since start-up.
+        timeout: seconds.
+        http: a client to reuse (a controller asking every second keeps one connection pool).
 
     Raises:
         ServeClientError: an error answer or a connection failure.
     """
-    params = {"since": since} if since is not None else None
+    params = {"since": f"{since:.6f}"} if since is not None else None
     try:
-        r = httpx.get(_url(endpoint, "/-/stats"), params=params, timeout=timeout)
+        r = (http or httpx).get(_url(endpoint, "/-/stats"), params=params, timeout=timeout)
     except httpx.HTTPError as e:
         raise ServeClientError(f"cannot reach {endpoint}: {e}; is the service running?") from None
     if r.status_code != 200:
