@@ -19,6 +19,7 @@ import kopf
 
 from anneal import API_GROUP, API_VERSION
 from anneal.api.resources import KINDS, ManifestError, parse_spec
+from anneal.control.service import app_name, live_weights, route_prefix
 from anneal.runtime.jobs_api import ray_auth_headers
 from anneal.runtime import kuberay
 from anneal_operator.context import OperatorContext, event, invalid_spec_status, snapshot, with_condition
@@ -32,15 +33,6 @@ DEFAULT_SERVE_PORT = 8000
 
 
 # ------------------------------------------------------------------------- pure parts
-
-
-def app_name(namespace: str, name: str) -> str:
-    """The Serve application name of a ModelService (unique on a shared cluster)."""
-    return f"{namespace}-{name}"
-
-
-def route_prefix(namespace: str, name: str) -> str:
-    return f"/{namespace}/{name}"
 
 
 def shared_endpoint(address: str, namespace: str, name: str, port: int = DEFAULT_SERVE_PORT) -> str:
@@ -84,18 +76,6 @@ def _is_port(value: Any) -> bool:
 def serve_app_status(details: Mapping[str, Any], app: str) -> str | None:
     """The status of one Serve application in Serve's instance details (None: not deployed)."""
     return ((details.get("applications") or {}).get(app) or {}).get("status")
-
-
-def live_weights(spec: Any, status_weights: Mapping[str, int] | None) -> dict[str, int]:
-    """The weights the Serve app should run with.
-
-    Without a rollout, the spec's (an edit to them is applied in place); with one, the
-    rollout's (kept in status), unless those do not name exactly the spec's variants.
-    """
-    current = dict(status_weights or {})
-    if spec.rollout is None or set(current) != {v.name for v in spec.variants}:
-        return spec.weights()
-    return current
 
 
 def rayservice_endpoint(rayservice: str, namespace: str, name: str) -> str:

@@ -96,7 +96,9 @@ def _remove_app(ray: str, app: str) -> None:
 @pytest.fixture
 def service_app(namespace, ray_head):
     """The Serve app name of this test's ModelService; removed from the Ray head afterwards if still there."""
-    app = f"{namespace}-{NAME}"
+    from anneal.control.service import app_name
+
+    app = app_name(namespace, NAME)
     yield app
     try:
         _remove_app(ray_head, app)

@@ -202,7 +202,8 @@ def test_resolve_stage_refs_needs_the_earlier_output():
 
 
 def test_service_names_and_endpoints():
-    assert service.app_name("ns", "svc") == "ns-svc"
+    assert service.app_name("ns", "svc") == "ns_svc"
+    assert service.app_name("a-b", "c") != service.app_name("a", "b-c")
     assert service.shared_endpoint("http://10.0.0.5:8265", "ns", "svc") == "http://10.0.0.5:8000/ns/svc"
     assert service.rayservice_endpoint("svc-serve", "ns", "svc").startswith("http://svc-serve-serve-svc.ns.svc:8000")
     e1 = {"name": "a", "args": {"x": 1}, "deployments": [{"user_config": {"weights": {"a": 100}}}]}

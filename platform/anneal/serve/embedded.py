@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from anneal.control.service import app_name as serve_app_name
 from anneal.serve.routing import weights_summary
 
 log = logging.getLogger("anneal.serve.embedded")
@@ -25,11 +26,6 @@ CPU_BUDGET = 0.8
 
 class ServiceError(RuntimeError):
     """The service cannot be started; the message names the field or the step at fault."""
-
-
-def app_name_of(namespace: str, name: str) -> str:
-    """The deterministic Serve application name of a ModelService."""
-    return f"{namespace}-{name}"
 
 
 def resolve_model_uris(spec: Any, namespace: str, resolver: Resolver | None = None,
@@ -228,7 +224,7 @@ def start_service(
             ray.shutdown()
         raise
     available = float(ray.cluster_resources().get("CPU", 1.0))
-    app_name = app_name_of(m.namespace, m.name)
+    app_name = serve_app_name(m.namespace, m.name)
     args = args_from_spec(
         app_name, spec, models,
         cache_dir=str(settings.anneal.cache_dir),
