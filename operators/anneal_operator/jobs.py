@@ -222,7 +222,18 @@ class JobReconciler:
     # ------------------------------------------------------------------ helpers
 
     def address(self, spec: Any) -> str | None:
+        """Where a new attempt goes: the spec's Ray address, else the operator's default."""
         return spec.ray.address or self.op.settings.ray_address
+
+    def submitted_to(self, spec: Any, status: Mapping[str, Any]) -> str | None:
+        """Where the current attempt went (None: a RayJob), whatever the spec says now.
+
+        A spec edited mid-job (another `ray.address`) must not orphan the running Ray job:
+        it is observed and stopped where it was submitted.
+        """
+        if status.get("submissionId") and "rayAddress" in status:
+            return status["rayAddress"] or None
+        return self.address(spec)
 
     def tracking_uri(self, spec: Any) -> str:
         return spec.mlflow.tracking_uri or self.op.settings.tracking_uri
@@ -334,7 +345,7 @@ class JobReconciler:
         plan = self.plan(spec, meta, attempt, status.get("mlflowRunId"), resolved)
         if plan.submission_id != status["submissionId"]:
             raise kopf.PermanentError(f"submission id drifted: {plan.submission_id} != {status['submissionId']}")
-        address = self.address(spec)
+        address = self.submitted_to(spec, status)
         if address:
             outcome = self.op.jobs_client(address).submit(plan)
             self.op.metrics.submissions.labels(self.kind, "jobs-api", outcome).inc()
@@ -357,7 +368,7 @@ class JobReconciler:
     # -------------------------------------------------------------------- observe
 
     def read_ray(self, spec: Any, meta: Mapping[str, Any], status: Mapping[str, Any]) -> tuple[str | None, str]:
-        address = self.address(spec)
+        address = self.submitted_to(spec, status)
         if address:
             info = self.op.jobs_client(address).get(status["submissionId"])
             return (None, "") if info is None else (info.status, info.message)
@@ -456,7 +467,7 @@ class JobReconciler:
             status.update(
                 phase=PENDING, attempts=attempt, submissionId=sid,
                 specHash=submitted_hash or spec_hash(raw_spec), observedGeneration=generation,
-                rayCluster=self.address(spec) or self.rayjob_name(meta, attempt),
+                rayCluster=self.address(spec) or self.rayjob_name(meta, attempt), rayAddress=self.address(spec) or "",
                 message=f"attempt {attempt}: submitting {sid}",
             )
             status.setdefault("startTime", now_iso())
@@ -488,7 +499,7 @@ class JobReconciler:
                 self._finish(body, old, status, [("Warning", "SubmissionRejected", str(exc))])
                 return
             self.op.due(f"progress/{meta['uid']}", 0, now)  # first progress read one interval from now
-            where = self.address(spec) or f"RayJob {status.get('rayCluster')}"
+            where = self.submitted_to(spec, status) or f"RayJob {status.get('rayCluster')}"
             status.update(phase=SUBMITTED, message=f"attempt {status['attempts']}: submitted to {where}")
             with_condition(status, "Ready", "False", SUBMITTED, status["message"])
             verb = "submitted" if outcome == "submitted" else "found already submitted"
@@ -551,11 +562,14 @@ class JobReconciler:
         status = self.op.current_status(body)
         if status.get("phase") in TERMINAL:
             return
+        spec: Any = None
         try:
             spec = parse_spec(self.kind, dict(body.get("spec") or {}))
         except ManifestError:
-            return
-        address = self.address(spec)
+            if not status.get("submissionId"):
+                return
+            # Edited into an invalid spec after submission: the job still runs where status says.
+        address = self.submitted_to(spec, status) if spec is not None else (status.get("rayAddress") or None)
         guessed = not status.get("submissionId")
         if guessed:
             if not address:
@@ -589,6 +603,8 @@ class JobReconciler:
             except ApiException as exc:
                 if exc.status != 404:
                     raise
+        if spec is None:
+            return
         try:
             run_id = self.find_run(spec, meta, status)
             if run_id:

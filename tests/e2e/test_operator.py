@@ -352,3 +352,23 @@ def test_deleting_a_running_job_stops_its_ray_job(kube_cluster, op_namespace, op
     jobs = _wait("Ray job stopped", lambda: (j := _ray_jobs_of(ray_head, uid)) and all(
         x["status"] in ("STOPPED", "FAILED") for x in j) and j, 60)
     assert [j["status"] for j in jobs] == ["STOPPED"]
+
+
+def test_a_spec_edited_mid_job_does_not_orphan_its_ray_job(kube_cluster, op_namespace, operator, ray_head):
+    """The job keeps being observed and stopped where it was submitted, whatever `ray.address` says now."""
+    spec = {**TINY_SFT, "ray": {"address": ray_head}, "training": {"steps": 100000, "batchSize": 4}}
+    _apply(kube_cluster, op_namespace, _job("edited", spec))
+    uid = _wait("resource", lambda: _get(kube_cluster, op_namespace, "dj", "edited"), 30)["metadata"]["uid"]
+    _wait("Ray job running", lambda: any(j["status"] == "RUNNING" for j in _ray_jobs_of(ray_head, uid)), 180, 2)
+    patch = [{"op": "replace", "path": "/spec/ray/address", "value": "http://127.0.0.1:9"}]
+    kube_cluster.kubectl("patch", "dj", "edited", "-n", op_namespace, "--type=json", "-p", json.dumps(patch))
+    st = _wait("the edit refused", lambda: (s := _status(kube_cluster, op_namespace, "dj", "edited")).get(
+        "refusedGeneration") and s, 60)
+    assert st["rayAddress"] == ray_head and st["phase"] in ("Submitted", "Running"), st
+    time.sleep(3)  # a few passes against the edited spec: still observed at the real head
+    assert _status(kube_cluster, op_namespace, "dj", "edited")["phase"] in ("Submitted", "Running")
+    kube_cluster.kubectl("delete", "dj", "edited", "-n", op_namespace, "--timeout=90s")
+    assert _get(kube_cluster, op_namespace, "dj", "edited") is None
+    jobs = _wait("Ray job stopped", lambda: (j := _ray_jobs_of(ray_head, uid)) and all(
+        x["status"] in ("STOPPED", "FAILED") for x in j) and j, 60)
+    assert [j["status"] for j in jobs] == ["STOPPED"]

@@ -318,6 +318,9 @@ class DistillationJobStatus(StatusBase):
     phase: Literal["Pending", "Submitted", "Running", "Succeeded", "Failed", "Cancelled"] | None = None
     submission_id: str | None = None
     ray_cluster: str | None = None
+    ray_address: str | None = Field(
+        default=None, description="The Ray Jobs API address the attempt was submitted to (empty: a RayJob). "
+        "The operator keeps observing and stopping it there even if spec.ray.address is edited.")
     mlflow_run_id: str | None = None
     model_uri: str | None = None
     progress: Progress | None = None
