@@ -156,7 +156,7 @@ class OperatorContext:
     def write_status(self, kind: str, body: Mapping[str, Any], old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
         """Merge-patch `status` to `new` if it differs from `old`; returns whether it wrote.
 
-        Keys present before and absent now are removed (null in the merge patch). The patch
+        Keys present before and absent now are removed, at any depth (`merge_patch`). The patch
         carries the resourceVersion the pass read: if anyone changed the object since, the
         API server answers 409 and the pass is retried on fresh data instead of overwriting.
         """
@@ -166,10 +166,7 @@ class OperatorContext:
         new_clean = {k: v for k, v in new.items() if k not in KOPF_KEYS}
         if old_clean == new_clean:
             return False
-        patch: dict[str, Any] = {k: v for k, v in new_clean.items() if old_clean.get(k) != v}
-        for k in old_clean:
-            if k not in new_clean:
-                patch[k] = None
+        patch = merge_patch(old_clean, new_clean)
         meta = body.get("metadata") or {}
         uid = meta.get("uid", "")
         rv = _rv(meta)
@@ -194,6 +191,28 @@ class OperatorContext:
         except AttributeError:
             pass
         return True
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns `old` into `new`.
+
+    Nested objects are patched key by key, so a key the new status no longer has is sent as
+    null at its own depth (``status.rollout.holding`` cleared): a merge patch that only
+    replaced top-level keys would merge the new ``rollout`` into the stored one and keep it.
+    """
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            sub = merge_patch(before, value)
+            if sub:
+                patch[key] = sub
+        elif key not in old or before != value:
+            patch[key] = value
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return patch
 
 
 def _rv(meta: Mapping[str, Any]) -> int:

@@ -272,3 +272,38 @@ def test_jobs_clients_are_shared_per_address_and_closed_once():
     op.close()
     assert sorted(closed) == ["http://a:8265", "http://b:8265"]
     assert op.jobs_client("http://a:8265") is not a1  # a closed client is not handed out again
+
+
+@pytest.mark.parametrize(
+    "old, new, patch",
+    [
+        ({"a": 1}, {"a": 1}, {}),
+        ({"a": 1}, {"a": 2, "b": 3}, {"a": 2, "b": 3}),
+        ({"a": 1, "gone": 2}, {"a": 1}, {"gone": None}),
+        # A key removed inside a nested object is nulled at its own depth (a top-level replace
+        # would be merged into the stored object by the API server and keep the key).
+        ({"rollout": {"step": 1, "holding": "no stats"}}, {"rollout": {"step": 1}}, {"rollout": {"holding": None}}),
+        ({"rollout": {"h": {"x": 1, "y": 2}}}, {"rollout": {"h": {"x": 1}}}, {"rollout": {"h": {"y": None}}}),
+        ({"weights": {"a": 50, "b": 50}}, {"weights": {"a": 100}}, {"weights": {"a": 100, "b": None}}),
+        ({"history": [1, 2]}, {"history": [1, 2, 3]}, {"history": [1, 2, 3]}),
+        ({"rollout": None}, {"rollout": {"step": 0}}, {"rollout": {"step": 0}}),
+    ],
+)
+def test_merge_patch_removes_keys_at_every_depth(old, new, patch):
+    from anneal_operator.context import merge_patch
+
+    assert merge_patch(old, new) == patch
+    assert _apply_merge_patch(old, patch) == new
+
+
+def _apply_merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386, as the API server applies a merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _apply_merge_patch(out.get(k), v)
+    return out
