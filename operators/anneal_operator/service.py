@@ -375,22 +375,10 @@ def register(registry: kopf.OperatorRegistry, op: OperatorContext) -> None:
 def _remove_serve_app(address: str, name: str) -> None:
     import httpx
 
-    base = address.rstrip("/") + "/api/serve/applications/"
+    from anneal.serve.deploy import update_serve_apps
+
     try:
         with httpx.Client(timeout=30, headers=ray_auth_headers()) as http:
-            r = http.get(base)
-            r.raise_for_status()
-            details = r.json()
-            apps = details.get("applications") or {}
-            if name not in apps:
-                return
-            keep = [a["deployed_app_config"] for n, a in apps.items() if n != name and a.get("deployed_app_config")]
-            # A PUT, even of no apps, rather than DELETE (which shuts Serve down): Serve and its
-            # proxy stay up on the cluster's HTTP options for the other tenants. Sending the
-            # options Serve reports keeps the dashboard from warning that they differ.
-            body: dict[str, Any] = {"applications": keep}
-            if details.get("http_options"):
-                body["http_options"] = details["http_options"]
-            http.put(base, json=body).raise_for_status()
+            update_serve_apps(http, address, remove=(name,))
     except Exception as exc:
         raise kopf.TemporaryError(f"Serve REST API {address}: cannot remove app {name}: {exc}", delay=10)

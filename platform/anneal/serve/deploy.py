@@ -10,6 +10,7 @@ nothing, and drops no request.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -119,6 +120,47 @@ def _wait_weights(app_name: str, weights: dict[str, int], timeout_s: float) -> N
         time.sleep(0.1)
 
 
+#: One lock per Serve REST API: its PUT replaces the whole set of apps, so two concurrent
+#: read-modify-writes (ten ModelServices applied at once) would drop each other's apps.
+_REST_LOCKS: dict[str, threading.Lock] = {}
+_REST_LOCKS_GUARD = threading.Lock()
+
+
+def update_serve_apps(http: Any, dashboard_url: str, put: list[dict[str, Any]] = (),
+                      remove: tuple[str, ...] = ()) -> bool:
+    """Add or replace apps (`put`) and drop apps (`remove`) on a shared cluster, keeping every other app.
+
+    The REST API has no per-app write: this reads the deployed configs, edits them and puts
+    them back, under a per-cluster lock, keeping Serve's HTTP options as they are (removing
+    the last app leaves Serve up for the other tenants).
+
+    Returns:
+        Whether anything was written (removing an absent app writes nothing).
+    """
+    base = dashboard_url.rstrip("/") + "/api/serve/applications/"
+    with _REST_LOCKS_GUARD:
+        lock = _REST_LOCKS.setdefault(base, threading.Lock())
+    with lock:
+        r = http.get(base)
+        r.raise_for_status()
+        details = r.json()
+        apps = {name: a["deployed_app_config"] for name, a in (details.get("applications") or {}).items()
+                if a.get("deployed_app_config")}
+        if not put and not any(n in apps for n in remove):
+            return False
+        for name in remove:
+            apps.pop(name, None)
+        for e in put:
+            apps[e["name"]] = e
+        body: dict[str, Any] = {"applications": list(apps.values())}
+        if details.get("http_options"):
+            body["http_options"] = details["http_options"]
+        r = http.put(base, json=body)
+        if r.status_code >= 400:
+            raise RuntimeError(f"Serve REST API {dashboard_url}: {r.status_code} {r.text[:500]}")
+        return True
+
+
 def _rest_deploy(dashboard_url: str, entries: list[dict[str, Any]], wait_s: float) -> None:
     import httpx
 
@@ -126,17 +168,7 @@ def _rest_deploy(dashboard_url: str, entries: list[dict[str, Any]], wait_s: floa
 
     base = dashboard_url.rstrip("/") + "/api/serve/applications/"
     with httpx.Client(timeout=30.0, headers=ray_auth_headers()) as http:
-        # The REST API replaces the whole set of apps: keep the ones we are not changing.
-        r = http.get(base)
-        r.raise_for_status()
-        details = r.json()
-        apps = {name: a["deployed_app_config"] for name, a in (details.get("applications") or {}).items()
-                if a.get("deployed_app_config")}
-        for e in entries:
-            apps[e["name"]] = e
-        r = http.put(base, json={"applications": list(apps.values())})
-        if r.status_code >= 400:
-            raise RuntimeError(f"Serve REST API {dashboard_url}: {r.status_code} {r.text[:500]}")
+        update_serve_apps(http, dashboard_url, put=entries)
         deadline = time.monotonic() + wait_s
         names = [e["name"] for e in entries]
         while wait_s > 0:
