@@ -243,6 +243,35 @@ def event(body: Any, type: str, reason: str, message: str) -> None:
         log.debug("could not post event %s: %s", reason, exc)
 
 
+def bounded_cleanup(body: Any, runtime: Any, limit_s: float, what: str, cleanup: Callable[[], None]) -> None:
+    """Run a deletion's cleanup; past `limit_s` since the deletion began, stop retrying.
+
+    A finalizer must never hold a resource forever: when Ray stays unreachable (or refuses
+    the operator, 401/403), the cleanup is given up with a Warning event naming what may be
+    left behind, and the handler returns so kopf releases the finalizer.
+
+    Args:
+        body: the resource (for the event).
+        runtime: how long the deletion handler has been retrying (kopf's `runtime`, a timedelta).
+        limit_s: `cleanup_timeout`.
+        what: what the cleanup does, for the event ("stop Ray job X at Y").
+        cleanup: raises `kopf.TemporaryError` to be retried, or `CleanupRefused` to give up now.
+    """
+    try:
+        cleanup()
+    except CleanupRefused as exc:
+        event(body, "Warning", "CleanupAbandoned", f"could not {what}: {exc}; it may be left behind")
+    except kopf.TemporaryError as exc:
+        if runtime is None or runtime.total_seconds() < limit_s:
+            raise
+        event(body, "Warning", "CleanupAbandoned",
+              f"could not {what} within {limit_s:g}s: {exc}; the finalizer is released, it may be left behind")
+
+
+class CleanupRefused(RuntimeError):
+    """A deletion's cleanup that retrying cannot help (e.g. 401/403 from Ray)."""
+
+
 def conditions_of(status: Mapping[str, Any]) -> list[Condition]:
     return [Condition.model_validate(c) for c in status.get("conditions") or []]
 

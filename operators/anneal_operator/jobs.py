@@ -27,7 +27,9 @@ from anneal.runtime import jobs_api, kuberay
 from anneal.runtime.plan import JobInputs, JobPlan, build_job_plan, spec_hash, submission_id
 from anneal.tracking import mlflow_store as store
 from anneal_operator.context import (
+    CleanupRefused,
     OperatorContext,
+    bounded_cleanup,
     event,
     snapshot,
     invalid_spec_status,
@@ -585,6 +587,8 @@ class JobReconciler:
             except jobs_api.JobsApiError as exc:
                 if exc.transient and not guessed:
                     raise kopf.TemporaryError(str(exc), delay=5)
+                if not guessed:  # e.g. 401/403: retrying cannot help; say so and release the finalizer
+                    raise CleanupRefused(str(exc)) from None
                 log.warning("%s %s/%s deleted: could not stop Ray job %s: %s", self.kind, meta["namespace"],
                             meta["name"], status["submissionId"], exc)
                 stopped = False
@@ -628,9 +632,10 @@ def register_job_handlers(registry: kopf.OperatorRegistry, op: OperatorContext, 
 
     @kopf.on.delete(API_GROUP, API_VERSION, plural, registry=registry, id="stop-ray-job")
     @op.metrics.timed(kind, "delete")
-    def delete(body: kopf.Body, meta: kopf.Meta, **_: Any) -> None:
+    def delete(body: kopf.Body, meta: kopf.Meta, runtime: Any = None, **_: Any) -> None:
         with op.lock(meta["uid"]):
-            rec.on_delete(body, meta)
+            bounded_cleanup(body, runtime, op.settings.cleanup_timeout, f"stop the Ray job of {kind} {meta['name']}",
+                            lambda: rec.on_delete(body, meta))
         op.forget(meta["uid"])
 
     return rec

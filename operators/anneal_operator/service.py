@@ -22,7 +22,7 @@ from anneal.api.resources import KINDS, ManifestError, parse_spec
 from anneal.control.service import app_name, live_weights, route_prefix
 from anneal.runtime.jobs_api import ray_auth_headers
 from anneal.runtime import kuberay
-from anneal_operator.context import OperatorContext, event, invalid_spec_status, snapshot, with_condition
+from anneal_operator.context import CleanupRefused, OperatorContext, bounded_cleanup, event, invalid_spec_status, snapshot, with_condition
 
 log = logging.getLogger("anneal_operator.service")
 
@@ -364,12 +364,14 @@ def register(registry: kopf.OperatorRegistry, op: OperatorContext) -> None:
 
     @kopf.on.delete(API_GROUP, API_VERSION, plural, registry=registry, id="remove-serve-app")
     @op.metrics.timed(KIND, "delete")
-    def service_delete(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, **_: Any) -> None:
-        """Remove the Serve app from a shared cluster (a RayService goes with its owner)."""
+    def service_delete(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, runtime: Any = None, **_: Any) -> None:
+        """Remove the Serve app from a shared cluster (a RayService goes with its owner); bounded in time."""
         address = (spec.get("ray") or {}).get("address") or op.settings.ray_address
         op.forget(meta["uid"])  # stops its probe loop before the app goes
         if address:
-            _remove_serve_app(address, app_name(meta["namespace"], meta["name"]))
+            app = app_name(meta["namespace"], meta["name"])
+            bounded_cleanup(body, runtime, op.settings.cleanup_timeout, f"remove Serve app {app} from {address}",
+                            lambda: _remove_serve_app(address, app))
 
 
 def _remove_serve_app(address: str, name: str) -> None:
@@ -380,5 +382,9 @@ def _remove_serve_app(address: str, name: str) -> None:
     try:
         with httpx.Client(timeout=30, headers=ray_auth_headers()) as http:
             update_serve_apps(http, address, remove=(name,))
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code in (401, 403):
+            raise CleanupRefused(f"Serve REST API {address} answered {exc.response.status_code}") from None
+        raise kopf.TemporaryError(f"Serve REST API {address}: cannot remove app {name}: {exc}", delay=10)
     except Exception as exc:
         raise kopf.TemporaryError(f"Serve REST API {address}: cannot remove app {name}: {exc}", delay=10)

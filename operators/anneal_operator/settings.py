@@ -47,6 +47,9 @@ class OperatorSettings(BaseSettings):
         default=30.0, gt=0, description="Seconds between reads of a running job's progress from MLflow "
         "(its result is read as soon as the Ray job ends)."
     )
+    cleanup_timeout: float = Field(
+        default=300.0, gt=0, description="Seconds a deletion keeps retrying to stop its Ray job or remove its "
+        "Serve app (Ray unreachable); then the finalizer is released with a Warning event.")
     retry_backoff: float = Field(default=10.0, ge=0, description="Seconds before the first retry (doubles).")
     retry_backoff_max: float = Field(default=300.0, ge=0, description="Cap on the retry delay.")
     handler_workers: int = Field(default=16, ge=1, description="Threads running reconcile passes.")

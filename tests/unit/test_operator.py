@@ -307,3 +307,29 @@ def _apply_merge_patch(target: Any, patch: Any) -> Any:
         else:
             out[k] = _apply_merge_patch(out.get(k), v)
     return out
+
+
+def test_bounded_cleanup_retries_then_gives_up_with_a_warning(monkeypatch):
+    import datetime
+
+    import kopf
+
+    from anneal_operator import context
+
+    posted = []
+    monkeypatch.setattr(context, "event", lambda body, type_, reason, msg: posted.append((type_, reason, msg)))
+
+    def unreachable():
+        raise kopf.TemporaryError("Serve REST API http://ray:8265: connection refused", delay=10)
+
+    with pytest.raises(kopf.TemporaryError):  # within the limit: kopf retries
+        context.bounded_cleanup({}, datetime.timedelta(seconds=10), 300, "remove Serve app a", unreachable)
+    assert posted == []
+    context.bounded_cleanup({}, datetime.timedelta(seconds=301), 300, "remove Serve app a", unreachable)
+    assert posted[0][:2] == ("Warning", "CleanupAbandoned") and "within 300s" in posted[0][2]
+
+    def refused():
+        raise context.CleanupRefused("Serve REST API http://ray:8265 answered 403")
+
+    context.bounded_cleanup({}, datetime.timedelta(seconds=1), 300, "remove Serve app a", refused)
+    assert "403" in posted[1][2]
