@@ -35,6 +35,7 @@ from anneal_operator.context import (
     invalid_spec_status,
     with_condition,
 )
+from anneal_operator.settings import endpoint_problems
 from anneal_operator.tracking import tracker
 
 log = logging.getLogger("anneal_operator.jobs")
@@ -427,6 +428,7 @@ class JobReconciler:
             spec = parse_spec(self.kind, raw_spec)
             problems = check_limits(spec, self.op.settings.max_workers, self.op.settings.max_gpus_per_worker,
                                     bool(self.address(spec)), self.address(spec))
+            problems += endpoint_problems(spec, self.op.settings)
             if problems:
                 raise ManifestError(problems)
         except ManifestError as exc:

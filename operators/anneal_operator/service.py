@@ -22,6 +22,7 @@ from anneal.api.resources import KINDS, ManifestError, parse_spec
 from anneal.control.service import app_name, live_weights, route_prefix
 from anneal.runtime.jobs_api import ray_auth_headers
 from anneal.runtime import kuberay
+from anneal_operator.settings import endpoint_problems
 from anneal_operator.context import CleanupRefused, OperatorContext, bounded_cleanup, event, invalid_spec_status, snapshot, with_condition
 
 log = logging.getLogger("anneal_operator.service")
@@ -146,6 +147,9 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
     old = op.current_status(body)
     try:
         spec = parse_spec(KIND, dict(body.get("spec") or {}))
+        problems = endpoint_problems(spec, op.settings)
+        if problems:
+            raise ManifestError(problems)
     except ManifestError as exc:
         new = invalid_spec_status(old, exc, generation)
         if op.write_status(KIND, body, old, new):

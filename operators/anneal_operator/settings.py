@@ -16,6 +16,16 @@ class OperatorSettings(BaseSettings):
         default_factory=list,
         description="Namespaces to watch, comma-separated; empty: the whole cluster.",
     )
+    allowed_ray_addresses: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="URL prefixes a resource's spec.ray.address may name, comma-separated (the operator sends "
+        "its Ray token there); empty: only RAY_ADDRESS; '*': any (trusted tenants only).",
+    )
+    allowed_tracking_uris: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="URI prefixes a resource's spec.mlflow.trackingUri may name, comma-separated; empty: only "
+        "TRACKING_URI; '*': any.",
+    )
     ray_address: str | None = Field(
         default=None,
         description="Default Ray dashboard URL (shared cluster) for resources without spec.ray.address; "
@@ -64,7 +74,7 @@ class OperatorSettings(BaseSettings):
     kubeconfig: str | None = Field(default=None, description="Kubeconfig file; empty: in-cluster, then $KUBECONFIG.")
     log_level: str = Field(default="INFO", description="Log level.")
 
-    @field_validator("namespaces", mode="before")
+    @field_validator("namespaces", "allowed_ray_addresses", "allowed_tracking_uris", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
@@ -77,3 +87,41 @@ class OperatorSettings(BaseSettings):
         if value not in ("kueue", "volcano"):
             raise ValueError("must be kueue or volcano")
         return value
+
+
+def endpoint_problems(spec: object, settings: OperatorSettings) -> list:
+    """spec.ray.address and spec.mlflow.trackingUri outside the operator's allowlists, as field errors.
+
+    A tenant must not point the operator (and the Ray token and MLflow credentials it sends)
+    at a server of their own: only the operator's defaults and the allowlisted prefixes pass.
+    """
+    from anneal.api.resources import FieldError
+
+    errors = []
+    checks = [
+        ("spec.ray.address", getattr(getattr(spec, "ray", None), "address", None), settings.ray_address,
+         settings.allowed_ray_addresses, "ANNEAL_OPERATOR_ALLOWED_RAY_ADDRESSES"),
+        ("spec.mlflow.trackingUri", getattr(getattr(spec, "mlflow", None), "tracking_uri", None),
+         settings.tracking_uri, settings.allowed_tracking_uris, "ANNEAL_OPERATOR_ALLOWED_TRACKING_URIS"),
+    ]
+    for path, value, default, allowed, variable in checks:
+        if not value or "*" in allowed or _allows(default, value) or any(_allows(a, value) for a in allowed):
+            continue
+        errors.append(FieldError(path, value, f"not allowed by the operator: use its default ({default or 'none set'}) "
+                                              f"or ask the cluster admin to add it to {variable}"))
+    return errors
+
+
+def _allows(entry: str | None, value: str) -> bool:
+    """`entry` names `value`: the same URL, or a prefix ending at a ``/`` or ``:`` boundary.
+
+    ``http://ray`` allows ``http://ray:8265`` (any port of that host) but not
+    ``http://ray.evil.example``; ``http://127.0.0.1:`` allows every loopback port.
+    """
+    if not entry:
+        return False
+    if value.rstrip("/") == entry.rstrip("/"):
+        return True
+    if not value.startswith(entry):
+        return False
+    return entry.endswith(("/", ":")) or value[len(entry)] in "/:"

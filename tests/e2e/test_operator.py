@@ -96,6 +96,8 @@ class Operator:
             # discover namespaces as they come, which under load missed a test's namespace.)
             "ANNEAL_OPERATOR_NAMESPACES": "",
             "ANNEAL_OPERATOR_TRACKING_URI": tracking_uri,
+            # The tests' resources name the session's Ray head (any loopback port) in spec.ray.address.
+            "ANNEAL_OPERATOR_ALLOWED_RAY_ADDRESSES": "http://127.0.0.1:",
             "ANNEAL_OPERATOR_JOB_PYTHON": PY,
             "ANNEAL_OPERATOR_POLL_INTERVAL": "1",
             "ANNEAL_OPERATOR_LEADER_ELECTION": "false",

@@ -333,3 +333,37 @@ def test_bounded_cleanup_retries_then_gives_up_with_a_warning(monkeypatch):
 
     context.bounded_cleanup({}, datetime.timedelta(seconds=1), 300, "remove Serve app a", refused)
     assert "403" in posted[1][2]
+
+
+@pytest.mark.parametrize(
+    "address, tracking, allowed_ray, allowed_tracking, bad",
+    [
+        (None, None, "", "", []),  # the operator's defaults
+        ("http://ray-head:8265", None, "", "", []),  # = RAY_ADDRESS
+        ("http://ray-head:8265/", None, "", "", []),
+        ("http://evil.example:8265", None, "", "", ["spec.ray.address"]),
+        ("http://evil.example:8265", "http://mine:5000", "*", "", ["spec.mlflow.trackingUri"]),
+        ("http://127.0.0.1:40123", None, "http://127.0.0.1:", "", []),
+        ("http://ray-b:8265", None, "http://ray-a:8265,http://ray-b", "", []),  # host prefix: any port
+        ("http://ray-b.evil.example:8265", None, "http://ray-b", "", ["spec.ray.address"]),  # not a boundary
+        (None, "http://mlflow.team-a:5000", "", "http://mlflow.team-a", []),
+        (None, "http://mlflow.anneal.svc:5000", "", "", []),  # = TRACKING_URI
+    ],
+)
+def test_tenant_endpoints_must_be_allowlisted(monkeypatch, address, tracking, allowed_ray, allowed_tracking, bad):
+    from anneal.api.service import ModelServiceSpec
+    from anneal_operator.settings import OperatorSettings, endpoint_problems
+
+    monkeypatch.setenv("ANNEAL_OPERATOR_RAY_ADDRESS", "http://ray-head:8265")
+    monkeypatch.setenv("ANNEAL_OPERATOR_TRACKING_URI", "http://mlflow.anneal.svc:5000")
+    monkeypatch.setenv("ANNEAL_OPERATOR_ALLOWED_RAY_ADDRESSES", allowed_ray)
+    monkeypatch.setenv("ANNEAL_OPERATOR_ALLOWED_TRACKING_URIS", allowed_tracking)
+    spec = ModelServiceSpec.model_validate({
+        "variants": [{"name": "a", "model": {"uri": "/m"}}],
+        "ray": {"address": address} if address else {},
+        "mlflow": {"trackingUri": tracking} if tracking else {},
+    })
+    problems = endpoint_problems(spec, OperatorSettings())
+    assert [p.path for p in problems] == bad
+    for p in problems:
+        assert "ANNEAL_OPERATOR_ALLOWED_" in p.rule
