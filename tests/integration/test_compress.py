@@ -191,3 +191,23 @@ def test_embedded_run_resolves_from_resource_and_stops_at_preflight(ray_cluster,
     assert updates[0]["phase"] == "Submitted"
     run = store.client(home["tracking_uri"]).get_run(status["mlflowRunId"])
     assert run.data.tags[store.TAG_SOURCE] == source["uri"]
+
+
+def test_a_gate_without_evidence_rejects_a_source_that_scores_zero(ray_cluster, home, source):
+    """A source scoring 0 leaves no retention to compute: minRetention 0.99 must reject, not pass unchecked."""
+    from anneal.modeling.tiny import LlamaShape, build_llama, save_pretrained
+    from anneal.modeling.tokenizer import builtin_tokenizer
+
+    tokenizer = builtin_tokenizer(home["root"] / "cache" / "tokenizers")
+    shape = LlamaShape(hidden_size=64, layers=4, heads=4, kv_heads=2, intermediate_size=128)
+    untrained = save_pretrained(build_llama(shape, tokenizer, seed=3), tokenizer, home["root"] / "untrained")
+    spec = job({**source, "uri": str(untrained)},
+               pruning={"depth": {"keepLayers": 1}, "calibration": {"uri": source["data"],
+                                                                  "format": "prompt-completion"}},
+               evaluation={"dataset": {"uri": source["data"], "format": "prompt-completion"}, "samples": 12,
+                           "reasoningModes": ["off"], "maxNewTokens": 6, "minRetention": 0.99})
+    result = recipe.run(spec, context(home, "no-evidence"))
+    assert result.metrics["sourceAccuracy"] == 0.0, result.metrics
+    assert result.phase == "Rejected", result.message
+    assert "retention cannot be computed: the source model scores 0 accuracy on 12 questions" in result.message
+    assert "retention" not in result.metrics

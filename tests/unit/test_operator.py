@@ -7,7 +7,8 @@ from dataclasses import fields
 import pytest
 
 from anneal.api.resources import parse_spec
-from anneal_operator import jobs, pipeline, service
+from anneal.control.pipeline import advance, resolve_stage_refs
+from anneal_operator import jobs, service
 from anneal_operator.settings import OperatorSettings
 
 NOW = 1_800_000_000.0
@@ -148,23 +149,24 @@ def _child(phase, **status):
     return {"metadata": {"name": "x"}, "status": {"phase": phase, **status}}
 
 
+def _advance(spec, status, children):
+    return advance(spec, status, children, "p", "ns")
+
+
 def test_pipeline_creates_first_stage_then_waits():
     spec = parse_spec("ModelPipeline", PIPE)
-    st, create, _ = pipeline.advance(spec, {}, {})
-    assert create == "teacher" and st["phase"] == "Running" and st["currentStage"] == "teacher"
-    st, create, _ = pipeline.advance(spec, st, {"teacher": _child("Running")})
+    st, create, _ = _advance(spec, {}, {})
+    assert create["metadata"]["name"] == "p-teacher" and st["phase"] == "Running" and st["currentStage"] == "teacher"
+    st, create, _ = _advance(spec, st, {"teacher": _child("Running")})
     assert create is None and st["stages"]["teacher"]["phase"] == "Running"
 
 
 def test_pipeline_moves_on_and_resolves_from_stage():
     spec = parse_spec("ModelPipeline", PIPE)
-    st, create, _ = pipeline.advance(spec, {}, {"teacher": _child("Succeeded", modelUri="models:/t/1")})
-    assert create == "student"
-    child = pipeline.build_child({"name": "p", "namespace": "ns", "uid": "u"}, spec.stages[1],
-                                 {"teacher": "models:/t/1"})
-    assert child["metadata"]["name"] == "p-student"
+    st, child, _ = _advance(spec, {}, {"teacher": _child("Succeeded", modelUri="models:/t/1")})
+    assert child["metadata"]["name"] == "p-student" and child["kind"] == "DistillationJob"
     assert child["spec"]["teacher"] == {"uri": "models:/t/1"}
-    assert child["metadata"]["ownerReferences"][0]["kind"] == "ModelPipeline"
+    assert child["metadata"]["labels"] == {"anneal.dev/pipeline": "p", "anneal.dev/stage": "student"}
     parse_spec("DistillationJob", child["spec"])  # the child is a valid job on its own
 
 
@@ -172,16 +174,27 @@ def test_pipeline_gate_failure_names_the_stage():
     spec = parse_spec("ModelPipeline", PIPE)
     children = {"teacher": _child("Succeeded", modelUri="models:/t/1"),
                 "student": _child("Succeeded", modelUri="models:/s/1", metrics={"retention": 0.5})}
-    st, create, events = pipeline.advance(spec, {}, children)
+    st, create, events = _advance(spec, {}, children)
     assert create is None and st["phase"] == "Failed"
     assert "stage student gate failed" in st["message"] and "retention=0.5 < min 0.8" in st["message"]
+    assert st["stages"]["student"]["gate"].startswith("failed: ")
     assert events[-1][1] == "GateFailed"
 
 
-def test_pipeline_failed_stage_fails_the_pipeline():
+def test_pipeline_gate_without_its_figure_fails():
     spec = parse_spec("ModelPipeline", PIPE)
-    st, _, _ = pipeline.advance(spec, {}, {"teacher": _child("Failed", message="OOM")})
-    assert st["phase"] == "Failed" and st["message"].startswith("stage teacher (DistillationJob/x) ended Failed: OOM")
+    children = {"teacher": _child("Succeeded", modelUri="models:/t/1"),
+                "student": _child("Succeeded", modelUri="models:/s/1", metrics={"accuracy": 0.4})}
+    st, create, _ = _advance(spec, {}, children)
+    assert create is None and st["phase"] == "Failed" and "cannot be evaluated" in st["message"]
+
+
+@pytest.mark.parametrize("phase", ["Failed", "Rejected", "Cancelled", "RolledBack"])
+def test_pipeline_failed_stage_fails_the_pipeline(phase):
+    spec = parse_spec("ModelPipeline", PIPE)
+    st, _, _ = _advance(spec, {}, {"teacher": _child(phase, message="OOM")})
+    assert st["phase"] == "Failed" and st["message"].startswith(f"stage teacher (DistillationJob/x) ended {phase}: OOM")
+    assert _advance(spec, st, {})[0] == st  # ended: nothing more happens, even with the child gone
 
 
 def test_pipeline_succeeds_when_every_stage_is_done():
@@ -189,13 +202,27 @@ def test_pipeline_succeeds_when_every_stage_is_done():
     children = {"teacher": _child("Succeeded", modelUri="models:/t/1"),
                 "student": _child("Succeeded", modelUri="models:/s/1", metrics={"retention": 0.9}),
                 "small": _child("Succeeded", modelUri="models:/c/1")}
-    st, create, _ = pipeline.advance(spec, {}, children)
+    st, create, _ = _advance(spec, {}, children)
     assert create is None and st["phase"] == "Succeeded" and st["stages"]["student"]["gate"].startswith("passed")
+    assert st["modelUri"] == "models:/c/1" and "currentStage" not in st
+
+
+def test_pipeline_deleted_finished_child_is_not_recreated():
+    spec = parse_spec("ModelPipeline", PIPE)
+    st, _, _ = _advance(spec, {}, {"teacher": _child("Succeeded", modelUri="models:/t/1")})
+    st, create, _ = _advance(spec, st, {})  # the teacher's resource was deleted since
+    assert create["metadata"]["name"] == "p-student" and create["spec"]["teacher"] == {"uri": "models:/t/1"}
+
+
+def test_pipeline_stage_without_the_model_it_refers_to_fails():
+    spec = parse_spec("ModelPipeline", PIPE)
+    st, create, _ = _advance(spec, {}, {"teacher": _child("Succeeded")})  # no modelUri
+    assert create is None and st["phase"] == "Failed" and "stage 'teacher' produced no model" in st["message"]
 
 
 def test_resolve_stage_refs_needs_the_earlier_output():
     with pytest.raises(KeyError):
-        pipeline.resolve_stage_refs({"model": {"fromStage": "a"}}, {})
+        resolve_stage_refs({"model": {"fromStage": "a"}}, {})
 
 
 # ------------------------------------------------------------------------------ service

@@ -6,7 +6,7 @@ import pytest
 
 from anneal.api.pipeline import StageGate
 from anneal.api.resources import parse_manifest
-from anneal.runtime.pipeline import PipelineError, child_name, resolve_stage_refs, stage_manifest
+from anneal.control.pipeline import PipelineError, child_manifest, child_name, resolve_stage_refs
 
 PIPE = {
     "apiVersion": "anneal.dev/v1alpha1",
@@ -44,12 +44,13 @@ def test_resolve_missing_stage_raises():
 
 def test_stage_manifest_resolves_and_validates():
     pipe = parse_manifest(PIPE)
-    quant = stage_manifest(pipe, pipe.spec.stages[2], {"teacher": "models:/t/1", "student": "models:/s/4"})
+    quant = parse_manifest(child_manifest("math", "ml", pipe.spec.stages[2],
+                                          {"teacher": "models:/t/1", "student": "models:/s/4"}))
     assert (quant.kind, quant.name, quant.namespace) == ("CompressionJob", "math-quant", "ml")
     assert quant.spec.model.uri == "models:/s/4"
     assert quant.raw["metadata"]["labels"] == {"anneal.dev/pipeline": "math", "anneal.dev/stage": "quant"}
     with pytest.raises(PipelineError, match="stage quant: stage 'student' produced no model"):
-        stage_manifest(pipe, pipe.spec.stages[2], {"teacher": "models:/t/1"})
+        child_manifest("math", "ml", pipe.spec.stages[2], {"teacher": "models:/t/1"})
 
 
 @pytest.mark.parametrize(
@@ -58,7 +59,12 @@ def test_stage_manifest_resolves_and_validates():
         ({"metric": "retention", "min": 0.9}, {"retention": 0.95}, True, "retention=0.95 >= 0.9"),
         ({"metric": "retention", "min": 0.9}, {"retention": 0.5}, False, "retention=0.5 < min 0.9"),
         ({"metric": "sizeRatio", "max": 0.5}, {"sizeRatio": 0.7}, False, "sizeRatio=0.7 > max 0.5"),
-        ({"metric": "retention", "min": 0.9}, {"accuracy": 1.0}, False, "metric 'retention' missing"),
+        ({"metric": "retention", "min": 0.9}, {"accuracy": 1.0}, False, "retention is missing"),
+        # A figure that is not a finite number never passes (NaN compares false both ways).
+        ({"metric": "retention", "min": 0.9}, {"retention": float("nan")}, False, "cannot be evaluated"),
+        ({"metric": "sizeRatio", "max": 0.5}, {"sizeRatio": float("nan")}, False, "cannot be evaluated"),
+        ({"metric": "retention", "min": 0.9}, {"retention": float("inf")}, False, "not a finite number"),
+        ({"metric": "retention", "min": 0.9}, {"retention": "0.95"}, False, "not a finite number"),
     ],
 )
 def test_stage_gate(gate, metrics, passed, why):

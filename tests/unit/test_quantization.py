@@ -130,8 +130,13 @@ def test_gate():
     assert msg.startswith("retention 0.5000 < minRetention 0.9") and "0.4000 vs source 0.8000" in msg and "sizeRatio 0.3000" in msg
     assert gate(m, 0.5)[0]
     assert gate(m, None) == (True, "no gate (evaluation.minRetention not set)")
-    passed, msg = gate({"accuracy": 0.0, "sourceAccuracy": 0.0}, 0.9)
-    assert passed and "skipped" in msg
+    # A source scoring 0 leaves no retention to check: the gate cannot pass without evidence.
+    passed, msg = gate({"accuracy": 0.0, "sourceAccuracy": 0.0}, 0.9, 64)
+    assert not passed
+    assert "retention cannot be computed: the source model scores 0 accuracy on 64 questions" in msg
+    assert "never passes" in msg
+    passed, msg = gate({"accuracy": 0.5, "sourceAccuracy": 0.5, "retention": float("nan")}, 0.9)
+    assert not passed and "cannot be evaluated" in msg
 
 
 def test_prefixed():

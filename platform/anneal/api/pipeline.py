@@ -34,16 +34,11 @@ class StageGate(ApiModel):
         return self
 
     def check(self, metrics: dict[str, float]) -> tuple[bool, str]:
-        """Whether the metrics pass, with a sentence saying why."""
-        value = metrics.get(self.metric)
-        if value is None:
-            return False, f"metric {self.metric!r} missing from the stage's metrics {sorted(metrics)}"
-        if self.min is not None and value < self.min:
-            return False, f"{self.metric}={value:.4g} < min {self.min}"
-        if self.max is not None and value > self.max:
-            return False, f"{self.metric}={value:.4g} > max {self.max}"
-        bound = f">= {self.min}" if self.min is not None else f"<= {self.max}"
-        return True, f"{self.metric}={value:.4g} {bound}"
+        """Whether the metrics pass, with a sentence saying why (a missing or NaN figure fails)."""
+        from anneal.control.gates import check_threshold
+
+        v = check_threshold(metrics, self.metric, min=self.min, max=self.max)
+        return v.passed, v.reason
 
 
 STAGE_KINDS = {"distillation": "DistillationJob", "compression": "CompressionJob", "service": "ModelService"}

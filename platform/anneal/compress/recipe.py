@@ -75,19 +75,30 @@ def retention(accuracy: float | None, source_accuracy: float | None) -> float | 
     return accuracy / source_accuracy
 
 
-def gate(metrics: dict[str, float], min_retention: float | None) -> tuple[bool, str]:
-    """(passed, message) of the retention gate; a source with zero accuracy cannot be gated."""
+def gate(metrics: dict[str, float], min_retention: float | None, questions: int | None = None) -> tuple[bool, str]:
+    """(passed, message) of the retention gate; without a retention figure it does not pass.
+
+    A source model that scores 0 leaves nothing to retain: the ratio cannot be computed, so the
+    gate cannot be evaluated and the job is `Rejected` (it never passes without evidence).
+    """
+    from anneal.control.gates import check_threshold
+
     if min_retention is None:
         return True, "no gate (evaluation.minRetention not set)"
-    ret = metrics.get("retention")
     figures = (f"accuracy {metrics.get('accuracy', float('nan')):.4f} vs source "
                f"{metrics.get('sourceAccuracy', float('nan')):.4f}")
-    if ret is None:
-        return True, f"gate skipped: the source model scores 0 accuracy ({figures})"
-    if ret < min_retention:
-        return False, (f"retention {ret:.4f} < minRetention {min_retention:g} ({figures}, "
+    why = None
+    if metrics.get("retention") is None:
+        on = f" on {questions} questions" if questions else ""
+        why = (f"retention cannot be computed: the source model scores {metrics.get('sourceAccuracy', 0.0):.4g} "
+               f"accuracy{on}")
+    v = check_threshold(metrics, "retention", min=min_retention, why_missing=why)
+    if not v.passed and v.value is None:
+        return False, f"{v.reason} ({figures})"
+    if not v.passed:
+        return False, (f"retention {v.value:.4f} < minRetention {min_retention:g} ({figures}, "
                        f"sizeRatio {metrics.get('sizeRatio', float('nan')):.4f})")
-    return True, f"retention {ret:.4f} >= minRetention {min_retention:g} ({figures})"
+    return True, f"retention {v.value:.4f} >= minRetention {min_retention:g} ({figures})"
 
 
 # ----------------------------------------------------------------------------- Ray tasks
@@ -382,9 +393,7 @@ def run(spec: CompressionJobSpec, ctx: JobContext, on_progress: Callable[[dict[s
                 on_progress({**result.to_status(), "phase": "Running", "message": "pre-flight passed"})
             final_dir, metrics = compress(spec, cfg, result, on_progress)
             result.metrics = {k: round(float(v), 6) for k, v in metrics.items() if v == v}
-            passed, verdict = gate(metrics, spec.evaluation.min_retention)
-            if "skipped" in verdict:
-                result.warnings.append(f"spec.evaluation.minRetention: {verdict}")
+            passed, verdict = gate(metrics, spec.evaluation.min_retention, spec.evaluation.samples)
             result.model_uri = record(spec, cfg, final_dir, passed, verdict)
             result.phase = "Succeeded" if passed else "Rejected"
             result.message = f"registered {result.model_uri}; {verdict}" if passed else (
