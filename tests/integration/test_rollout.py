@@ -211,7 +211,9 @@ def test_good_candidate_is_promoted_and_aliases_move(env, registry, app):
     [
         ("errors", "3", [{"metric": "errorRate", "max": 0.02}], 30, 10),
         ("slow", "4", [{"metric": "latencyP95Ms", "max": 75}], 30, 10),
-        ("wrong", "5", [{"metric": "accuracy", "min": 0.5}], 0, 4),
+        # Probes are pinned requests: they measure accuracy but never count as traffic, so
+        # minRequests is met by routed requests.
+        ("wrong", "5", [{"metric": "accuracy", "min": 0.5}], 8, 4),
     ],
 )
 def test_faulty_candidate_is_rolled_back_within_the_bound(env, registry, app, candidate, version, gates, rps,

@@ -176,3 +176,17 @@ def test_sampled_decisions_are_appended_to_the_service_run_in_mlflow(tmp_path):
     assert client.get_run(run_id).data.metrics == {"routed.a": 1.0, "routed.b": 1.0}
     files = [f.path for f in client.list_artifacts(run_id, "routing")]
     assert len(files) == 2 and all(f.endswith("-rep_1.jsonl") for f in files)
+
+
+def test_pinned_requests_are_counted_apart_and_never_in_the_windows():
+    t = [100.0]
+    m = ServiceMetrics(["a", "b"], clock=lambda: t[0])
+    m.record("b", 10.0, False)
+    m.record("b", 10.0, True, pinned=True)  # a probe or a person pinning b by header / model
+    m.record("b", 12.0, True, pinned=True)
+    doc = m.stats(50.0, {"a": 50, "b": 50})
+    assert doc["variants"]["b"]["window"]["requests"] == 1 and doc["variants"]["b"]["window"]["errors"] == 0
+    assert doc["variants"]["b"]["total"]["requests"] == 1
+    assert doc["pinned"]["b"]["requests"] == 2 and doc["pinned"]["b"]["errors"] == 2
+    merged = merge_stats([doc, m.stats(50.0, {"a": 50, "b": 50})])
+    assert merged["pinned"]["b"]["requests"] == 4 and merged["variants"]["b"]["window"]["requests"] == 2

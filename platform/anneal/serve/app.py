@@ -26,6 +26,7 @@ from anneal.serve import protocol
 from anneal.serve.engines import GenerateRequest, GenerateResult, StreamPiece
 from anneal.serve.metrics import ServiceMetrics, merge_stats
 from anneal.serve.routing import (
+    REASON_OVERRIDE,
     DynamicPolicy,
     LargeShareTracker,
     ReasoningPolicy,
@@ -446,10 +447,12 @@ class Router:
             result = await self._call(decision.variant, req)
         except protocol.ApiError as e:
             if decision is not None and e.status >= 500:
-                self.metrics.record(decision.variant, (time.perf_counter() - start) * 1000, True)
+                self.metrics.record(decision.variant, (time.perf_counter() - start) * 1000, True,
+                                    pinned=decision.reason == REASON_OVERRIDE)
             return _error_response(e, decision, rid)
         latency = (time.perf_counter() - start) * 1000
-        self.metrics.record(decision.variant, latency, False, result.prompt_tokens, result.completion_tokens)
+        self.metrics.record(decision.variant, latency, False, result.prompt_tokens, result.completion_tokens,
+                            pinned=decision.reason == REASON_OVERRIDE)
         body = protocol.completion_body(kind, rid, decision.variant, result.text, result.finish_reason,
                                         result.prompt_tokens, result.completion_tokens)
         return JSONResponse(body, headers=route_headers)
@@ -530,7 +533,8 @@ class Router:
                 yield protocol.sse(err.body())
             finally:
                 self.metrics.record(decision.variant, (time.perf_counter() - start) * 1000, error,
-                                    last.prompt_tokens, last.completion_tokens)
+                                    last.prompt_tokens, last.completion_tokens,
+                                    pinned=decision.reason == REASON_OVERRIDE)
             yield protocol.sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream",

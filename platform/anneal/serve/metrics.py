@@ -99,6 +99,9 @@ class ServiceMetrics:
         self.variants = list(variants)
         self.totals: dict[str, _Totals] = {v: _Totals() for v in self.variants}
         self.shadow_totals: dict[str, _Totals] = {}
+        #: Requests pinned to a variant by a header or `model` (probes, a person trying a
+        #: variant): counted apart, so they never feed a rollout's gates or minRequests.
+        self.pinned_totals: dict[str, _Totals] = {}
         self.routes: Counter[str] = Counter()
         self.ring: deque[RequestRecord] = deque(maxlen=ring_size)
         self.shadow_ring: deque[RequestRecord] = deque(maxlen=max(1024, ring_size // 8))
@@ -108,8 +111,11 @@ class ServiceMetrics:
         self.routes[reason_prefix] += 1
 
     def record(self, variant: str, latency_ms: float, error: bool, prompt_tokens: int = 0,
-               completion_tokens: int = 0, *, shadow: bool = False) -> None:
+               completion_tokens: int = 0, *, shadow: bool = False, pinned: bool = False) -> None:
         r = RequestRecord(self.clock(), variant, latency_ms, error, prompt_tokens, completion_tokens)
+        if pinned:
+            self.pinned_totals.setdefault(variant, _Totals()).add(r)
+            return
         if shadow:
             self.shadow_totals.setdefault(variant, _Totals()).add(r)
             self.shadow_ring.append(r)
@@ -148,12 +154,17 @@ class ServiceMetrics:
             name: {"requests": t.requests, "errors": t.errors, "latencyP95Ms": _round(t.quantile(95))}
             for name, t in sorted(self.shadow_totals.items())
         }
+        pinned = {
+            name: {"requests": t.requests, "errors": t.errors, "latencyP95Ms": _round(t.quantile(95))}
+            for name, t in sorted(self.pinned_totals.items())
+        }
         return {
             "time": now,
             "since": since,
             "weights": dict(weights),
             "variants": variants,
             "shadow": shadow,
+            "pinned": pinned,
             "routes": dict(sorted(self.routes.items())),
         }
 
@@ -221,17 +232,18 @@ def merge_stats(docs: list[dict[str, Any]]) -> dict[str, Any]:
     if len(docs) == 1:
         return docs[0]
     out = {"time": max(d["time"] for d in docs), "since": docs[0].get("since"), "weights": docs[0]["weights"],
-           "variants": {}, "shadow": {}, "routes": {}}
+           "variants": {}, "shadow": {}, "pinned": {}, "routes": {}}
     for d in docs:
         for name, entry in d["variants"].items():
             target = out["variants"].setdefault(name, {})
             for part in ("total", "window"):
                 _merge_summary(target.setdefault(part, {}), entry[part])
-        for name, s in d["shadow"].items():
-            target = out["shadow"].setdefault(name, {"requests": 0, "errors": 0, "latencyP95Ms": None})
-            target["requests"] += s["requests"]
-            target["errors"] += s["errors"]
-            target["latencyP95Ms"] = _max(target["latencyP95Ms"], s["latencyP95Ms"])
+        for part in ("shadow", "pinned"):
+            for name, s in (d.get(part) or {}).items():
+                target = out[part].setdefault(name, {"requests": 0, "errors": 0, "latencyP95Ms": None})
+                target["requests"] += s["requests"]
+                target["errors"] += s["errors"]
+                target["latencyP95Ms"] = _max(target["latencyP95Ms"], s["latencyP95Ms"])
         for reason, n in d["routes"].items():
             out["routes"][reason] = out["routes"].get(reason, 0) + n
     return out
