@@ -1,7 +1,7 @@
 """Rollout benchmark: time to roll back a faulty candidate, and requests lost on the stable variant.
 
 Runs a real local Ray Serve app (the serving app's `echo` / `faulty` test engines) under
-generated load and drives real rollouts with `anneal.rollout.embedded.drive`:
+generated load and drives real rollouts with `anneal.local.rollout.drive`:
 
 * ``errors``  — a candidate failing 20 % of requests (gate errorRate ≤ 2 %);
 * ``slow``    — a candidate 5× slower than the stable (gate latencyP95Ms);
@@ -71,7 +71,7 @@ def scenario(name: str, canary: dict[str, Any], gates: list[dict[str, Any]], ste
              a: argparse.Namespace, port: int, home: str) -> dict[str, Any]:
     from ray import serve
 
-    from anneal.rollout.embedded import drive
+    from anneal.local.rollout import drive
 
     m = _manifest(name, steps, gates, a)
     stable = {"engine": "echo", "engine_options": {"delay_ms": a.stable_delay_ms}}
@@ -82,7 +82,7 @@ def scenario(name: str, canary: dict[str, Any], gates: list[dict[str, Any]], ste
     def on_update(u: Any) -> None:
         updates.append(u)
 
-    from anneal.rollout import embedded
+    from anneal.local import rollout as embedded
 
     original = embedded.TrafficGenerator
 

@@ -155,7 +155,7 @@ def run(
 ) -> None:
     """Run a manifest on this machine (local Ray, local MLflow store) until it finishes."""
     from anneal.api.loader import load_file
-    from anneal.runtime.embedded import NotSupportedError, ResolutionError, run_manifest
+    from anneal.local.runner import NotSupportedError, ResolutionError, run_manifest
     from anneal.settings import Settings
 
     if output not in (None, "json"):

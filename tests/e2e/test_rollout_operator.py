@@ -86,7 +86,7 @@ def app_of(namespace, ray_head):
 @pytest.fixture
 def traffic():
     """Built-in-task requests at 4/s to an endpoint, counted per variant (from `x-anneal-variant`)."""
-    from anneal.rollout.embedded import TrafficGenerator
+    from anneal.local.rollout import TrafficGenerator
 
     started: list[TrafficGenerator] = []
 

@@ -10,7 +10,7 @@ def ray_cluster():
     """A local 2-CPU Ray (with `ray_session`'s longer start window and retries); yields its GCS address."""
     import ray
 
-    from anneal.runtime.embedded import ray_session
+    from anneal.local.jobs import ray_session
     from anneal.settings import Settings
 
     settings = Settings()

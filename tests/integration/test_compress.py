@@ -170,7 +170,7 @@ def test_prune_recover_then_quantize_reports_each_step(ray_cluster, home, source
 def test_embedded_run_resolves_from_resource_and_stops_at_preflight(ray_cluster, home, source, monkeypatch):
     """`anneal run`'s path: fromResource → the source's registered version; a plan that leaves nothing stops early."""
     from anneal.api.resources import parse_manifest
-    from anneal.runtime.embedded import run_manifest
+    from anneal.local.runner import run_manifest
     from anneal.settings import Settings
 
     monkeypatch.setenv("ANNEAL_HOME", str(home["root"]))

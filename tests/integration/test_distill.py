@@ -58,7 +58,7 @@ def teacher(ray_cluster, home):
     Trained only part way (~0.3 exact-answer accuracy on the eval split): enough for kd and
     retention to mean something, and room for kd-rl, which starts from it, to improve on.
     """
-    from anneal.runtime.embedded import resolve_from_resource
+    from anneal.local.jobs import resolve_from_resource
 
     spec = job("sft", {"config": {"hiddenSize": 64, "layers": 3, "heads": 4, "kvHeads": 2, "intermediateSize": 192}},
                training={"steps": 400, "batchSize": 32, "learningRate": 3e-3, "warmupSteps": 10,

@@ -30,13 +30,13 @@ def env(tmp_path_factory):
     pytest.importorskip("ray")
     from ray import serve
 
-    from anneal.serve.embedded import start_http
+    from anneal.local.service import start_http
 
     home = tmp_path_factory.mktemp("anneal-home")
     with pytest.MonkeyPatch.context() as mp:  # undone even when the setup below fails
         mp.setenv("ANNEAL_HOME", str(home))
         mp.setenv("ANNEAL_MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
-        from anneal.runtime.embedded import ray_session
+        from anneal.local.jobs import ray_session
         from anneal.settings import Settings
 
         settings = Settings()
@@ -144,7 +144,7 @@ def _wait_healthy(endpoint: str, timeout_s: float = 120) -> None:
 
 
 def _drive(env, app, manifest, traffic_rps: float) -> tuple[Any, list[Any]]:
-    from anneal.rollout.embedded import drive
+    from anneal.local.rollout import drive
 
     updates: list[Any] = []
     status = drive(manifest, endpoint=app["endpoint"], app_name=APP, args=app["args"], settings=env["settings"],

@@ -44,8 +44,8 @@ def service(models):
     from anneal.serve.deploy import deploy_entries
 
     paths, _ = models
-    from anneal.runtime.embedded import ray_session
-    from anneal.serve.embedded import start_http
+    from anneal.local.jobs import ray_session
+    from anneal.local.service import start_http
     from anneal.settings import Settings
 
     settings = Settings()
@@ -339,7 +339,7 @@ def test_health_and_prometheus(service):
 
 def test_embedded_runner_serves_a_manifest_and_the_client_helpers_work(service, models):
     from anneal.serve.client import call, format_stats, stats
-    from anneal.serve.embedded import run_service
+    from anneal.local.service import run_service
     from anneal.settings import Settings
 
     paths, _ = models

@@ -20,7 +20,7 @@ import pytest
 from anneal.api import parse_manifest
 from anneal.rollout import control
 from anneal.rollout.control import command_from_annotations
-from anneal.rollout.embedded import drive
+from anneal.local.rollout import drive
 from anneal.rollout.machine import Command
 from anneal.settings import Settings
 

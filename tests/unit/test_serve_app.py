@@ -7,7 +7,7 @@ import pytest
 from anneal.api.resources import parse_spec
 from anneal.serve import protocol
 from anneal.serve.app import AppArgs, args_from_spec, build_serve_config, policy_from_args
-from anneal.serve.embedded import cpu_scale, resolve_model_uris, service_status
+from anneal.local.service import cpu_scale, resolve_model_uris, service_status
 from anneal.serve.metrics import ServiceMetrics, merge_stats
 
 SPEC = {

@@ -1,7 +1,8 @@
-"""Staged A/B rollouts: the pure state machine, analysis gates, probes, MLflow aliases and the embedded driver.
+"""Staged A/B rollouts: the pure state machine, analysis gates, probes and MLflow aliases.
 
-`machine.step` and `analysis.evaluate` are pure; `embedded.drive` runs them against a local
-Serve app; `control` holds the manual commands (CLI files and Kubernetes annotations).
+`machine.step` and `analysis.evaluate` are pure; `anneal.control.rollout.tick` wraps them for
+both drivers (`anneal.local.rollout.drive` and the operator); `control` holds the manual
+commands (CLI files and Kubernetes annotations).
 """
 
 from anneal.rollout.analysis import ProbeResults, StatsWindow, VariantWindow, evaluate

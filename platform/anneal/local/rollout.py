@@ -271,7 +271,7 @@ def drive(
         raise ValueError(f"ModelService/{name}: spec.rollout is not set; nothing to roll out")
     settings = settings or Settings()
     if apply is None:
-        try:  # the declarative path, matching apps deployed by anneal.serve.embedded.start_service
+        try:  # the declarative path, matching apps deployed by anneal.local.service.start_service
             from anneal.serve.deploy import apply_weights as apply
         except ImportError:  # contract 2 as first published
             from anneal.serve.app import apply_weights as apply

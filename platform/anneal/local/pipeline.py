@@ -13,15 +13,14 @@ from anneal.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def run_pipeline(manifest: Manifest, settings: Settings, on_progress: Callable[[dict[str, Any]], None] | None = None,
-                 **options: Any) -> dict[str, Any]:
+def run_pipeline(manifest: Manifest, settings: Settings, run_stage: Callable[..., dict[str, Any]],
+                 on_progress: Callable[[dict[str, Any]], None] | None = None, **options: Any) -> dict[str, Any]:
     """Run the stages in order on this machine; stop at the first failed stage or gate.
 
     The same decisions as the operator's (`anneal.control.pipeline.advance`): the same end
-    states, stage records and gate verdicts; only "create the child" is "run it to the end here".
+    states, stage records and gate verdicts; only "create the child" is "run it to the end here"
+    (`run_stage(manifest, settings, on_progress=..., **options)`: `anneal.local.runner.run_manifest`).
     """
-    from anneal.runtime.embedded import run_manifest
-
     spec: ModelPipelineSpec = manifest.spec
     status: dict[str, Any] = {"observedGeneration": manifest.generation or 1}
     children: dict[str, dict[str, Any]] = {}
@@ -54,5 +53,5 @@ def run_pipeline(manifest: Manifest, settings: Settings, on_progress: Callable[[
                 msg += f" · {s['message']}"
             report({"progress": s.get("progress"), "message": msg})
 
-        child_status = run_manifest(child_manifest, settings, on_progress=stage_progress, **options)
+        child_status = run_stage(child_manifest, settings, on_progress=stage_progress, **options)
         children[stage] = {"metadata": child["metadata"], "status": child_status}

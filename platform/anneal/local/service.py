@@ -14,7 +14,7 @@ from typing import Any
 from anneal.control.service import app_name as serve_app_name
 from anneal.serve.routing import weights_summary
 
-log = logging.getLogger("anneal.serve.embedded")
+log = logging.getLogger("anneal.local.service")
 
 #: fromResource resolver: (kind, name, namespace) → model URI of that resource's registered output.
 Resolver = Callable[[str, str, str], str]
@@ -308,10 +308,10 @@ def run_service_manifest(manifest: Any, settings: Any, on_progress: Callable[[di
                          *, duration: float | None = None, traffic: float = 0.0, port: int = 8000,
                          host: str = "127.0.0.1", stop_event: threading.Event | None = None,
                          **_: Any) -> dict[str, Any]:
-    """`anneal run` for a ModelService (the `anneal.runtime.embedded.run_manifest` hook).
+    """`anneal run` for a ModelService (the `anneal.local.runner.run_manifest` hook).
 
     Serves the manifest, reports the Ready status through `on_progress`, then: with a
-    `spec.rollout`, drives the rollout (`anneal.rollout.embedded.drive`) until it ends or
+    `spec.rollout`, drives the rollout (`anneal.local.rollout.drive`) until it ends or
     `duration` passes; otherwise serves until `duration` or Ctrl-C, sending `traffic` req/s of
     built-in-task requests when asked.
 
@@ -319,7 +319,7 @@ def run_service_manifest(manifest: Any, settings: Any, on_progress: Callable[[di
         The final ModelService status dict.
     """
     def resolver(kind: str, name: str, namespace: str) -> str:
-        from anneal.runtime.embedded import resolve_from_resource
+        from anneal.local.jobs import resolve_from_resource
 
         return resolve_from_resource(settings.tracking_uri, namespace, kind, name)
 
@@ -330,7 +330,7 @@ def run_service_manifest(manifest: Any, settings: Any, on_progress: Callable[[di
     spec = getattr(manifest, "spec", None)
     try:
         if spec is not None and spec.rollout is not None:
-            from anneal.rollout.embedded import drive
+            from anneal.local.rollout import drive
 
             def show(update: Any) -> None:
                 if on_progress is None:
@@ -351,7 +351,7 @@ def run_service_manifest(manifest: Any, settings: Any, on_progress: Callable[[di
             return {**status, **out}
         generator = None
         if traffic > 0:
-            from anneal.rollout.embedded import TrafficGenerator
+            from anneal.local.rollout import TrafficGenerator
 
             generator = TrafficGenerator(service.endpoint, traffic).start()
         try:

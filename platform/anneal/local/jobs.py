@@ -1,4 +1,4 @@
-"""Embedded mode: run a manifest on this machine with a local Ray and the local MLflow store."""
+"""Jobs under `anneal run`: a local Ray session, the job context, `fromResource` resolved from MLflow, progress."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 import os
 import threading
 import uuid
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from anneal.api.resources import Manifest
@@ -18,10 +17,6 @@ log = logging.getLogger(__name__)
 
 START_ATTEMPTS = 3
 ProgressFn = Callable[[dict[str, Any]], None]
-
-
-class NotSupportedError(RuntimeError):
-    """A kind (or option) the embedded runtime cannot run yet."""
 
 
 class ResolutionError(RuntimeError):
@@ -111,7 +106,8 @@ def job_context(manifest: Manifest, settings: Settings, resolved: dict[str, str]
     )
 
 
-def _resolve_refs(manifest: Manifest, tracking_uri: str) -> dict[str, str]:
+def resolve_refs(manifest: Manifest, tracking_uri: str) -> dict[str, str]:
+    """A job's `fromResource` references → the model URIs they name (read from MLflow)."""
     out: dict[str, str] = {}
     spec = manifest.spec
     for key, ref in (("teacher", getattr(spec, "teacher", None)), ("student", getattr(spec, "student", None)),
@@ -138,52 +134,37 @@ def _watch_progress(tracking_uri: str, run_id_of: Callable[[], str | None], on_p
                 "loss": m.get("train/loss")}})
 
 
-def run_distillation(manifest: Manifest, settings: Settings, on_progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Run a DistillationJob to the end; returns its status."""
-    from anneal.distill.recipe import run
+def run_job(manifest: Manifest, settings: Settings, on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Run a DistillationJob or CompressionJob to the end on this machine; returns its status.
 
+    The job's MLflow run is created here (tagged with its lineage), its progress is read back
+    from MLflow for `on_progress`, and the recipe runs on the session's Ray.
+    """
+    if manifest.kind == "CompressionJob":
+        from anneal.compress.recipe import RECIPE, cleanup, run
+
+        extra_tags = {store.TAG_RECIPE: RECIPE}
+    else:
+        from anneal.distill.recipe import run
+
+        cleanup, extra_tags = None, {}
     tracking_uri = manifest.spec.mlflow.tracking_uri or settings.tracking_uri
-    ctx = job_context(manifest, settings, _resolve_refs(manifest, tracking_uri))
-    ctx.run_id = store.create_run(ctx.target, ctx.run_name(), ctx.lineage_tags())
+    ctx = job_context(manifest, settings, resolve_refs(manifest, tracking_uri))
+    ctx.run_id = store.create_run(ctx.target, ctx.run_name(), {**ctx.lineage_tags(), **extra_tags})
     if on_progress:
         on_progress({"phase": "Submitted", "mlflowRunId": ctx.run_id})
     stop = threading.Event()
-    watcher = None
-    if on_progress:
-        watcher = threading.Thread(target=_watch_progress, args=(ctx.tracking_uri, lambda: ctx.run_id, on_progress, stop), daemon=True)
-        watcher.start()
+    if on_progress:  # training steps (a recovery distillation's too) are logged as train/step: show them
+        threading.Thread(target=_watch_progress, args=(ctx.tracking_uri, lambda: ctx.run_id, on_progress, stop),
+                         daemon=True).start()
     try:
         with ray_session(settings):
             result = run(manifest.spec, ctx, on_progress=on_progress)
     finally:
         stop.set()
+    if cleanup is not None:
+        cleanup(ctx)
     status = result.to_status()
     status["attempts"] = 1
     status["observedGeneration"] = manifest.generation or 1
     return status
-
-
-def run_manifest(manifest: Manifest, settings: Settings, on_progress: ProgressFn | None = None, **options: Any) -> dict[str, Any]:
-    """Run one resource on this machine; returns its final status (a dict in the CRD's shape)."""
-    if manifest.kind == "DistillationJob":
-        return run_distillation(manifest, settings, on_progress)
-    if manifest.kind == "CompressionJob":
-        try:
-            from anneal.compress.runner import run_compression
-        except ImportError:
-            raise NotSupportedError("CompressionJob is not yet supported by `anneal run`") from None
-        return run_compression(manifest, settings, on_progress)
-    if manifest.kind == "ModelService":
-        try:
-            from anneal.serve.embedded import run_service_manifest
-        except ImportError:
-            raise NotSupportedError("ModelService is not yet supported by `anneal run`") from None
-        return run_service_manifest(manifest, settings, on_progress, **options)
-    if manifest.kind == "ModelPipeline":
-        try:
-            from anneal.runtime.pipeline import run_pipeline
-        except ImportError:
-            raise NotSupportedError("ModelPipeline is not yet supported by `anneal run`") from None
-        return run_pipeline(manifest, settings, on_progress, **options)
-    raise NotSupportedError(f"kind {manifest.kind!r} cannot be run")
-
