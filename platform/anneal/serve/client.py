@@ -110,7 +110,11 @@ def stats(endpoint: str, since: float | None = None, *, timeout: float = 30.0,
 
 
 def stats_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per variant for a table: weight, requests, error rate, latency p50/p95/p99, tokens."""
+    """One row per variant for a table: weight, requests, error rate, latency p50/p95/p99, tokens.
+
+    `requests` counts the routed traffic (what a rollout's gates read); `pinnedRequests` the
+    requests pinned to the variant by a header or `model` (probes, a person trying it).
+    """
     rows = []
     for name, entry in doc.get("variants", {}).items():
         t = entry["total"]
@@ -126,6 +130,7 @@ def stats_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
             "promptTokens": t["promptTokens"],
             "completionTokens": t["completionTokens"],
             "shadowRequests": shadow.get("requests", 0),
+            "pinnedRequests": doc.get("pinned", {}).get(name, {}).get("requests", 0),
         })
     return rows
 
@@ -134,7 +139,7 @@ def format_stats(doc: dict[str, Any]) -> str:
     """A plain-text table of `stats_rows`, then the route decisions by reason."""
     rows = stats_rows(doc)
     cols = ["variant", "weight", "requests", "errorRate", "p50Ms", "p95Ms", "p99Ms", "completionTokens",
-            "shadowRequests"]
+            "shadowRequests", "pinnedRequests"]
     cells = [cols] + [["-" if r[c] is None else str(r[c]) for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]

@@ -155,7 +155,9 @@ class ServiceMetrics:
             for name, t in sorted(self.shadow_totals.items())
         }
         pinned = {
-            name: {"requests": t.requests, "errors": t.errors, "latencyP95Ms": _round(t.quantile(95))}
+            name: {"requests": t.requests, "errors": t.errors,
+                   "errorRate": t.errors / t.requests if t.requests else 0.0,
+                   "latencyP95Ms": _round(t.quantile(95))}
             for name, t in sorted(self.pinned_totals.items())
         }
         return {
