@@ -243,7 +243,8 @@ def test_per_job_path_creates_owned_rayjob_and_rayservice_with_gpu_settings(kube
     rs_name = _wait("RayService", lambda: _status(kube_cluster, op_namespace, "msvc", "svc").get("rayService"), 90)
     rs = _get(kube_cluster, op_namespace, "rayservice", rs_name)
     apps = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
-    assert apps[0]["name"] == f"{op_namespace}-svc" and apps[0]["args"]["variants"][0]["model_uri"] == "file:///models/a"
+    # "_" never occurs in a Kubernetes name, so <namespace>_<name> cannot collide.
+    assert apps[0]["name"] == f"{op_namespace}_svc" and apps[0]["args"]["variants"][0]["model_uri"] == "file:///models/a"
     assert rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
         "resources"]["limits"]["nvidia.com/gpu"] == "1"
 

@@ -17,17 +17,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.e2e.test_operator import _get, _job, _status
 from tests.e2e.test_operator import operator  # noqa: F401 - the module-scoped operator fixture
 from tests.e2e.test_service_shared import (  # noqa: F401 - module fixtures
     READY_TIMEOUT,
-    _remove_app,
     _router_weights,
     _variant,
     serve_port,
+    service_app,
     tiny_models,
 )
 from tests.e2e.test_service_shared import _wait_or_explain as _wait_serve
@@ -72,18 +71,6 @@ def broken_model() -> str:
 
 
 @pytest.fixture
-def app_of(namespace, ray_head):
-    from anneal.control.service import app_name
-
-    app = app_name(namespace, NAME)
-    yield app
-    try:
-        _remove_app(ray_head, app)
-    except httpx.HTTPError:
-        pass
-
-
-@pytest.fixture
 def traffic():
     """Built-in-task requests at 4/s to an endpoint, counted per variant (from `x-anneal-variant`)."""
     from anneal.local.rollout import TrafficGenerator
@@ -123,8 +110,8 @@ def _rollout(kube, ns: str) -> dict[str, Any]:
 
 
 def test_candidate_change_rolls_out_pauses_resumes_after_a_kill_and_promotes(
-        kube_cluster, namespace, operator, ray_head, serve_port, tiny_models, app_of, traffic):  # noqa: F811
-    kube, ns, op, app = kube_cluster, namespace, operator, app_of
+        kube_cluster, namespace, operator, ray_head, serve_port, tiny_models, service_app, traffic):  # noqa: F811
+    kube, ns, op, app = kube_cluster, namespace, operator, service_app
     _CURRENT.update(kube=kube, ns=ns)
     steps = [{"setWeight": 50}, {"analysis": {}}, {"pause": {}}, {"setWeight": 100}]
     spec = _rollout_spec(tiny_models["small"], tiny_models["small"], steps, ray_head)
@@ -184,9 +171,9 @@ def test_candidate_change_rolls_out_pauses_resumes_after_a_kill_and_promotes(
 
 
 def test_failing_candidate_is_rolled_back_by_the_default_error_gate(
-        kube_cluster, namespace, operator, ray_head, serve_port, tiny_models, broken_model, app_of,  # noqa: F811
+        kube_cluster, namespace, operator, ray_head, serve_port, tiny_models, broken_model, service_app,  # noqa: F811
         traffic):
-    kube, ns, op, app = kube_cluster, namespace, operator, app_of
+    kube, ns, op, app = kube_cluster, namespace, operator, service_app
     _CURRENT.update(kube=kube, ns=ns)
     steps = [{"setWeight": 50}, {"analysis": {}}, {"setWeight": 100}]
     # No gates declared: the default errorRate <= 0.05 gate must still stop an all-error candidate.

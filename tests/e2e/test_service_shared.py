@@ -94,11 +94,11 @@ def _remove_app(ray: str, app: str) -> None:
 
 
 @pytest.fixture
-def service_app(namespace, ray_head):
-    """The Serve app name of this test's ModelService; removed from the Ray head afterwards if still there."""
+def service_app(request, namespace, ray_head):
+    """The Serve app name of the test module's ModelService (its `NAME`); removed from the Ray head afterwards."""
     from anneal.control.service import app_name
 
-    app = app_name(namespace, NAME)
+    app = app_name(namespace, request.module.NAME)
     yield app
     try:
         _remove_app(ray_head, app)

@@ -126,7 +126,7 @@ def args_from_spec(
     """The app args of a parsed `ModelServiceSpec`.
 
     Args:
-        service: application name (deterministic: `<namespace>-<name>`).
+        service: application name (deterministic: `anneal.control.service.app_name`, `<namespace>_<name>`).
         spec: the parsed ModelServiceSpec.
         model_uris: variant name → resolved model URI (fromResource already resolved).
         cache_dir: model download cache on the serving nodes.
