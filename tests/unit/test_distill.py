@@ -11,8 +11,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from anneal.api.distillation import DistillationJobSpec, LoraConfig
-from anneal.distill import lora, recipe, rl
+from anneal.distill import harness, lora, recipe, rl
 from anneal.distill.losses import kd_loss, sequence_logprobs
+from anneal.modeling import uris
 
 VOCAB = 48
 
@@ -122,7 +123,7 @@ def test_merged_model_gives_the_adapter_models_logits_and_has_no_adapter(tmp_pat
         logits = merged(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     torch.testing.assert_close(logits, with_adapter, atol=1e-5, rtol=1e-5)
     merged.save_pretrained(tmp_path)
-    assert not (tmp_path / lora.ADAPTER_CONFIG).exists() and (tmp_path / "config.json").exists()
+    assert not (tmp_path / uris.ADAPTER_CONFIG_FILE).exists() and (tmp_path / "config.json").exists()
     del base_only
 
 
@@ -136,10 +137,10 @@ def test_unmerged_adapter_points_at_its_base_and_reloads(tmp_path):
     exported = lora.finalize_lora(model, LoraConfig(merge=False))
     assert lora.is_adapter(exported)
     exported.save_pretrained(adapter_dir)
-    assert (adapter_dir / lora.ADAPTER_CONFIG).exists() and not (adapter_dir / "config.json").exists()
+    assert (adapter_dir / uris.ADAPTER_CONFIG_FILE).exists() and not (adapter_dir / "config.json").exists()
     lora.point_adapter_at(adapter_dir, str(base_dir))
-    assert lora.adapter_base(adapter_dir) == str(base_dir)
-    reloaded = lora.load_adapter_model(adapter_dir, cache_dir=tmp_path / "cache")
+    assert uris.adapter_base(adapter_dir) == str(base_dir)
+    reloaded = uris.load_adapter_model(adapter_dir, cache_dir=tmp_path / "cache")
     with torch.no_grad():
         got = reloaded(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -275,29 +276,29 @@ def test_reward_function_failures_are_reward_errors(reward_module, func, match):
         rl.score(fn, func, ["x"], [_Sample(1)])
 
 
-# --------------------------------------------------------------------------- recipe bits
+# ------------------------------------------------------------------ recipe and harness bits
 
 
 def test_latest_checkpoint_is_the_newest_complete_one(tmp_path):
     def ckpt(name, step, complete=True):
         d = tmp_path / "run" / name
         d.mkdir(parents=True)
-        (d / recipe.STATE_FILE).write_text(json.dumps({"step": step}))
+        (d / harness.STATE_FILE).write_text(json.dumps({"step": step}))
         if complete:
             (d / "model.pt").write_bytes(b"x")
             (d / "optimizer.pt").write_bytes(b"x")
 
-    assert recipe.latest_checkpoint(tmp_path) is None
+    assert harness.latest_checkpoint(tmp_path) is None
     ckpt("checkpoint_a", 10)
     ckpt("checkpoint_b", 20)
     ckpt("checkpoint_c", 30, complete=False)  # killed while being written
-    found = recipe.latest_checkpoint(tmp_path)
+    found = harness.latest_checkpoint(tmp_path)
     assert found is not None and found[1] == 20 and found[0].path.endswith("checkpoint_b")
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
     t = spec("sft").training.model_copy(update={"learning_rate": 1.0, "warmup_steps": 10})
-    assert recipe.lr_at(t, 110, 0) == pytest.approx(0.1)
-    assert recipe.lr_at(t, 110, 9) == pytest.approx(1.0)
-    assert recipe.lr_at(t, 110, 10) == pytest.approx(1.0)
-    assert recipe.lr_at(t, 110, 110) == pytest.approx(0.1)
+    assert harness.lr_at(t, 110, 0) == pytest.approx(0.1)
+    assert harness.lr_at(t, 110, 9) == pytest.approx(1.0)
+    assert harness.lr_at(t, 110, 10) == pytest.approx(1.0)
+    assert harness.lr_at(t, 110, 110) == pytest.approx(0.1)

@@ -6,7 +6,8 @@ so the registered model is a plain `transformers` checkpoint with no adapter and
 cost. With `merge: false` the registered model is the adapter alone; its
 `adapter_config.json` names the base it applies to (`base_model_name_or_path`, rewritten by
 `point_adapter_at` to a durable URI) and the model version carries the same URI as the tag
-`anneal.adapter_base`.
+`anneal.adapter_base`. Loading such an adapter onto its base is `anneal.modeling.uris`' work
+(`load_adapter_model`), as for any other registered model.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from anneal.api.distillation import LoraConfig as LoraSpec
+from anneal.modeling.uris import ADAPTER_CONFIG_FILE
 
-ADAPTER_CONFIG = "adapter_config.json"
 TAG_ADAPTER_BASE = "anneal.adapter_base"
 
 
@@ -92,63 +93,9 @@ def finalize_lora(model: Any, cfg: LoraSpec) -> Any:
     return model
 
 
-def adapter_base(adapter_dir: str | Path) -> str | None:
-    """The `base_model_name_or_path` an adapter directory points at (None if not an adapter)."""
-    path = Path(adapter_dir) / ADAPTER_CONFIG
-    if not path.exists():
-        return None
-    return json.loads(path.read_text()).get("base_model_name_or_path")
-
-
 def point_adapter_at(adapter_dir: str | Path, base_uri: str) -> None:
     """Rewrite an adapter's `base_model_name_or_path` to `base_uri` (a durable model URI)."""
-    path = Path(adapter_dir) / ADAPTER_CONFIG
+    path = Path(adapter_dir) / ADAPTER_CONFIG_FILE
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = base_uri
     path.write_text(json.dumps(config, indent=2, sort_keys=True))
-
-
-def load_adapter_model(adapter_dir: str | Path, *, cache_dir: str | Path, tracking_uri: str | None = None) -> Any:
-    """Load a registered (unmerged) adapter on top of its base, resolving the base URI.
-
-    The base may be any model URI (`models:/`, `runs:/.../base-model`, a path): `runs:/` is
-    downloaded through MLflow, the rest through `anneal.modeling.uris.resolve_model_dir`.
-
-    Args:
-        adapter_dir: a directory with `adapter_config.json` and the adapter weights.
-        cache_dir: download cache for the base.
-        tracking_uri: MLflow tracking URI for `models:/` and `runs:/` bases.
-
-    Returns:
-        The peft model in eval mode.
-    """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base_uri = adapter_base(adapter_dir)
-    if not base_uri:
-        raise ValueError(f"{adapter_dir}: no {ADAPTER_CONFIG} with base_model_name_or_path; not an adapter")
-    base_dir = resolve_base(base_uri, cache_dir=cache_dir, tracking_uri=tracking_uri)
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-
-
-def resolve_base(base_uri: str, *, cache_dir: str | Path, tracking_uri: str | None = None) -> Path:
-    """A local directory for an adapter's base URI (`runs:/` included)."""
-    if base_uri.startswith("runs:/"):
-        import hashlib
-
-        import mlflow.artifacts
-
-        target = Path(cache_dir) / "runs" / hashlib.sha256(base_uri.encode()).hexdigest()[:16]
-        if not (target / "config.json").exists():
-            target.mkdir(parents=True, exist_ok=True)
-            mlflow.artifacts.download_artifacts(artifact_uri=base_uri, dst_path=str(target), tracking_uri=tracking_uri)
-        found = [p.parent for p in target.rglob("config.json")]
-        if not found:
-            raise FileNotFoundError(f"{base_uri}: no config.json in the downloaded base")
-        return found[0]
-    from anneal.modeling.uris import resolve_model_dir
-
-    return resolve_model_dir(base_uri, cache_dir=cache_dir, tracking_uri=tracking_uri)

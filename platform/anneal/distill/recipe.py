@@ -1,8 +1,9 @@
 """The distillation recipe: prepare the student, train it on Ray Train, evaluate, record in MLflow.
 
-One module, one job: `setup` resolves models and the MLflow run, `train` runs a `TorchTrainer`
-(one CPU worker with gloo up to many GPU workers with NCCL), `evaluate` scores student and
-teacher with reasoning on and off, `record` registers the model version with lineage tags.
+One module, one job: `setup` resolves models and the MLflow run, `train` runs `train_loop` on
+a `TorchTrainer` (`anneal.distill.harness`, shared with kd-rl: one CPU worker with gloo up to
+many GPU workers with NCCL), `evaluate` scores student and teacher with reasoning on and off,
+`record` registers the model version with lineage tags.
 The same `run` is called by `anneal run` (embedded), by the Ray Jobs API entrypoint
 (`python -m anneal.distill.recipe --job job.json`) and inside a KubeRay RayJob.
 """
@@ -15,22 +16,32 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from anneal.api.common import now_iso
 from anneal.api.distillation import DistillationJobSpec
+from anneal.distill.harness import (
+    TAG_RESUMED_FROM,
+    autocast,
+    dataset_samples,
+    is_checkpoint_step,
+    load_teacher,
+    lr_at,
+    maybe_checkpoint,
+    prepare_optimizer,
+    restore,
+    run_trainer,
+    start_worker,
+)
 from anneal.tracking import mlflow_store as store
 
 log = logging.getLogger(__name__)
 
 RECIPE = "anneal.distill.recipe"
-STATE_FILE = "anneal_state.json"
-TAG_RESUMED_FROM = "anneal.resumed_from_step"
 
 
 @dataclass
@@ -199,19 +210,6 @@ def _batches(tokenized: list[dict[str, list[int]]], batch_size: int, seed: int, 
         epoch += 1
 
 
-def autocast(precision: str, device_type: str):
-    """Autocast for `training.precision` (fp16 only on CUDA; fp32 = no autocast)."""
-    import contextlib
-
-    import torch
-
-    if precision == "bf16":
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-    if precision == "fp16" and device_type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
 def build_objective(spec: DistillationJobSpec, teacher: Any | None) -> Callable[[Any, dict[str, Any]], tuple[Any, dict[str, float]]]:
     """The training loss of a method: (model, batch) → (loss, figures to log)."""
     import torch
@@ -256,173 +254,42 @@ def build_objective(spec: DistillationJobSpec, teacher: Any | None) -> Callable[
     return distill
 
 
-def load_teacher(teacher_dir: str | Path, precision: str, device: Any) -> Any:
-    """The teacher, frozen: eval mode, no gradients, in the compute precision (fp16 → fp32 on CPU)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    if getattr(device, "type", str(device)) == "cpu" and dtype == torch.float16:
-        dtype = torch.float32
-    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=dtype).to(device).eval()
-    teacher.requires_grad_(False)
-    return teacher
-
-
-def restore(model: Any, resume_dir: str | None = None) -> tuple[int, Any]:
-    """Load the checkpoint this attempt resumes from into `model`.
-
-    Ray Train's own checkpoint (a worker-group restart) wins; else `resume_dir`, the newest
-    checkpoint a previous attempt of the job left (Ray Train V2 deprecates the trainer's
-    `resume_from_checkpoint`, so the path travels in the loop config instead).
-
-    Returns:
-        (the step it was taken at, the optimizer state) or (0, None) on a fresh start.
-    """
-    import contextlib
-
-    import ray.train
-    import torch
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        where = ckpt.as_directory()
-    elif resume_dir:
-        where = contextlib.nullcontext(resume_dir)
-    else:
-        return 0, None
-    with where as d:
-        state = json.loads((Path(d) / STATE_FILE).read_text())
-        model.load_state_dict(torch.load(Path(d) / "model.pt", map_location="cpu"))
-        opt_state = torch.load(Path(d) / "optimizer.pt", map_location="cpu")
-    log.info("resuming from the checkpoint of step %s", state["step"])
-    return int(state["step"]), opt_state
-
-
-def lr_at(t: Any, steps: int, step: int) -> float:
-    """Linear warmup, then cosine decay to 10% of `learningRate`."""
-    if t.warmup_steps and step < t.warmup_steps:
-        return t.learning_rate * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, steps - t.warmup_steps)
-    return t.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def is_checkpoint_step(spec: DistillationJobSpec, done: int, steps: int) -> bool:
-    every = spec.training.checkpoint_every
-    return done == steps or bool(every and done % every == 0)
-
-
-def maybe_checkpoint(
-    spec: DistillationJobSpec, model: Any, optimizer: Any, tokenizer: Any, rank: int, done: int, steps: int,
-    loss: float, step_times: list[float], log_seconds: float, logger: Any = None,
-) -> None:
-    """Report a checkpoint to Ray Train every `checkpointEvery` steps and at the end.
-
-    A checkpoint holds the trainable state (`model.pt`, `optimizer.pt`, the step); the last one
-    also holds the exported HF model (`hf/`: merged or adapter for lora-kd).
-    """
-    import ray.train
-    import torch
-    from ray.train import Checkpoint
-
-    if not is_checkpoint_step(spec, done, steps):
-        return
-    last = done == steps
-    mean_step = sum(step_times) / max(1, len(step_times))
-    metrics = {
-        "step": done, "loss": loss, "step_time_s": mean_step,
-        # inline cost of metric logging (the batched writes happen on a background thread)
-        "logging_share": log_seconds / max(1e-9, sum(step_times)),
-    }
-    if logger is not None:
-        logger.log({"train/logging_share": metrics["logging_share"], "train/step_time_mean_s": mean_step}, step=done)
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            inner = model.module if hasattr(model, "module") else model
-            torch.save(inner.state_dict(), Path(tmp) / "model.pt")
-            torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
-            if last:
-                export = inner
-                if spec.method == "lora-kd":
-                    from anneal.distill.lora import finalize_lora
-
-                    export = finalize_lora(inner, spec.lora)
-                export.save_pretrained(Path(tmp) / "hf")
-                tokenizer.save_pretrained(Path(tmp) / "hf")
-            # written last: a checkpoint is complete when its state file exists
-            (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": done, "total": steps}))
-            checkpoint = Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def dataset_samples(ref: Any, cache_dir: str | Path) -> list[Any]:
-    """The samples a DatasetRef names (the one place recipes read their data)."""
-    from anneal.data.datasets import load_samples
-
-    return load_samples(ref.uri, split=ref.split, format=ref.format, samples=ref.samples,
-                        reasoning=ref.reasoning, cache_dir=Path(cache_dir) / "datasets")
-
-
-def prepare_optimizer(model: Any, learning_rate: float, opt_state: Any | None) -> tuple[Any, list[Any], Any]:
-    """Wrap the model for Ray Train (DDP when there are several workers) and build its AdamW.
-
-    Returns:
-        (the prepared model, its trainable parameters, the optimizer with `opt_state` restored).
-    """
-    import ray.train.torch
-    import torch
-
-    model = ray.train.torch.prepare_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
-    return model, params, optimizer
-
-
 def train_loop(cfg: dict[str, Any]) -> None:
     """Ray Train worker loop of sft, kd and lora-kd (runs on every worker)."""
-    import ray.train
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from anneal.data.datasets import tokenize_sample
 
-    spec = DistillationJobSpec.model_validate(cfg["spec"])
-    ctx = JobContext(**cfg["context"])
-    train_ctx = ray.train.get_context()
-    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    worker = start_worker(cfg)
+    spec, rank, device = worker.spec, worker.rank, worker.device
     t = spec.training
-    torch.manual_seed(t.seed + rank)
-    device = ray.train.torch.get_device()
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg["student_init"])
-    model = AutoModelForCausalLM.from_pretrained(cfg["student_init"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(worker.student_init)
+    model = AutoModelForCausalLM.from_pretrained(worker.student_init, dtype=torch.float32)
     teacher = None
     if spec.method in ("kd", "lora-kd"):
-        if not cfg.get("teacher_dir"):
+        if not worker.teacher_dir:
             raise ValueError(f"method {spec.method!r} needs spec.teacher")
-        teacher = load_teacher(cfg["teacher_dir"], t.precision, device)
+        teacher = load_teacher(worker.teacher_dir, t.precision, device)
     if spec.method == "lora-kd":
         from anneal.distill.lora import add_lora
 
         model = add_lora(model, spec.lora)
 
-    start_step, opt_state = restore(model, cfg.get("resume_dir"))
+    start_step, opt_state = restore(model, worker.resume_dir)
     model, params, optimizer = prepare_optimizer(model, t.learning_rate, opt_state)
 
     ds = spec.dataset
-    samples = dataset_samples(ds, ctx.cache_dir)
-    shard = samples[rank::world] or samples
+    shard = worker.shard(dataset_samples(ds, worker.cache_dir))
     tokenized = [tokenize_sample(tokenizer, s, ds.max_seq_length) for s in shard]
-    steps = cfg["total_steps"]
+    steps = worker.total_steps
 
     objective = build_objective(spec, teacher)
     batches = _batches(tokenized, t.batch_size, t.seed + rank, tokenizer.pad_token_id)
     for _ in range(start_step * t.gradient_accumulation):
         next(batches)  # resume at the same place in the data order
-    logger = store.MetricsLogger(ctx.tracking_uri, ctx.run_id) if rank == 0 and ctx.run_id else None
+    logger = worker.metrics_logger()
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" and device.type == "cuda" else None
     model.train()
     step_times: list[float] = []
@@ -469,85 +336,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
             logger.close()
 
 
-def latest_checkpoint(storage: Path) -> tuple[Any, int] | None:
-    """The newest complete checkpoint a previous attempt of this job left, and its step.
-
-    A checkpoint counts only when its state file and both weight files are there (a run killed
-    while a checkpoint was being copied leaves an incomplete one, which is skipped).
-    """
-    from ray.train import Checkpoint
-
-    best, best_step = None, -1
-    for state in storage.glob(f"**/{STATE_FILE}"):
-        try:
-            step = json.loads(state.read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            continue
-        complete = all((state.parent / f).is_file() and (state.parent / f).stat().st_size > 0 for f in ("model.pt", "optimizer.pt"))
-        if complete and step > best_step:
-            best, best_step = state.parent, step
-    return (Checkpoint.from_directory(str(best)), best_step) if best is not None else None
-
-
-def train(
-    spec: DistillationJobSpec,
-    ctx: JobContext,
-    student_init: Path,
-    teacher_dir: Path | None,
-    steps: int,
-    loop: Callable[[dict[str, Any]], None] | None = None,
-) -> Path:
-    """Run the TorchTrainer (`loop` per worker, default `train_loop`); returns the trained HF checkpoint.
-
-    A previous attempt's newest checkpoint under the work dir is resumed from; the step it was
-    taken at is recorded on the MLflow run as the tag `anneal.resumed_from_step`.
-    """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    r = spec.resources
-    use_gpu = r.gpus_per_worker > 0
-    per_worker: dict[str, float] = {"CPU": r.cpus_per_worker}
-    if use_gpu:
-        per_worker["GPU"] = r.gpus_per_worker
-    storage = Path(ctx.work_dir) / "ray"
-    storage.mkdir(parents=True, exist_ok=True)
-    found = latest_checkpoint(storage)
-    resume, resumed_from = found if found else (None, 0)
-    if ctx.run_id:
-        store.set_tags(ctx.tracking_uri, ctx.run_id, {TAG_RESUMED_FROM: str(resumed_from)})
-    trainer = TorchTrainer(
-        loop or train_loop,
-        train_loop_config={
-            "spec": spec.to_dict(),
-            "context": asdict(ctx),
-            "student_init": str(student_init),
-            "teacher_dir": str(teacher_dir) if teacher_dir else None,
-            "total_steps": steps,
-            "resume_dir": resume.path if resume is not None else None,
-        },
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=r.workers,
-            use_gpu=use_gpu,
-            resources_per_worker=per_worker,
-            accelerator_type=r.accelerator_type if use_gpu else None,
-        ),
-        run_config=RunConfig(
-            name=f"train-{int(time.time())}",
-            storage_path=str(storage),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=0),
-        ),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-    out = Path(ctx.work_dir) / "student-final"
-    shutil.rmtree(out, ignore_errors=True)
-    with result.checkpoint.as_directory() as d:
-        shutil.copytree(Path(d) / "hf", out)
-    return out
+def train(spec: DistillationJobSpec, ctx: JobContext, student_init: Path, teacher_dir: Path | None, steps: int) -> Path:
+    """Train the student with `train_loop` on Ray Train; returns the trained HF checkpoint."""
+    return run_trainer(spec, ctx, student_init, teacher_dir, steps, loop=train_loop)
 
 
 # -------------------------------------------------------------------------- evaluate
@@ -647,7 +438,8 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
         if "train/logging_share" in final_metrics:
             metrics["loggingShare"] = final_metrics["train/logging_share"]
         store.log_metrics(ctx.tracking_uri, run_id, {f"eval/{k}": v for k, v in metrics.items()})
-        from anneal.distill.lora import TAG_ADAPTER_BASE, adapter_base, point_adapter_at
+        from anneal.distill.lora import TAG_ADAPTER_BASE, point_adapter_at
+        from anneal.modeling.uris import adapter_base
 
         if adapter_base(final_dir):  # lora-kd with merge: false registers the adapter alone
             base_uri = model_uri_of(spec.student.uri, ctx, "student")

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from anneal.api.distillation import DistillationJobSpec
+from anneal.distill import harness
 from anneal.distill.losses import IGNORE_INDEX
 
 RewardFn = Callable[[str, Any], float]
@@ -268,50 +269,42 @@ def _prompt_batches(samples: list[Any], batch_size: int, seed: int):
 
 def rl_loop(cfg: dict[str, Any]) -> None:
     """Ray Train worker loop of `kd-rl` (runs on every worker)."""
-    import ray.train
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from anneal.distill import recipe
     from anneal.distill.losses import chunked_kd_loss
-    from anneal.tracking import mlflow_store as store
 
-    spec = DistillationJobSpec.model_validate(cfg["spec"])
-    ctx = recipe.JobContext(**cfg["context"])
-    train_ctx = ray.train.get_context()
-    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    worker = harness.start_worker(cfg)
+    spec, rank, device = worker.spec, worker.rank, worker.device
     t, rl = spec.training, spec.rl
-    torch.manual_seed(t.seed + rank)
-    device = ray.train.torch.get_device()
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg["student_init"])
-    policy = AutoModelForCausalLM.from_pretrained(cfg["student_init"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(worker.student_init)
+    policy = AutoModelForCausalLM.from_pretrained(worker.student_init, dtype=torch.float32)
     reference = None
     if rl.kl_coef > 0:
-        reference = AutoModelForCausalLM.from_pretrained(cfg["student_init"], dtype=torch.float32).to(device).eval()
+        reference = AutoModelForCausalLM.from_pretrained(worker.student_init, dtype=torch.float32).to(device).eval()
         reference.requires_grad_(False)
     teacher = None
-    if rl.kd_coef > 0 and cfg.get("teacher_dir"):
-        teacher = recipe.load_teacher(cfg["teacher_dir"], t.precision, device)
+    if rl.kd_coef > 0 and worker.teacher_dir:
+        teacher = harness.load_teacher(worker.teacher_dir, t.precision, device)
 
-    start_step, opt_state = recipe.restore(policy, cfg.get("resume_dir"))
-    model, params, optimizer = recipe.prepare_optimizer(policy, t.learning_rate, opt_state)
+    start_step, opt_state = harness.restore(policy, worker.resume_dir)
+    model, params, optimizer = harness.prepare_optimizer(policy, t.learning_rate, opt_state)
     inner = model.module if hasattr(model, "module") else model
 
-    samples = recipe.dataset_samples(spec.dataset, ctx.cache_dir)
-    shard = samples[rank::world] or samples
+    shard = worker.shard(harness.dataset_samples(spec.dataset, worker.cache_dir))
     reward_fn = load_reward(rl.reward)
-    steps = cfg["total_steps"]
+    steps = worker.total_steps
     batches = _prompt_batches(shard, t.batch_size, t.seed + rank)
     for _ in range(start_step * t.gradient_accumulation):
         next(batches)
-    logger = store.MetricsLogger(ctx.tracking_uri, ctx.run_id) if rank == 0 and ctx.run_id else None
+    logger = worker.metrics_logger()
     step_times: list[float] = []
     log_seconds = 0.0
     try:
         for step in range(start_step, steps):
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = recipe.lr_at(t, steps, step)
+                group["lr"] = harness.lr_at(t, steps, step)
             optimizer.zero_grad(set_to_none=True)
             figures: dict[str, float] = {}
             loss_sum, rewards_all = 0.0, []
@@ -328,7 +321,7 @@ def rl_loop(cfg: dict[str, Any]) -> None:
                 advantages = group_advantages(rewards).view(-1).to(device)
                 batch = {k: v.to(device) for k, v in build_batch(prompt_ids, completion_ids, tokenizer.pad_token_id).items()}
                 model.train()
-                with recipe.autocast(t.precision, device.type):
+                with harness.autocast(t.precision, device.type):
                     out = model(
                         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         output_hidden_states=teacher is not None,
@@ -363,17 +356,17 @@ def rl_loop(cfg: dict[str, Any]) -> None:
             if logger is not None:
                 l0 = time.perf_counter()
                 logger.log(
-                    {"train/loss": loss_sum, "train/lr": recipe.lr_at(t, steps, step), "train/grad_norm": grad_norm,
+                    {"train/loss": loss_sum, "train/lr": harness.lr_at(t, steps, step), "train/grad_norm": grad_norm,
                      "train/reward_mean": float(r.mean()), "train/reward_std": float(r.std(dim=1).mean()),
                      "train/step": done, "train/total_steps": steps, "train/step_time_s": step_times[-1],
                      **{f"train/{k}": v for k, v in figures.items()}},
                     step=done,
                 )
                 log_seconds += time.perf_counter() - l0
-            recipe.maybe_checkpoint(
+            harness.maybe_checkpoint(
                 spec, model, optimizer, tokenizer, rank, done, steps, loss_sum, step_times, log_seconds, logger,
             )
-            if recipe.is_checkpoint_step(spec, done, steps):
+            if harness.is_checkpoint_step(spec, done, steps):
                 step_times, log_seconds = [], 0.0
     finally:
         if logger is not None:
@@ -382,9 +375,7 @@ def rl_loop(cfg: dict[str, Any]) -> None:
 
 def train_rl(spec: DistillationJobSpec, ctx: Any, student_init: Path, teacher_dir: Path | None, steps: int) -> Path:
     """Run the GRPO TorchTrainer; returns the directory of the trained HF checkpoint."""
-    from anneal.distill.recipe import train
-
-    return train(spec, ctx, student_init, teacher_dir, steps, loop=rl_loop)
+    return harness.run_trainer(spec, ctx, student_init, teacher_dir, steps, loop=rl_loop)
 
 
 __all__ = [

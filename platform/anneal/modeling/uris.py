@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -337,8 +338,6 @@ def load_model(
     kwargs = {} if dtype is None else {"dtype": dtype}
     if not (path / CONFIG_FILE).is_file() and (path / ADAPTER_CONFIG_FILE).is_file():
         # An unmerged LoRA adapter (lora-kd with merge: false): load it onto its base.
-        from anneal.distill.lora import load_adapter_model
-
         model = load_adapter_model(path, cache_dir=cache_dir, tracking_uri=tracking_uri)
         model.to(device)
         return model, AutoTokenizer.from_pretrained(str(path))
@@ -346,3 +345,55 @@ def load_model(
     model.to(device)
     model.eval()
     return model, AutoTokenizer.from_pretrained(str(path))
+
+
+def adapter_base(adapter_dir: str | Path) -> str | None:
+    """The `base_model_name_or_path` an adapter directory points at (None if not an adapter)."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get("base_model_name_or_path")
+
+
+def load_adapter_model(adapter_dir: str | Path, *, cache_dir: str | Path, tracking_uri: str | None = None) -> Any:
+    """Load a registered (unmerged) LoRA adapter on top of its base, resolving the base URI.
+
+    The base may be any model URI (`models:/`, `runs:/.../base-model`, a path): `runs:/` is
+    downloaded through MLflow, the rest through `resolve_model_dir`.
+
+    Args:
+        adapter_dir: a directory with `adapter_config.json` and the adapter weights.
+        cache_dir: download cache for the base.
+        tracking_uri: MLflow tracking URI for `models:/` and `runs:/` bases.
+
+    Returns:
+        The peft model in eval mode.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_uri = adapter_base(adapter_dir)
+    if not base_uri:
+        raise ValueError(f"{adapter_dir}: no {ADAPTER_CONFIG_FILE} with base_model_name_or_path; not an adapter")
+    base_dir = resolve_adapter_base(base_uri, cache_dir=cache_dir, tracking_uri=tracking_uri)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def resolve_adapter_base(base_uri: str, *, cache_dir: str | Path, tracking_uri: str | None = None) -> Path:
+    """A local directory for an adapter's base URI (`runs:/` included)."""
+    if base_uri.startswith("runs:/"):
+        import hashlib
+
+        import mlflow.artifacts
+
+        target = Path(cache_dir) / "runs" / hashlib.sha256(base_uri.encode()).hexdigest()[:16]
+        if not (target / CONFIG_FILE).exists():
+            target.mkdir(parents=True, exist_ok=True)
+            mlflow.artifacts.download_artifacts(artifact_uri=base_uri, dst_path=str(target), tracking_uri=tracking_uri)
+        found = [p.parent for p in target.rglob(CONFIG_FILE)]
+        if not found:
+            raise FileNotFoundError(f"{base_uri}: no {CONFIG_FILE} in the downloaded base")
+        return found[0]
+    return resolve_model_dir(base_uri, cache_dir=cache_dir, tracking_uri=tracking_uri)

@@ -1,0 +1,292 @@
+"""The Ray Train harness the distillation loops share: worker start, optimiser, checkpoints, the trainer.
+
+`anneal.distill.recipe` (sft, kd, lora-kd) and `anneal.distill.rl` (kd-rl) each bring their own
+worker loop; everything around the loop is here, so that both resume, checkpoint, schedule the
+learning rate and read their data the same way. `run_trainer` writes the loop config that
+`start_worker` reads back on every worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from anneal.api.distillation import DistillationJobSpec
+from anneal.tracking import mlflow_store as store
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "anneal_state.json"
+TAG_RESUMED_FROM = "anneal.resumed_from_step"
+
+
+@dataclass
+class Worker:
+    """One Ray Train worker's view of the job: the spec, its place in the group, device and tracking."""
+
+    spec: DistillationJobSpec
+    rank: int
+    world: int
+    device: Any
+    student_init: str
+    teacher_dir: str | None
+    total_steps: int
+    resume_dir: str | None
+    cache_dir: str
+    tracking_uri: str
+    run_id: str | None
+
+    def shard(self, samples: list[Any]) -> list[Any]:
+        """This worker's share of the samples (all of them when there are fewer than workers)."""
+        return samples[self.rank :: self.world] or samples
+
+    def metrics_logger(self) -> Any:
+        """The MLflow metrics logger of rank 0 (None on the other ranks and without a run)."""
+        return store.MetricsLogger(self.tracking_uri, self.run_id) if self.rank == 0 and self.run_id else None
+
+
+def start_worker(cfg: dict[str, Any]) -> Worker:
+    """Read the loop config `run_trainer` wrote, and seed torch for this worker's rank."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    spec = DistillationJobSpec.model_validate(cfg["spec"])
+    context = cfg["context"]
+    train_ctx = ray.train.get_context()
+    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    torch.manual_seed(spec.training.seed + rank)
+    return Worker(
+        spec=spec, rank=rank, world=world, device=ray.train.torch.get_device(),
+        student_init=cfg["student_init"], teacher_dir=cfg.get("teacher_dir"), total_steps=cfg["total_steps"],
+        resume_dir=cfg.get("resume_dir"), cache_dir=context["cache_dir"], tracking_uri=context["tracking_uri"],
+        run_id=context.get("run_id"),
+    )
+
+
+def dataset_samples(ref: Any, cache_dir: str | Path) -> list[Any]:
+    """The samples a DatasetRef names (the one place recipes read their data)."""
+    from anneal.data.datasets import load_samples
+
+    return load_samples(ref.uri, split=ref.split, format=ref.format, samples=ref.samples,
+                        reasoning=ref.reasoning, cache_dir=Path(cache_dir) / "datasets")
+
+
+def load_teacher(teacher_dir: str | Path, precision: str, device: Any) -> Any:
+    """The teacher, frozen: eval mode, no gradients, in the compute precision (fp16 → fp32 on CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if getattr(device, "type", str(device)) == "cpu" and dtype == torch.float16:
+        dtype = torch.float32
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=dtype).to(device).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def restore(model: Any, resume_dir: str | None = None) -> tuple[int, Any]:
+    """Load the checkpoint this attempt resumes from into `model`.
+
+    Ray Train's own checkpoint (a worker-group restart) wins; else `resume_dir`, the newest
+    checkpoint a previous attempt of the job left (Ray Train V2 deprecates the trainer's
+    `resume_from_checkpoint`, so the path travels in the loop config instead).
+
+    Returns:
+        (the step it was taken at, the optimizer state) or (0, None) on a fresh start.
+    """
+    import contextlib
+
+    import ray.train
+    import torch
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        where = ckpt.as_directory()
+    elif resume_dir:
+        where = contextlib.nullcontext(resume_dir)
+    else:
+        return 0, None
+    with where as d:
+        state = json.loads((Path(d) / STATE_FILE).read_text())
+        model.load_state_dict(torch.load(Path(d) / "model.pt", map_location="cpu"))
+        opt_state = torch.load(Path(d) / "optimizer.pt", map_location="cpu")
+    log.info("resuming from the checkpoint of step %s", state["step"])
+    return int(state["step"]), opt_state
+
+
+def prepare_optimizer(model: Any, learning_rate: float, opt_state: Any | None) -> tuple[Any, list[Any], Any]:
+    """Wrap the model for Ray Train (DDP when there are several workers) and build its AdamW.
+
+    Returns:
+        (the prepared model, its trainable parameters, the optimizer with `opt_state` restored).
+    """
+    import ray.train.torch
+    import torch
+
+    model = ray.train.torch.prepare_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    if opt_state is not None:
+        optimizer.load_state_dict(opt_state)
+    return model, params, optimizer
+
+
+def autocast(precision: str, device_type: str):
+    """Autocast for `training.precision` (fp16 only on CUDA; fp32 = no autocast)."""
+    import contextlib
+
+    import torch
+
+    if precision == "bf16":
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    if precision == "fp16" and device_type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def lr_at(t: Any, steps: int, step: int) -> float:
+    """Linear warmup, then cosine decay to 10% of `learningRate`."""
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.learning_rate * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, steps - t.warmup_steps)
+    return t.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def is_checkpoint_step(spec: DistillationJobSpec, done: int, steps: int) -> bool:
+    every = spec.training.checkpoint_every
+    return done == steps or bool(every and done % every == 0)
+
+
+def maybe_checkpoint(
+    spec: DistillationJobSpec, model: Any, optimizer: Any, tokenizer: Any, rank: int, done: int, steps: int,
+    loss: float, step_times: list[float], log_seconds: float, logger: Any = None,
+) -> None:
+    """Report a checkpoint to Ray Train every `checkpointEvery` steps and at the end.
+
+    A checkpoint holds the trainable state (`model.pt`, `optimizer.pt`, the step); the last one
+    also holds the exported HF model (`hf/`: merged or adapter for lora-kd).
+    """
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+
+    if not is_checkpoint_step(spec, done, steps):
+        return
+    last = done == steps
+    mean_step = sum(step_times) / max(1, len(step_times))
+    metrics = {
+        "step": done, "loss": loss, "step_time_s": mean_step,
+        # inline cost of metric logging (the batched writes happen on a background thread)
+        "logging_share": log_seconds / max(1e-9, sum(step_times)),
+    }
+    if logger is not None:
+        logger.log({"train/logging_share": metrics["logging_share"], "train/step_time_mean_s": mean_step}, step=done)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            inner = model.module if hasattr(model, "module") else model
+            torch.save(inner.state_dict(), Path(tmp) / "model.pt")
+            torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
+            if last:
+                export = inner
+                if spec.method == "lora-kd":
+                    from anneal.distill.lora import finalize_lora
+
+                    export = finalize_lora(inner, spec.lora)
+                export.save_pretrained(Path(tmp) / "hf")
+                tokenizer.save_pretrained(Path(tmp) / "hf")
+            # written last: a checkpoint is complete when its state file exists
+            (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": done, "total": steps}))
+            checkpoint = Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def latest_checkpoint(storage: Path) -> tuple[Any, int] | None:
+    """The newest complete checkpoint a previous attempt of this job left, and its step.
+
+    A checkpoint counts only when its state file and both weight files are there (a run killed
+    while a checkpoint was being copied leaves an incomplete one, which is skipped).
+    """
+    from ray.train import Checkpoint
+
+    best, best_step = None, -1
+    for state in storage.glob(f"**/{STATE_FILE}"):
+        try:
+            step = json.loads(state.read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            continue
+        complete = all((state.parent / f).is_file() and (state.parent / f).stat().st_size > 0 for f in ("model.pt", "optimizer.pt"))
+        if complete and step > best_step:
+            best, best_step = state.parent, step
+    return (Checkpoint.from_directory(str(best)), best_step) if best is not None else None
+
+
+def run_trainer(
+    spec: DistillationJobSpec,
+    ctx: Any,
+    student_init: Path,
+    teacher_dir: Path | None,
+    steps: int,
+    loop: Callable[[dict[str, Any]], None],
+) -> Path:
+    """Run a TorchTrainer with `loop` on every worker; returns the trained HF checkpoint.
+
+    `ctx` is the job's `anneal.distill.recipe.JobContext`; `loop` reads its share of the job
+    back with `start_worker`. A previous attempt's newest checkpoint under the work dir is
+    resumed from; the step it was taken at is recorded on the MLflow run as the tag
+    `anneal.resumed_from_step`.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    r = spec.resources
+    use_gpu = r.gpus_per_worker > 0
+    per_worker: dict[str, float] = {"CPU": r.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = r.gpus_per_worker
+    storage = Path(ctx.work_dir) / "ray"
+    storage.mkdir(parents=True, exist_ok=True)
+    found = latest_checkpoint(storage)
+    resume, resumed_from = found if found else (None, 0)
+    if ctx.run_id:
+        store.set_tags(ctx.tracking_uri, ctx.run_id, {TAG_RESUMED_FROM: str(resumed_from)})
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={
+            "spec": spec.to_dict(),
+            "context": asdict(ctx),
+            "student_init": str(student_init),
+            "teacher_dir": str(teacher_dir) if teacher_dir else None,
+            "total_steps": steps,
+            "resume_dir": resume.path if resume is not None else None,
+        },
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=r.workers,
+            use_gpu=use_gpu,
+            resources_per_worker=per_worker,
+            accelerator_type=r.accelerator_type if use_gpu else None,
+        ),
+        run_config=RunConfig(
+            name=f"train-{int(time.time())}",
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    out = Path(ctx.work_dir) / "student-final"
+    shutil.rmtree(out, ignore_errors=True)
+    with result.checkpoint.as_directory() as d:
+        shutil.copytree(Path(d) / "hf", out)
+    return out
