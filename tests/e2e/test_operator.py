@@ -23,6 +23,8 @@ import httpx
 import pytest
 import yaml
 
+from anneal.serve.app import entry_models
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
@@ -244,7 +246,7 @@ def test_per_job_path_creates_owned_rayjob_and_rayservice_with_gpu_settings(kube
     rs = _get(kube_cluster, op_namespace, "rayservice", rs_name)
     apps = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
     # "_" never occurs in a Kubernetes name, so <namespace>_<name> cannot collide.
-    assert apps[0]["name"] == f"{op_namespace}_svc" and apps[0]["args"]["variants"][0]["model_uri"] == "file:///models/a"
+    assert apps[0]["name"] == f"{op_namespace}_svc" and entry_models(apps[0]) == {"stable": "file:///models/a"}
     assert rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
         "resources"]["limits"]["nvidia.com/gpu"] == "1"
 

@@ -385,3 +385,51 @@ def test_embedded_runner_serves_a_manifest_and_the_client_helpers_work(service, 
         stop.set()
         runner.join(timeout=120)
     assert done and done[0]["phase"] == "Ready"
+
+
+def test_changing_one_variants_model_updates_that_variant_only(service, models):
+    """A model change reaches only its variant's deployment: the router and the other variants keep
+    their replicas (Serve restarts every deployment of an app whose args change, so the model is
+    in the variant's user_config), and requests to them keep succeeding meanwhile."""
+    from ray.serve.context import _get_global_client
+
+    from anneal.serve.app import build_serve_config
+    from anneal.serve.deploy import deploy_entries
+
+    paths, _ = models
+    args, http = service["args"], service["http"]
+
+    def replicas():
+        deps = _get_global_client().get_serve_details()["applications"][SERVICE]["deployments"]
+        return {name: sorted((r["replica_id"], r.get("pid")) for r in d["replicas"]) for name, d in deps.items()}
+
+    def answer(variant):
+        body = {"prompt": "Tom has 3 pens and buys 4 more. How many?", "max_tokens": 8, "temperature": 0}
+        r = post(http, body=body, headers={"x-anneal-variant": variant})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    before = replicas()
+    assert answer("b") != answer("a")  # b serves the larger model
+    changed = args.model_copy(update={"variants": [
+        v.model_copy(update={"model_uri": paths["small"]}) if v.name == "b" else v for v in args.variants]})
+    stop, codes = threading.Event(), []
+
+    def load():
+        with httpx.Client(base_url=service["base"], timeout=60) as c:
+            while not stop.is_set():
+                codes.append(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1},
+                                    headers={"x-anneal-variant": "a"}).status_code)
+
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        deploy_entries([build_serve_config(changed)], wait_s=600)
+        assert answer("b") == answer("a")  # b now serves the small model, as a does
+    finally:
+        stop.set()
+        t.join()
+        deploy_entries([build_serve_config(args)], wait_s=600)
+    after = replicas()
+    assert {k: v for k, v in after.items() if k != "variant-b"} == {k: v for k, v in before.items() if k != "variant-b"}
+    assert codes and set(codes) == {200}

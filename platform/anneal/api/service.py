@@ -370,3 +370,6 @@ class ModelServiceStatus(StatusBase):
     weights_summary: str | None = None
     models: dict[str, str] = Field(default_factory=dict)
     rollout: RolloutStatus | None = None
+    recorded_deployment: str | None = Field(
+        default=None, description="Digest of the models and weights last recorded in MLflow (the service's "
+                                  "serve-<app> run; see docs/serving.md).")

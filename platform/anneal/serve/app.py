@@ -210,28 +210,85 @@ def policy_from_args(args: AppArgs, weights: Mapping[str, int] | None = None,
 # -------------------------------------------------------------------------- variant
 
 
+def _free_accelerator_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # no torch / no CUDA: nothing to free
+        pass
+
+
+# What a variant serves, kept out of the app's `args`: Serve keys every deployment's code version
+# on the app's import path and args, so a model URI in the args would restart the router and every
+# other variant whenever one variant's model changes. In the variant deployment's `user_config`,
+# a model change is an update of that deployment alone (`VariantServer.reconfigure`).
+MODEL_FIELDS = ("model_uri", "engine", "engine_options")
+
+
+def variant_user_config(v: VariantArgs) -> dict[str, Any]:
+    """The live part of a variant deployment: which model, through which engine."""
+    return {"model_uri": v.model_uri, "engine": v.engine, "engine_options": dict(v.engine_options)}
+
+
 class VariantServer:
-    """One variant's model, served by one Serve deployment (replicas and resources from the spec)."""
+    """One variant's model, served by one Serve deployment (replicas and resources from the spec).
+
+    The model arrives through `reconfigure` (the deployment's `user_config`, see `MODEL_FIELDS`),
+    which Serve calls before the replica takes traffic and again, in place, when only this
+    variant's model changes.
+    """
 
     def __init__(self, variant: dict[str, Any], cache_dir: str, tracking_uri: str | None):
+        self.args = VariantArgs(**variant)
+        self.cache_dir = os.path.expanduser(cache_dir)
+        self.tracking_uri = tracking_uri
+        self.engine: Any = None
+        self.loaded: dict[str, Any] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{self.args.name}")
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Load the model `user_config` names (`variant_user_config`) unless it is the one loaded.
+
+        On a GPU the old engine is released first (two copies of a large model rarely fit);
+        on CPU the new one is loaded before the swap, so the replica never serves nothing.
+        """
         from anneal.serve.engines import make_engine
 
-        self.args = VariantArgs(**variant)
-        options = dict(self.args.engine_options)
-        if self.args.engine == "transformers" and self.args.num_gpus == 0:
+        want = {k: (user_config or {}).get(k, getattr(self.args, k)) for k in MODEL_FIELDS}
+        want["engine_options"] = dict(want["engine_options"] or {})
+        if want == self.loaded:
+            return
+        options = dict(want["engine_options"])
+        if want["engine"] == "transformers" and self.args.num_gpus == 0:
             # A replica owns its share of the CPUs: torch should not spin up a thread per core.
             options.setdefault("num_threads", max(1, int(self.args.num_cpus)))
-        self.engine = make_engine(self.args.engine, self.args.model_uri, cache_dir=os.path.expanduser(cache_dir),
-                                  tracking_uri=tracking_uri, options=options)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{self.args.name}")
+        if self.args.num_gpus > 0 and self.engine is not None:
+            self.engine, old = None, self.engine
+            del old
+            _free_accelerator_memory()
+        engine = make_engine(want["engine"], want["model_uri"], cache_dir=self.cache_dir,
+                             tracking_uri=self.tracking_uri, options=options)
+        self.engine, self.loaded = engine, want
+        self.args = self.args.model_copy(update=want)
+        log.info("variant %s serves %s (%s engine)", self.args.name, want["model_uri"], want["engine"])
+
+    def _engine(self) -> Any:
+        if self.engine is None:  # Serve always calls reconfigure first; this is a config without user_config
+            raise RuntimeError(f"variant {self.args.name}: no model configured (deployment user_config is empty)")
+        return self.engine
 
     async def generate(self, req: GenerateRequest) -> GenerateResult:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.engine.generate, req)
+        return await loop.run_in_executor(self._executor, self._engine().generate, req)
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[StreamPiece]:
         loop = asyncio.get_running_loop()
-        it = self.engine.stream(req)
+        it = self._engine().stream(req)
         done = object()
         while True:
             piece = await loop.run_in_executor(self._executor, next, it, done)
@@ -294,15 +351,12 @@ def write_decisions_to_mlflow(tracking_uri: str, experiment: str, service: str, 
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
+    from anneal.tracking.deployments import service_run
+
     client = MlflowClient(tracking_uri=tracking_uri)
     run_id = getattr(cache, "_mlflow_run_id", None)
     if run_id is None:
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-        name = f"serve-{service}"
-        runs = client.search_runs([exp_id], filter_string=f"tags.mlflow.runName = '{name}'", max_results=1)
-        run_id = runs[0].info.run_id if runs else client.create_run(
-            exp_id, run_name=name, tags={"anneal.service": service}).info.run_id
+        run_id = service_run(client, experiment, service)
         if cache is not None:
             cache._mlflow_run_id = run_id
     now = int(time.time() * 1000)
@@ -618,6 +672,7 @@ def build_app(args: AppArgs, *, router_user_config: Mapping[str, Any] | None = N
             ray_actor_options=actor,
             max_ongoing_requests=v.max_ongoing_requests,
             max_queued_requests=v.max_queued_requests,
+            user_config=variant_user_config(v),
             **scale,
         )
         handles[v.name] = deployment.bind(**init)
@@ -643,22 +698,38 @@ def build_serve_config(args: AppArgs, weights: Mapping[str, int] | None = None,
     """One `applications[]` entry of a Serve config (REST API `PUT /api/serve/applications/`,
     KubeRay `RayService.spec.serveConfigV2`).
 
-    The live weights go in the router's `user_config`, so a later entry that differs only
-    there is a lightweight update: Serve calls `Router.reconfigure` and restarts nothing.
+    Serve restarts every deployment of an app whose `args` change. So what changes live is
+    kept out of them: the weights go in the router's `user_config` (a later entry that differs
+    only there makes Serve call `Router.reconfigure` and restart nothing), and each variant's
+    model in its own deployment's `user_config` (a model change touches that variant alone).
     """
     user_config: dict[str, Any] = {"weights": dict(weights if weights is not None else args.weights)}
     if routing:
         user_config["routing"] = dict(routing)
+    app_args = args.model_dump(mode="json")
+    for v in app_args["variants"]:
+        for k in MODEL_FIELDS:
+            v.pop(k, None)
     return {
         "name": args.service,
         "route_prefix": args.route_prefix,
         "import_path": IMPORT_PATH,
-        "args": args.model_dump(mode="json"),
-        "deployments": [{"name": ROUTER_DEPLOYMENT, "user_config": user_config}],
+        "args": app_args,
+        "deployments": [{"name": ROUTER_DEPLOYMENT, "user_config": user_config}] + [
+            {"name": variant_deployment_name(v.name), "user_config": variant_user_config(v)} for v in args.variants
+        ],
     }
 
 
+def entry_models(entry: Mapping[str, Any]) -> dict[str, str | None]:
+    """variant → model URI of a Serve config entry (`build_serve_config`)."""
+    prefix = variant_deployment_name("")
+    return {d["name"][len(prefix):]: (d.get("user_config") or {}).get("model_uri")
+            for d in entry.get("deployments") or [] if d.get("name", "").startswith(prefix)}
+
+
 __all__ = [
-    "AppArgs", "VariantArgs", "args_from_spec", "build_app", "app_builder", "build_serve_config",
+    "AppArgs", "VariantArgs", "args_from_spec", "build_app", "app_builder", "build_serve_config", "entry_models",
+    "variant_user_config",
     "policy_from_args", "write_decisions_to_mlflow", "Router", "VariantServer",
 ]
