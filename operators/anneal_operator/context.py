@@ -43,6 +43,9 @@ class OperatorContext:
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     #: Factory of Ray Jobs API clients by address (tests and the benchmark pass a stubbed transport).
     jobs_client_factory: Callable[[str], Any] | None = None
+    #: Reader of a Secret's `data` by (namespace, name), None when it does not exist (tests pass
+    #: their own); by default the API server's (the operator's role has `get` on secrets).
+    secret_reader: Callable[[str, str], Mapping[str, str] | None] | None = None
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
     #: uid → (resourceVersion, status) of our last status write: a pass that runs before the
     #: watch delivered that write must not act on the older status it was handed.
@@ -152,6 +155,28 @@ class OperatorContext:
             if exc.status == 404:
                 return None
             raise
+
+    def read_secret(self, namespace: str, name: str) -> Mapping[str, str] | None:
+        """A Secret's `data` (key → base64 value, as the API server has it), or None when there is no such Secret.
+
+        Raises:
+            PermissionError: the operator may not read it (403: its role lacks `get` on secrets there).
+        """
+        if self.secret_reader is not None:
+            return self.secret_reader(namespace, name)
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            secret = client.CoreV1Api(self.api_client).read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            if exc.status == 403:
+                raise PermissionError(f"the operator may not read Secret {namespace}/{name} (403 Forbidden): "
+                                      f"its role needs get on secrets in {namespace}") from None
+            raise
+        return dict(secret.data or {})
 
     def write_status(self, kind: str, body: Mapping[str, Any], old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
         """Merge-patch `status` to `new` if it differs from `old`; returns whether it wrote.

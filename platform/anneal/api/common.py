@@ -10,8 +10,10 @@ from typing import Annotated, Any, Iterator, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StringConstraints,
+    Tag,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -122,6 +124,10 @@ def parse_quantity(text: str) -> float:
 
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+#: A Kubernetes object name such as a Secret's (RFC 1123 subdomain, at most 253 characters).
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+#: A key of a Secret's data.
+SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
 Name = Annotated[
     str,
     StringConstraints(pattern=DNS_LABEL, min_length=1, max_length=63),
@@ -237,11 +243,49 @@ class HeadResources(ApiModel):
     memory: Quantity = "8Gi"
 
 
+class SecretKeySelector(ApiModel):
+    """One key of a Kubernetes Secret in the resource's namespace."""
+
+    name: str = Field(pattern=DNS_SUBDOMAIN, min_length=1, max_length=253,
+                      description="Name of the Secret, in the resource's namespace.")
+    key: str = Field(pattern=SECRET_KEY, min_length=1, max_length=253, description="Key in the Secret's data.")
+
+
+class EnvVarSource(ApiModel):
+    """An environment variable's value read from a Secret (Kubernetes' own `secretKeyRef` shape)."""
+
+    secret_key_ref: SecretKeySelector = Field(description="The Secret and key that hold the value.")
+
+
+def _env_value_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, (dict, EnvVarSource)):
+        return "object[secretKeyRef]"
+    return None
+
+
+#: A plain value or `{secretKeyRef: {name, key}}`. The branch tags are ones the error paths
+#: leave out (`anneal.api.resources._BRANCH_TAG`), so an error reads `envVars.X.secretKeyRef.name`.
+EnvValue = Annotated[
+    Annotated[str, Tag("str")] | Annotated[EnvVarSource, Tag("object[secretKeyRef]")],
+    Discriminator(
+        _env_value_kind,
+        custom_error_type="env_value",
+        custom_error_message="must be a string (quote numbers and booleans) or {secretKeyRef: {name, key}}",
+    ),
+]
+
+
 class RuntimeEnv(ApiModel):
     """Extra Ray runtime environment for the workload."""
 
     pip: list[str] = Field(default_factory=list, description="Extra pip packages.")
-    env_vars: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
+    env_vars: dict[str, EnvValue] = Field(
+        default_factory=dict,
+        description="Extra environment variables: a value, or {secretKeyRef: {name, key}} to read it from a "
+        "Secret in the resource's namespace. Values never reach the job's command line or MLflow.",
+    )
 
 
 class RayTarget(ApiModel):

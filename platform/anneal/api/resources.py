@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from anneal import API_GROUP, API_VERSION
-from anneal.api.common import iter_model_refs
+from anneal.api.common import DNS_SUBDOMAIN, SECRET_KEY, iter_model_refs
 from anneal.api.compression import CompressionJobSpec, CompressionJobStatus
 from anneal.api.distillation import DistillationJobSpec, DistillationJobStatus
 from anneal.api.pipeline import ModelPipelineSpec, ModelPipelineStatus
@@ -130,6 +130,8 @@ _MISSING = object()
 _PATTERN_RULES = {
     r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$": "must be a duration such as 30s, 5m or 1h",
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$": "must be a DNS label (lowercase letters, digits and '-')",
+    DNS_SUBDOMAIN: "must be a Kubernetes object name (lowercase letters, digits, '-' and '.')",
+    SECRET_KEY: "must be a Secret key (letters, digits, '-', '_' and '.')",
 }
 _BRANCH_TAG = re.compile(r"^(int|float|str|bool|none|constrained-str|[a-z-]+\[.*\])$")
 

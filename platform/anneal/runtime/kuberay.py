@@ -15,6 +15,7 @@ import yaml
 
 from anneal.api.common import Resources
 from anneal.runtime.plan import JobPlan
+from anneal.runtime.secrets import SecretRef
 
 KUBERAY_API_VERSION = "ray.io/v1"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -39,6 +40,8 @@ class ClusterOptions:
         service_account: service account of the Ray pods (None: the namespace default).
         labels: extra labels on the KubeRay object (e.g. the owning resource).
         env: environment variables of every Ray container.
+        secret_env: variables of every Ray container that the kubelet reads from a Secret
+            (`valueFrom.secretKeyRef`): their values never pass through the operator.
     """
 
     image: str
@@ -50,6 +53,7 @@ class ClusterOptions:
     service_account: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
+    secret_env: tuple[SecretRef, ...] = ()
 
 
 def owner_reference(api_version: str, kind: str, name: str, uid: str) -> dict[str, Any]:
@@ -71,8 +75,10 @@ def _cpu(value: float) -> str:
     return f"{int(math.ceil(value * 1000))}m"
 
 
-def _env(env: Mapping[str, str]) -> list[dict[str, str]]:
-    return [{"name": k, "value": str(v)} for k, v in sorted(env.items())]
+def _env(opts: ClusterOptions) -> list[dict[str, Any]]:
+    entries: dict[str, dict[str, Any]] = {k: {"name": k, "value": str(v)} for k, v in opts.env.items()}
+    entries.update((ref.var, ref.env_entry()) for ref in opts.secret_env)
+    return [entries[k] for k in sorted(entries)]
 
 
 def worker_container(opts: ClusterOptions) -> dict[str, Any]:
@@ -89,8 +95,8 @@ def worker_container(opts: ClusterOptions) -> dict[str, Any]:
         "image": opts.image,
         "resources": {"limits": dict(limits), "requests": dict(limits)},
     }
-    if opts.env:
-        container["env"] = _env(opts.env)
+    if opts.env or opts.secret_env:
+        container["env"] = _env(opts)
     return container
 
 
@@ -130,8 +136,8 @@ def head_group(opts: ClusterOptions) -> dict[str, Any]:
             {"containerPort": 8000, "name": "serve"},
         ],
     }
-    if opts.env:
-        container["env"] = _env(opts.env)
+    if opts.env or opts.secret_env:
+        container["env"] = _env(opts)
     return {
         "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
         "template": {"spec": _pod_spec(opts, container, workers=False)},

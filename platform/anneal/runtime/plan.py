@@ -12,6 +12,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from anneal.runtime.secrets import plain_env, redact_spec
+
 #: The recipe module each job kind runs (`python -m <module> --job <json>`).
 RECIPES = {
     "DistillationJob": "anneal.distill.recipe",
@@ -34,7 +36,8 @@ class JobPlan:
     attempt: int
     submission_id: str
     entrypoint: str
-    runtime_env: dict[str, Any] = field(default_factory=dict)
+    #: The only place envVars values go (not in repr: a logged plan must not show them).
+    runtime_env: dict[str, Any] = field(default_factory=dict, repr=False)
     metadata: dict[str, str] = field(default_factory=dict)
     entrypoint_num_cpus: float | None = None
 
@@ -89,10 +92,15 @@ def build_entrypoint(kind: str, payload: Mapping[str, Any], python: str = "pytho
     return f"{shlex.quote(python)} -m {module} --job {shlex.quote(text)}"
 
 
-def build_runtime_env(runtime_env: Mapping[str, Any] | None, extra_env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """A Ray runtime env from a spec's `ray.runtimeEnv` (`pip`, `envVars`) plus operator defaults."""
+def build_runtime_env(runtime_env: Mapping[str, Any] | None, extra_env: Mapping[str, str] | None = None,
+                      secret_env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A Ray runtime env from a spec's `ray.runtimeEnv` (`pip`, `envVars`) plus operator defaults.
+
+    A `secretKeyRef` variable is in it only with its value in `secret_env` (the submitter read
+    it); without, it is left out (a RayJob's pods get it from the Secret in their `env`).
+    """
     runtime_env = runtime_env or {}
-    env = {**BASE_ENV, **dict(extra_env or {}), **dict(runtime_env.get("envVars") or {})}
+    env = {**BASE_ENV, **dict(extra_env or {}), **plain_env(runtime_env), **dict(secret_env or {})}
     out: dict[str, Any] = {"env_vars": env}
     if runtime_env.get("pip"):
         out["pip"] = list(runtime_env["pip"])
@@ -113,12 +121,18 @@ class JobInputs:
     python: str = "python"
     extra_env: Mapping[str, str] = field(default_factory=dict)
     entrypoint_num_cpus: float | None = None
+    #: Values of the spec's `secretKeyRef` variables, when the submitter read them (Jobs API).
+    secret_env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 def build_job_plan(inputs: JobInputs) -> JobPlan:
-    """The plan of one attempt of a DistillationJob or CompressionJob."""
+    """The plan of one attempt of a DistillationJob or CompressionJob.
+
+    The entrypoint carries the spec with its envVars values redacted (a command line is shown
+    by `ray job list`, the dashboard and the RayJob); the values are in `runtime_env` only.
+    """
     spec = inputs.spec
-    payload = job_payload(spec, inputs.context)
+    payload = job_payload(redact_spec(spec), inputs.context)
     ray = spec.get("ray") or {}
     return JobPlan(
         kind=inputs.kind,
@@ -127,7 +141,7 @@ def build_job_plan(inputs: JobInputs) -> JobPlan:
         attempt=inputs.attempt,
         submission_id=submission_id(inputs.namespace, inputs.name, inputs.uid, inputs.attempt),
         entrypoint=build_entrypoint(inputs.kind, payload, inputs.python),
-        runtime_env=build_runtime_env(ray.get("runtimeEnv"), inputs.extra_env),
+        runtime_env=build_runtime_env(ray.get("runtimeEnv"), inputs.extra_env, inputs.secret_env),
         metadata={
             "anneal.dev/kind": inputs.kind,
             "anneal.dev/namespace": inputs.namespace,

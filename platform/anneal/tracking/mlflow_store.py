@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from anneal.runtime.secrets import redact_spec
+
 log = logging.getLogger(__name__)
 
 # Lineage tag keys on runs and model versions.
@@ -279,4 +281,5 @@ def latest_metrics(tracking_uri: str, run_id: str) -> dict[str, float]:
 
 
 def iter_params(spec_dict: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
-    return flatten("", spec_dict).items()
+    """A spec as flat MLflow params, with `ray.runtimeEnv.envVars` values redacted (they may be tokens)."""
+    return flatten("", redact_spec(spec_dict)).items()
