@@ -12,6 +12,8 @@ submission, see docs/BENCHMARKS.md#operator).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,7 +25,9 @@ import kopf
 from anneal import API_GROUP, API_VERSION
 from anneal.api.common import now_iso
 from anneal.api.resources import KINDS, FieldError, ManifestError, parse_spec
-from anneal.runtime import jobs_api, kuberay
+from anneal.control import jobs as control_jobs
+from anneal.control import refs
+from anneal.runtime import jobs_api, kuberay, secrets
 from anneal.runtime.plan import JobInputs, JobPlan, build_job_plan, spec_hash, submission_id
 from anneal.tracking import mlflow_store as store
 from anneal_operator.context import (
@@ -241,53 +245,70 @@ class JobReconciler:
     def tracking_uri(self, spec: Any) -> str:
         return spec.mlflow.tracking_uri or self.op.settings.tracking_uri
 
+    def capacity_problem(self, address: str, spec: Any) -> str | None:
+        """Why the job's workers cannot fit the shared cluster (`anneal.control.capacity`); None if they fit or it is unknown."""
+        from anneal.control.capacity import job_request, shortfall
+
+        capacity = jobs_api.cluster_resources_cached(address)
+        return shortfall(job_request(spec), capacity) if capacity else None
+
+    def observe(self, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
+        """A referenced resource as `anneal.control.refs` reads it: its status, or None."""
+        other = self.op.get(kind, namespace, name)
+        return None if other is None else (other.get("status") or {})
+
     def resolve_refs(self, spec: Any, namespace: str) -> dict[str, str]:
         """fromResource refs → the referenced job's `status.modelUri` (it must have Succeeded)."""
-        out: dict[str, str] = {}
-        for key in ("teacher", "student", "model"):
-            ref = getattr(spec, key, None)
-            fr = getattr(ref, "from_resource", None) if ref is not None else None
-            if fr is None:
-                continue
-            other = self.op.get(fr.kind, namespace, fr.name)
-            st = (other or {}).get("status") or {}
-            if other is None:
-                raise Waiting(f"waiting for {fr.kind}/{fr.name} (spec.{key}.fromResource): it does not exist")
-            if st.get("phase") != SUCCEEDED or not st.get("modelUri"):
-                raise Waiting(f"waiting for {fr.kind}/{fr.name} (spec.{key}.fromResource): phase {st.get('phase') or 'unknown'}")
-            out[key] = st["modelUri"]
-        return out
+        try:
+            return refs.resolve(spec, namespace, self.observe)
+        except refs.Unresolved as exc:
+            raise Waiting(f"waiting for {exc}") from None
 
     def context(self, spec: Any, meta: Mapping[str, Any], run_id: str | None, resolved: dict[str, str],
                 attempt: int | None = None) -> dict[str, Any]:
-        """The recipe's JobContext (as JSON) for this resource.
+        """The recipe's JobContext (as JSON) for this resource (`anneal.control.jobs.job_context`).
 
         With `attempt`, the run the recipe creates (and the model version it registers) carry
         the attempt and its Ray submission id as tags: that is how the operator finds the run.
         """
         s = self.op.settings
         ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
-        tags = dict(spec.mlflow.tags)
+        tags = {}
         if attempt is not None:
             tags[store.TAG_ATTEMPT] = str(attempt)
             tags[store.TAG_SUBMISSION] = submission_id(ns, name, uid, attempt)
-        return {
-            "kind": self.kind,
-            "namespace": ns,
-            "name": name,
-            "uid": uid,
-            "tracking_uri": self.tracking_uri(spec),
-            "experiment": spec.mlflow.experiment or s.experiment,
-            "registered_model_name": spec.mlflow.registered_model_name or name,
-            "work_dir": f"{s.work_dir.rstrip('/')}/{ns}/{self.kind.lower()}/{name}/{uid}",
-            "cache_dir": s.cache_dir,
-            "artifact_root": None,
-            "run_id": run_id,
-            "resolved_uris": resolved,
-            "extra_tags": tags,
-        }
+        return control_jobs.job_context(
+            self.kind, spec, namespace=ns, name=name, uid=uid, tracking_uri=self.tracking_uri(spec),
+            default_experiment=s.experiment, work_root=s.work_dir, cache_dir=s.cache_dir, resolved=resolved,
+            run_id=run_id, tags=tags)
 
-    def plan(self, spec: Any, meta: Mapping[str, Any], attempt: int, run_id: str | None, resolved: dict[str, str]) -> JobPlan:
+    def secret_env(self, spec: Any, namespace: str) -> dict[str, str]:
+        """The values of the spec's `secretKeyRef` env vars, read from Secrets of the resource's namespace.
+
+        Raises:
+            Waiting: a Secret or key is not there (or the operator may not read it).
+        """
+        def lookup(ref: secrets.SecretRef) -> str:
+            try:
+                data = self.op.read_secret(namespace, ref.name)
+            except PermissionError as exc:
+                raise LookupError(str(exc)) from None
+            if data is None:
+                raise LookupError(f"Secret {ref.name} does not exist in namespace {namespace}")
+            if ref.key not in data:
+                raise LookupError(f"Secret {namespace}/{ref.name} has no key {ref.key}")
+            try:
+                return base64.b64decode(data[ref.key], validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                raise LookupError(f"key {ref.key} of Secret {namespace}/{ref.name} is not UTF-8 text") from None
+
+        try:
+            return secrets.resolve(spec.ray.runtime_env.to_dict(), lookup)
+        except secrets.Unresolved as exc:
+            raise Waiting(f"waiting for {exc}") from None
+
+    def plan(self, spec: Any, meta: Mapping[str, Any], attempt: int, run_id: str | None, resolved: dict[str, str],
+             secret_env: Mapping[str, str] | None = None) -> JobPlan:
         return build_job_plan(JobInputs(
             kind=self.kind,
             namespace=meta["namespace"],
@@ -297,6 +318,7 @@ class JobReconciler:
             spec=spec.to_dict(),
             context=self.context(spec, meta, run_id, resolved, attempt),
             python=self.op.settings.job_python,
+            secret_env=dict(secret_env or {}),
         ))
 
     def target(self, spec: Any, meta: Mapping[str, Any]) -> store.TrackingTarget:
@@ -320,7 +342,7 @@ class JobReconciler:
             raise TrackingUnavailable(f"MLflow {target.tracking_uri}: cannot search runs: {exc}") from exc
 
     def rayjob_name(self, meta: Mapping[str, Any], attempt: int) -> str:
-        return kuberay.kuberay_name(meta["name"], f"-a{attempt}")
+        return control_jobs.rayjob_name(self.kind, meta["name"], attempt)
 
     def build_rayjob(self, spec: Any, meta: Mapping[str, Any], plan: JobPlan) -> dict[str, Any]:
         s = self.op.settings
@@ -332,6 +354,8 @@ class JobReconciler:
             head_memory=spec.ray.head_resources.memory,
             gang_scheduler=s.gang_scheduler,
             labels={"anneal.dev/kind": self.kind, "anneal.dev/name": meta["name"]},
+            # The pods' kubelet reads these from the Secret: the values never pass through the operator.
+            secret_env=tuple(secrets.secret_refs(spec.ray.runtime_env.to_dict())),
         )
         owner = kuberay.owner_reference(f"{API_GROUP}/{API_VERSION}", self.kind, meta["name"], meta["uid"])
         lifecycle = kuberay.RayJobOptions(
@@ -343,12 +367,18 @@ class JobReconciler:
     # --------------------------------------------------------------------- submit
 
     def submit(self, spec: Any, meta: Mapping[str, Any], status: Mapping[str, Any], resolved: dict[str, str]) -> str:
-        """Submit the current attempt (idempotent); returns "submitted" or "exists"."""
+        """Submit the current attempt (idempotent); returns "submitted" or "exists".
+
+        Raises:
+            Waiting: a Secret the runtime env names is not there (Jobs API: the operator reads it).
+        """
         attempt = int(status["attempts"])
-        plan = self.plan(spec, meta, attempt, status.get("mlflowRunId"), resolved)
+        address = self.submitted_to(spec, status)
+        # Only a Jobs API submission carries Secret values (in its runtime env); a RayJob's pods read them.
+        secret_env = self.secret_env(spec, meta["namespace"]) if address else {}
+        plan = self.plan(spec, meta, attempt, status.get("mlflowRunId"), resolved, secret_env)
         if plan.submission_id != status["submissionId"]:
             raise kopf.PermanentError(f"submission id drifted: {plan.submission_id} != {status['submissionId']}")
-        address = self.submitted_to(spec, status)
         if address:
             outcome = self.op.jobs_client(address).submit(plan)
             self.op.metrics.submissions.labels(self.kind, "jobs-api", outcome).inc()
@@ -490,17 +520,29 @@ class JobReconciler:
                     resolved = self.resolve_refs(spec, ns)
                 except Waiting as w:
                     raise kopf.TemporaryError(str(w), delay=10)
+            address = self.address(spec)
+            if address and status.get("capacityCheckedFor") != status.get("submissionId"):
+                # Warned once per attempt: a gang the shared cluster cannot hold would sit PENDING in silence.
+                status["capacityCheckedFor"] = status.get("submissionId")
+                short = self.capacity_problem(address, spec)
+                if short:
+                    events.append(("Warning", "InsufficientResources", f"{self.kind}/{name} {short}"))
             try:
                 outcome = self.submit(spec, meta, status, resolved)
+            except Waiting as w:  # a Secret of the runtime env: not submitted; the next pass tries again
+                status["message"] = f"attempt {status['attempts']}: not submitted yet, {w}"
+                with_condition(status, "Ready", "False", "WaitingForSecret", str(w))
+                self._finish(body, old, status, events + [("Warning", "SecretMissing", str(w))])
+                return
             except jobs_api.JobsApiError as exc:
                 if exc.transient:
                     status["message"] = f"attempt {status['attempts']}: not submitted yet, retrying: {exc}"
                     with_condition(status, "Ready", "False", PENDING, status["message"])
-                    self._finish(body, old, status, [])
+                    self._finish(body, old, status, events)
                     raise kopf.TemporaryError(str(exc), delay=10)
                 status.update(phase=FAILED, message=str(exc), completionTime=now_iso())
                 with_condition(status, "Ready", "False", "SubmissionRejected", str(exc))
-                self._finish(body, old, status, [("Warning", "SubmissionRejected", str(exc))])
+                self._finish(body, old, status, events + [("Warning", "SubmissionRejected", str(exc))])
                 return
             self.op.due(f"progress/{meta['uid']}", 0, now)  # first progress read one interval from now
             where = self.submitted_to(spec, status) or f"RayJob {status.get('rayCluster')}"

@@ -19,6 +19,7 @@ import kopf
 
 from anneal import API_GROUP, API_VERSION
 from anneal.api.resources import KINDS, ManifestError, parse_spec
+from anneal.control import refs
 from anneal.control.service import app_name, live_weights, route_prefix
 from anneal.runtime.jobs_api import ray_auth_headers
 from anneal.runtime import kuberay
@@ -85,8 +86,13 @@ def rayservice_endpoint(rayservice: str, namespace: str, name: str) -> str:
 
 
 def args_hash(entry: Mapping[str, Any]) -> str:
-    """A digest of a Serve config entry without the live weights (those change in place)."""
-    stripped = {k: v for k, v in entry.items() if k != "deployments"}
+    """A digest of a Serve config entry without the router's live weights (those change in place).
+
+    The variants' deployments are in it: a variant's model lives in its `user_config`.
+    """
+    from anneal.serve.app import ROUTER_DEPLOYMENT
+
+    stripped = {**entry, "deployments": [d for d in entry.get("deployments") or [] if d.get("name") != ROUTER_DEPLOYMENT]}
     return hashlib.sha256(json.dumps(stripped, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -103,19 +109,13 @@ def serve_phase(app_status: str | None) -> str:
 
 
 def _resolve_models(op: OperatorContext, spec: Any, namespace: str) -> dict[str, str]:
-    uris: dict[str, str] = {}
-    for v in spec.variants:
-        ref = v.model
-        if ref.uri:
-            uris[v.name] = ref.uri
-        elif ref.from_resource is not None:
-            other = op.get(ref.from_resource.kind, namespace, ref.from_resource.name)
-            st = (other or {}).get("status") or {}
-            if st.get("phase") != "Succeeded" or not st.get("modelUri"):
-                raise kopf.TemporaryError(
-                    f"variants.{v.name}.model: waiting for {ref.from_resource.kind}/{ref.from_resource.name}", delay=10)
-            uris[v.name] = st["modelUri"]
-    return uris
+    """variant → model URI: the spec's `uri`, or what its `fromResource` resolves to (`anneal.control.refs`)."""
+    def observe(kind: str, ns: str, name: str) -> Mapping[str, Any] | None:
+        other = op.get(kind, ns, name)
+        return None if other is None else (other.get("status") or {})
+
+    resolved = refs.resolve(spec, namespace, observe)
+    return {v.name: v.model.uri or resolved[v.name] for v in spec.variants}
 
 
 def _serve_details(address: str) -> dict[str, Any]:
@@ -156,11 +156,17 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
             event(body, "Warning", "InvalidSpec", str(exc))
         return
     s = op.settings
-    uris = _resolve_models(op, spec, ns)
+    try:
+        uris = _resolve_models(op, spec, ns)
+    except refs.Unresolved as exc:
+        new = with_condition({**old, "phase": old.get("phase") or "Deploying", "message": f"waiting for {exc}"},
+                             "Ready", "False", "WaitingForInput", f"waiting for {exc}")
+        op.write_status(KIND, body, old, new)
+        raise kopf.TemporaryError(f"waiting for {exc}", delay=10) from None
     tracking = spec.mlflow.tracking_uri or s.tracking_uri
     app = app_name(ns, name)
     args = args_from_spec(app, spec, uris, cache_dir=s.cache_dir, tracking_uri=tracking,
-                          route_prefix=route_prefix(ns, name))
+                          route_prefix=route_prefix(ns, name), router_num_cpus=s.router_cpus)
     events: list[tuple[str, str, str]] = []
     address = spec.ray.address or s.ray_address
     rs_name = kuberay.kuberay_name(name, "-serve")
@@ -194,6 +200,11 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
     # weight change, so Serve reconfigures it in place). Level-based: an app that vanished is redeployed.
     entry = build_serve_config(args, weights)
     digest = args_hash(entry)
+    short = None
+    if address and (old.get("appHash") != digest or app_status is None):
+        short = _capacity_problem(address, spec, s.router_cpus)
+        if short:
+            events.append(("Warning", "InsufficientResources", f"Serve app {app} {short}"))
     if address:
         if old.get("appHash") != digest or old.get("weights") != weights or app_status is None:
             from anneal.serve.deploy import deploy_entries
@@ -211,11 +222,15 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
     serving = app_status in ("RUNNING", "Running")
     if problem and not serving:
         status["message"] = f"Serve app {app}: {problem}"
+    elif short and not serving:
+        status["message"] = f"Serve app {app} {short}"
     with_condition(status, "Ready", "True" if serving else "False",
                    "Serving" if serving else ("ServeProblem" if problem else (app_status or "NotDeployed")),
                    f"Serve app {app}: {app_status or 'absent'}" + (f": {problem}" if problem else ""))
     if problem and not serving and problem != _last_problem(old):
         events.append(("Warning", "ServeProblem", f"Serve app {app}: {problem}"))
+    if serving:
+        _record_deployment(spec, ns, name, app, old, status, tracking, op.settings.experiment, events)
     if op.write_status(KIND, body, old, status):
         if status.get("phase") != old.get("phase"):
             op.metrics.phases.labels(KIND, status.get("phase") or "").inc()
@@ -223,6 +238,35 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
                            f"{app}: {status.get('phase')} at {endpoint}"))
         for type_, reason, message in events:
             event(body, type_, reason, message)
+
+
+def _capacity_problem(address: str, spec: Any, router_cpus: float) -> str | None:
+    """Why the service cannot fit the shared Ray cluster (`anneal.control.capacity`), None if it fits or is unknown."""
+    from anneal.control.capacity import service_request, shortfall
+    from anneal.runtime.jobs_api import cluster_resources_cached
+
+    capacity = cluster_resources_cached(address)
+    return shortfall(service_request(spec, router_cpus), capacity) if capacity else None
+
+
+def _record_deployment(spec: Any, ns: str, name: str, app: str, old: Mapping[str, Any], status: dict[str, Any],
+                       tracking: str, default_experiment: str, events: list) -> None:
+    """The deployed end of the lineage in MLflow, once per change of models or weights (`status.recordedDeployment`)."""
+    from anneal.tracking.deployments import deployment_digest, record_deployment
+
+    models, weights = status.get("models") or {}, status.get("weights") or {}
+    digest = deployment_digest(models, weights)
+    if old.get("recordedDeployment") == digest:
+        return
+    try:
+        record_deployment(tracking, spec.mlflow.experiment or default_experiment, namespace=ns, name=name,
+                          service=app, models=models, weights=weights, previous_models=old.get("models"))
+    except Exception as exc:  # noqa: BLE001 - MLflow down: serving goes on, the record is retried next pass
+        log.warning("%s/%s: cannot record the deployment in MLflow %s: %s", ns, name, tracking, exc)
+        return
+    status["recordedDeployment"] = digest
+    events.append(("Normal", "DeploymentRecorded", f"MLflow serve-{app}: " +
+                   ", ".join(f"{v}={models[v]}@{weights.get(v, 0)}%" for v in models)))
 
 
 def _last_problem(status: Mapping[str, Any]) -> str | None:
@@ -282,7 +326,8 @@ def _rollout_pass(op: OperatorContext, spec: Any, body: Any, old: Mapping[str, A
     from anneal.serve.client import stats as serve_stats
 
     uid = body["metadata"]["uid"]
-    current = ModelServiceStatus.model_validate({k: v for k, v in old.items() if k not in ("appHash", "rayService")})
+    current = ModelServiceStatus.model_validate({k: v for k, v in old.items()
+                                                 if k not in ("appHash", "rayService", "recordedDeployment")})
     stats, unavailable = None, None
     if app_status not in ("RUNNING", "Running"):
         unavailable = f"Serve app {app} is {app_status or 'not deployed'}" + (f": {problem}" if problem else "")
@@ -305,7 +350,7 @@ def _rollout_pass(op: OperatorContext, spec: Any, body: Any, old: Mapping[str, A
     for ev in t.events:
         events.append((ev.type, ev.reason, ev.message))
     new = t.status.to_dict()
-    for key in ("appHash", "rayService"):
+    for key in ("appHash", "rayService", "recordedDeployment"):
         if key in old:
             new[key] = old[key]
     return new

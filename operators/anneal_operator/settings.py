@@ -48,6 +48,8 @@ class OperatorSettings(BaseSettings):
         default="/tmp/anneal/work", description="Work directory of jobs on the Ray nodes (checkpoints)."
     )
     cache_dir: str = Field(default="/tmp/anneal/cache", description="Model / data cache on the Ray nodes.")
+    router_cpus: float = Field(default=0.5, gt=0, le=64,
+                               description="CPUs each ModelService's router replica reserves on the Ray cluster.")
     max_workers: int = Field(default=64, ge=1, description="Largest resources.workers a job may ask for.")
     max_gpus_per_worker: float = Field(default=8, ge=0, description="Largest resources.gpusPerWorker.")
     gang_scheduler: str = Field(default="kueue", description="Queue label flavour: kueue or volcano.")

@@ -112,7 +112,7 @@ def test_rayjob_state(rayjob, state):
     assert jobs.ray_job_state(rayjob)[0] == state
 
 
-def test_context_matches_the_recipe_job_context():
+def test_the_operator_context_is_the_recipe_job_context_with_attempt_tags():
     from anneal.distill.recipe import JobContext
 
     spec = parse_spec("DistillationJob", SFT)
@@ -125,7 +125,7 @@ def test_context_matches_the_recipe_job_context():
     ctx = rec.context(spec, {"namespace": "ns", "name": "j", "uid": "u"}, "run1", {"teacher": "models:/t/1"})
     assert set(ctx) == {f.name for f in fields(JobContext)}
     jc = JobContext(**ctx)
-    assert jc.run_id == "run1" and jc.tracking_uri == "http://mlflow:5000" and jc.registered_model_name == "j"
+    assert jc.run_id == "run1" and jc.tracking_uri == "http://mlflow:5000" and jc.registered_model_name == "ns.j"
     # An attempt's context tags the run the recipe creates, so the operator can find it by submission id.
     tagged = JobContext(**rec.context(spec, {"namespace": "ns", "name": "j", "uid": "u"}, None, {}, attempt=2))
     assert tagged.lineage_tags()["anneal.attempt"] == "2"
@@ -233,10 +233,15 @@ def test_service_names_and_endpoints():
     assert service.app_name("a-b", "c") != service.app_name("a", "b-c")
     assert service.shared_endpoint("http://10.0.0.5:8265", "ns", "svc") == "http://10.0.0.5:8000/ns/svc"
     assert service.rayservice_endpoint("svc-serve", "ns", "svc").startswith("http://svc-serve-serve-svc.ns.svc:8000")
-    e1 = {"name": "a", "args": {"x": 1}, "deployments": [{"user_config": {"weights": {"a": 100}}}]}
-    e2 = {**e1, "deployments": [{"user_config": {"weights": {"a": 50}}}]}
-    assert service.args_hash(e1) == service.args_hash(e2)
+    variant = {"name": "variant-a", "user_config": {"model_uri": "models:/m/1"}}
+    e1 = {"name": "a", "args": {"x": 1}, "deployments": [{"name": "router", "user_config": {"weights": {"a": 100}}},
+                                                         variant]}
+    e2 = {**e1, "deployments": [{"name": "router", "user_config": {"weights": {"a": 50}}}, variant]}
+    assert service.args_hash(e1) == service.args_hash(e2)  # weights change in place
     assert service.args_hash(e1) != service.args_hash({**e1, "args": {"x": 2}})
+    # A variant's model change must redeploy (it is in that variant's user_config, not in args).
+    moved = {**e1, "deployments": [e1["deployments"][0], {**variant, "user_config": {"model_uri": "models:/m/2"}}]}
+    assert service.args_hash(e1) != service.args_hash(moved)
 
 
 @pytest.mark.parametrize("state, phase", [("RUNNING", "Ready"), ("DEPLOYING", "Deploying"), (None, "Deploying"),

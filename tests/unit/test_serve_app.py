@@ -6,7 +6,7 @@ import pytest
 
 from anneal.api.resources import parse_spec
 from anneal.serve import protocol
-from anneal.serve.app import AppArgs, args_from_spec, build_serve_config, policy_from_args
+from anneal.serve.app import AppArgs, args_from_spec, build_serve_config, entry_models, policy_from_args
 from anneal.local.service import cpu_scale, resolve_model_uris, service_status
 from anneal.serve.metrics import ServiceMetrics, merge_stats
 
@@ -57,20 +57,45 @@ def test_cpu_scale_shrinks_cpu_requests_only(args):
 def test_serve_config_is_json_with_weights_in_the_router_user_config(args):
     entry = build_serve_config(args, {"stable": 50, "candidate": 50})
     assert entry["import_path"] == "anneal.serve.app:app_builder"
-    assert entry["deployments"] == [{"name": "router", "user_config": {"weights": {"stable": 50, "candidate": 50}}}]
-    assert AppArgs.model_validate(json.loads(json.dumps(entry["args"]))) == args
+    assert entry["deployments"][0] == {"name": "router", "user_config": {"weights": {"stable": 50, "candidate": 50}}}
+    # The args plus each variant's user_config give back the whole AppArgs.
+    back = json.loads(json.dumps(entry["args"]))
+    for v in back["variants"]:
+        d = next(d for d in entry["deployments"] if d["name"] == f"variant-{v['name']}")
+        v.update(d["user_config"])
+    assert AppArgs.model_validate(back) == args
+    assert entry_models(entry) == {v.name: v.model_uri for v in args.variants}
     # Only the user_config differs between weightings: Serve sees the same code version.
     assert build_serve_config(args, {"stable": 0, "candidate": 100})["args"] == entry["args"]
 
 
-def test_model_paths_become_absolute_and_from_resource_goes_through_the_resolver(tmp_path):
+def test_a_model_change_updates_that_variant_only(args):
+    """Serve's own code-version rule: any change of an app's args restarts all its deployments."""
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeApplicationSchema
+
+    before = build_serve_config(args)
+    changed = args.model_copy(update={"variants": [
+        v.model_copy(update={"model_uri": "models:/other/7"}) if v.name == "candidate" else v for v in args.variants]})
+    after = build_serve_config(changed)
+    version = lambda e: get_app_code_version(ServeApplicationSchema.model_validate(e))  # noqa: E731
+    assert version(before) == version(after)
+    differ = [d["name"] for d, e in zip(before["deployments"], after["deployments"]) if d != e]
+    assert differ == ["variant-candidate"]
+    assert entry_models(after)["candidate"] == "models:/other/7"
+
+
+def test_model_paths_become_absolute_and_from_resource_goes_through_the_lookup(tmp_path):
     spec = parse_spec("ModelService", {"variants": [
         {"name": "a", "model": {"uri": "models/tiny"}, "weight": 50},
         {"name": "b", "model": {"fromResource": {"kind": "DistillationJob", "name": "s"}}, "weight": 50}]})
-    uris = resolve_model_uris(spec, "team", lambda kind, name, ns: f"models:/{ns}-{name}/1", base_dir=tmp_path)
-    assert uris == {"a": str(tmp_path / "models" / "tiny"), "b": "models:/team-s/1"}
+    seen = {("DistillationJob", "team", "s"): {"phase": "Succeeded", "modelUri": "models:/team.s/1"}}
+    uris = resolve_model_uris(spec, "team", lambda *key: seen.get(key), base_dir=tmp_path)
+    assert uris == {"a": str(tmp_path / "models" / "tiny"), "b": "models:/team.s/1"}
     with pytest.raises(Exception, match=r"spec.variants\[1\].model.fromResource"):
         resolve_model_uris(spec, "team", None)
+    with pytest.raises(Exception, match=r"spec.variants\[1\].model.fromResource: DistillationJob/s has not succeeded"):
+        resolve_model_uris(spec, "team", lambda *key: {"phase": "Running"})
 
 
 def test_service_status_shape():

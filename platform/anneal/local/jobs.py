@@ -7,9 +7,13 @@ import logging
 import os
 import threading
 import uuid
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from anneal.api.resources import Manifest
+from anneal.control import jobs as control_jobs
+from anneal.control import refs
+from anneal.runtime import secrets
+from anneal.runtime.plan import build_runtime_env
 from anneal.settings import Settings
 from anneal.tracking import mlflow_store as store
 
@@ -23,15 +27,49 @@ class ResolutionError(RuntimeError):
     """A fromResource reference that names nothing usable."""
 
 
+class MissingSecretEnv(ResolutionError):
+    """A `secretKeyRef` env var of the spec that this process has no variable for."""
+
+
+def job_env(spec: Any, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The env vars of an embedded job's Ray: `spec.ray.runtimeEnv.envVars`, as a cluster's runtime env has them.
+
+    `anneal run` has no Secrets to read: a `secretKeyRef` variable takes its value from this
+    process's variable of the same name (`environ`, default `os.environ`).
+
+    Raises:
+        MissingSecretEnv: a `secretKeyRef` variable that is not set here, naming the field.
+    """
+    environ = os.environ if environ is None else environ
+    runtime_env = spec.ray.runtime_env.to_dict()
+
+    def lookup(ref: secrets.SecretRef) -> str:
+        if ref.var not in environ:
+            raise LookupError(f"comes from Secret {ref.name} key {ref.key}, which `anneal run` takes from its own "
+                              f"environment: export {ref.var} and run again")
+        return environ[ref.var]
+
+    try:
+        return build_runtime_env(runtime_env, secret_env=secrets.resolve(runtime_env, lookup))["env_vars"]
+    except secrets.Unresolved as exc:
+        raise MissingSecretEnv(str(exc)) from None
+
+
 @contextlib.contextmanager
-def ray_session(settings: Settings) -> Iterator[None]:
-    """A Ray for the duration of a command: `ANNEAL_RAY_ADDRESS`, else a local one started and stopped here."""
+def ray_session(settings: Settings, extra_env: Mapping[str, str] | None = None) -> Iterator[None]:
+    """A Ray for the duration of a command: `ANNEAL_RAY_ADDRESS`, else a local one started and stopped here.
+
+    `extra_env` (a job's, `job_env(spec)`) goes into the session's runtime env, the only place its values go.
+    """
     import ray
 
+    env = {**dict(extra_env or {}), "TOKENIZERS_PARALLELISM": "false", "ANNEAL_HOME": str(settings.anneal.root)}
     if ray.is_initialized():
+        unset = sorted(set(extra_env or {}) - {"TOKENIZERS_PARALLELISM", "ANNEAL_HOME"})
+        if unset:  # a job-level runtime env is fixed when Ray starts
+            log.warning("Ray was started before this job: spec.ray.runtimeEnv.envVars %s not applied", ", ".join(unset))
         yield
         return
-    env = {"TOKENIZERS_PARALLELISM": "false", "ANNEAL_HOME": str(settings.anneal.root)}
     # Worker output (Ray Train's own chatter) stays in Ray's log files unless debugging: failures
     # come back as exceptions with their message, and progress is shown from MLflow.
     verbose = settings.anneal.log_level.upper() == "DEBUG"
@@ -62,60 +100,51 @@ def ray_session(settings: Settings) -> Iterator[None]:
         ray.shutdown()
 
 
-def resolve_from_resource(tracking_uri: str, namespace: str, kind: str, name: str) -> str:
-    """The registered output (`models:/...`) of the newest successful run of another resource."""
-    c = store.client(tracking_uri)
-    exps = [e.experiment_id for e in c.search_experiments()]
-    runs = c.search_runs(
-        exps,
-        filter_string=(
-            f"tags.`{store.TAG_KIND}` = '{kind}' and tags.`{store.TAG_NAME}` = '{name}' and "
-            f"tags.`{store.TAG_NAMESPACE}` = '{namespace}' and tags.`{store.TAG_PHASE}` = 'Succeeded'"
-        ),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not runs or not runs[0].data.tags.get(store.TAG_MODEL_URI):
-        raise ResolutionError(
-            f"fromResource {kind}/{name} (namespace {namespace}): no successful run with a registered model "
-            f"in {tracking_uri}; run that resource first"
-        )
-    return runs[0].data.tags[store.TAG_MODEL_URI]
+def mlflow_lookup(tracking_uri: str) -> Callable[[str, str, str], dict[str, Any] | None]:
+    """How `anneal run` observes another resource (`anneal.control.refs.Lookup`): its runs in MLflow.
+
+    The newest successful run that registered a model, else the newest run of any phase,
+    else None (the resource never ran against this MLflow).
+    """
+    def lookup(kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        c = store.client(tracking_uri)
+        exps = [e.experiment_id for e in c.search_experiments()]
+        base = (f"tags.`{store.TAG_KIND}` = '{kind}' and tags.`{store.TAG_NAME}` = '{name}' and "
+                f"tags.`{store.TAG_NAMESPACE}` = '{namespace}'")
+        for extra in (f" and tags.`{store.TAG_PHASE}` = 'Succeeded'", ""):
+            runs = c.search_runs(exps, filter_string=base + extra, order_by=["attributes.start_time DESC"],
+                                 max_results=1)
+            if runs:
+                tags = runs[0].data.tags
+                return {"phase": tags.get(store.TAG_PHASE), "modelUri": tags.get(store.TAG_MODEL_URI)}
+        return None
+
+    return lookup
+
+
+def resolve_refs(spec: Any, namespace: str, tracking_uri: str) -> dict[str, str]:
+    """A spec's `fromResource` references → the model URIs they name, read from MLflow.
+
+    Raises:
+        ResolutionError: naming the field, the resource and what is missing.
+    """
+    try:
+        return refs.resolve(spec, namespace, mlflow_lookup(tracking_uri))
+    except refs.Unresolved as exc:
+        raise ResolutionError(f"{exc} (MLflow at {tracking_uri}); run that resource first") from None
 
 
 def job_context(manifest: Manifest, settings: Settings, resolved: dict[str, str], uid: str | None = None):
-    """The JobContext of an embedded run (fresh uid per run; work under ANNEAL_HOME/work)."""
+    """The JobContext of an embedded run (`anneal.control.jobs.job_context`; a fresh uid per run)."""
     from anneal.distill.recipe import JobContext
 
     mlflow = manifest.spec.mlflow
-    uid = uid or f"embedded-{uuid.uuid4().hex[:12]}"
-    work = settings.anneal.work_dir / manifest.namespace / manifest.kind.lower() / manifest.name / uid
-    return JobContext(
-        kind=manifest.kind,
-        namespace=manifest.namespace,
-        name=manifest.name,
-        uid=uid,
-        tracking_uri=mlflow.tracking_uri or settings.tracking_uri,
-        artifact_root=None if mlflow.tracking_uri else settings.artifact_root,
-        experiment=mlflow.experiment or settings.mlflow.experiment,
-        registered_model_name=mlflow.registered_model_name or manifest.name,
-        work_dir=str(work),
-        cache_dir=str(settings.anneal.cache_dir),
-        resolved_uris=resolved,
-        extra_tags=dict(mlflow.tags),
-    )
-
-
-def resolve_refs(manifest: Manifest, tracking_uri: str) -> dict[str, str]:
-    """A job's `fromResource` references → the model URIs they name (read from MLflow)."""
-    out: dict[str, str] = {}
-    spec = manifest.spec
-    for key, ref in (("teacher", getattr(spec, "teacher", None)), ("student", getattr(spec, "student", None)),
-                     ("model", getattr(spec, "model", None))):
-        if ref is not None and getattr(ref, "from_resource", None) is not None:
-            fr = ref.from_resource
-            out[key] = resolve_from_resource(tracking_uri, manifest.namespace, fr.kind, fr.name)
-    return out
+    return JobContext(**control_jobs.job_context(
+        manifest.kind, manifest.spec, namespace=manifest.namespace, name=manifest.name,
+        uid=uid or f"embedded-{uuid.uuid4().hex[:12]}", tracking_uri=mlflow.tracking_uri or settings.tracking_uri,
+        default_experiment=settings.mlflow.experiment, work_root=str(settings.anneal.work_dir),
+        cache_dir=str(settings.anneal.cache_dir), resolved=resolved,
+        artifact_root=None if mlflow.tracking_uri else settings.artifact_root))
 
 
 def _watch_progress(tracking_uri: str, run_id_of: Callable[[], str | None], on_progress: ProgressFn, stop: threading.Event) -> None:
@@ -139,7 +168,13 @@ def run_job(manifest: Manifest, settings: Settings, on_progress: ProgressFn | No
 
     The job's MLflow run is created here (tagged with its lineage), its progress is read back
     from MLflow for `on_progress`, and the recipe runs on the session's Ray.
+
+    Raises:
+        MissingSecretEnv: before anything starts, a `secretKeyRef` env var that is not exported.
     """
+    env = job_env(manifest.spec)
+    # The recipe gets what it gets on a cluster: the spec without envVars values (it logs the spec to MLflow).
+    spec = type(manifest.spec).model_validate(secrets.redact_spec(manifest.spec.to_dict()))
     if manifest.kind == "CompressionJob":
         from anneal.compress.recipe import RECIPE, cleanup, run
 
@@ -149,7 +184,7 @@ def run_job(manifest: Manifest, settings: Settings, on_progress: ProgressFn | No
 
         cleanup, extra_tags = None, {}
     tracking_uri = manifest.spec.mlflow.tracking_uri or settings.tracking_uri
-    ctx = job_context(manifest, settings, resolve_refs(manifest, tracking_uri))
+    ctx = job_context(manifest, settings, resolve_refs(manifest.spec, manifest.namespace, tracking_uri))
     ctx.run_id = store.create_run(ctx.target, ctx.run_name(), {**ctx.lineage_tags(), **extra_tags})
     if on_progress:
         on_progress({"phase": "Submitted", "mlflowRunId": ctx.run_id})
@@ -158,8 +193,8 @@ def run_job(manifest: Manifest, settings: Settings, on_progress: ProgressFn | No
         threading.Thread(target=_watch_progress, args=(ctx.tracking_uri, lambda: ctx.run_id, on_progress, stop),
                          daemon=True).start()
     try:
-        with ray_session(settings):
-            result = run(manifest.spec, ctx, on_progress=on_progress)
+        with ray_session(settings, env):
+            result = run(spec, ctx, on_progress=on_progress)
     finally:
         stop.set()
     if cleanup is not None:

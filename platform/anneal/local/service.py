@@ -16,8 +16,8 @@ from anneal.serve.routing import weights_summary
 
 log = logging.getLogger("anneal.local.service")
 
-#: fromResource resolver: (kind, name, namespace) → model URI of that resource's registered output.
-Resolver = Callable[[str, str, str], str]
+#: How another resource is observed for `fromResource` (`anneal.control.refs.Lookup`).
+Lookup = Callable[[str, str, str], "dict[str, Any] | None"]
 
 #: Share of the local Ray's CPUs the service's replicas may reserve (the rest is left for Serve's
 #: own actors and the machine).
@@ -28,16 +28,17 @@ class ServiceError(RuntimeError):
     """The service cannot be started; the message names the field or the step at fault."""
 
 
-def resolve_model_uris(spec: Any, namespace: str, resolver: Resolver | None = None,
+def resolve_model_uris(spec: Any, namespace: str, lookup: Lookup | None = None,
                        base_dir: Path | None = None) -> dict[str, str]:
     """variant name → a model URI every replica can load.
 
     Relative paths become absolute (replicas do not share the caller's working directory);
-    `fromResource` goes through `resolver`.
+    `fromResource` is resolved by `anneal.control.refs` through `lookup`.
 
     Raises:
         ServiceError: naming `spec.variants[i].model` when a model cannot be resolved.
     """
+    from anneal.control import refs
     from anneal.modeling.uris import parse_model_uri
 
     out = {}
@@ -56,17 +57,20 @@ def resolve_model_uris(spec: Any, namespace: str, resolver: Resolver | None = No
                 out[v.name] = str(path.resolve())
             else:
                 out[v.name] = ref.uri
-        elif ref.from_resource:
-            if resolver is None:
-                raise ServiceError(
-                    f"{field_path}.fromResource: {ref.from_resource.kind}/{ref.from_resource.name} needs a "
-                    "resolver (run the producing job first, or give the model as a uri)")
-            try:
-                out[v.name] = resolver(ref.from_resource.kind, ref.from_resource.name, namespace)
-            except Exception as e:
-                raise ServiceError(f"{field_path}.fromResource: {e}") from None
-        else:
+        elif ref.from_resource is None:
             raise ServiceError(f"{field_path}: fromStage is only valid inside a ModelPipeline")
+    found = refs.references(spec)
+    if found:
+        if lookup is None:
+            first = found[0]
+            raise ServiceError(f"{first.field}: {first.kind}/{first.name} cannot be looked up here "
+                               "(run the producing job first, or give the model as a uri)")
+        try:
+            out.update(refs.resolve(spec, namespace, lookup))
+        except refs.Unresolved as e:
+            raise ServiceError(f"{e}; run that resource first") from None
+        except Exception as e:  # the store could not be read
+            raise ServiceError(f"spec.variants: fromResource: {e}") from None
     return out
 
 
@@ -109,15 +113,18 @@ class RunningService:
     models: dict[str, str]
     weights: dict[str, int] = field(default_factory=dict)
     started_ray: bool = False
+    recorder: Any = None  # anneal.tracking.deployments.DeploymentRecorder
 
     def status(self) -> dict[str, Any]:
         return service_status(self.app_name, self.endpoint, self.weights, self.models)
 
     def apply_weights(self, weights: dict[str, int], routing: dict[str, Any] | None = None) -> dict[str, int]:
-        """Contract 2 on the local Serve (see `anneal.serve.deploy.apply_weights`)."""
+        """Contract 2 on the local Serve (see `anneal.serve.deploy.apply_weights`); the change is recorded in MLflow."""
         from anneal.serve.deploy import apply_weights
 
         self.weights = apply_weights(self.app_name, self.args, weights, routing=routing)
+        if self.recorder is not None:
+            self.recorder.update(self.models, self.weights)
         return self.weights
 
     def stop(self) -> None:
@@ -142,6 +149,21 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def _serving_port(asked: int) -> int:
+    """The port Serve's proxy listens on: a Serve that was already running (a shared Ray) keeps its own."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    try:
+        actual = int(ray.get(_get_global_client()._controller.get_http_config.remote()).port)
+    except Exception as e:  # noqa: BLE001 - private API moved: trust what was asked
+        log.debug("cannot read Serve's HTTP config: %s", e)
+        return asked
+    if actual != asked:
+        log.warning("Serve was already running on port %d (not %d): serving there", actual, asked)
+    return actual
+
+
 def start_http(host: str = "127.0.0.1", port: int = 8000, attempts: int = 3) -> int:
     """Start Serve's HTTP proxy on `host:port` (idempotent) and return the port it listens on.
 
@@ -160,7 +182,7 @@ def start_http(host: str = "127.0.0.1", port: int = 8000, attempts: int = 3) -> 
         chosen = port or _free_port(host)
         try:
             serve.start(http_options={"host": host, "port": chosen})
-            return chosen
+            return _serving_port(chosen)
         except Exception as e:  # noqa: BLE001 - Ray wraps the bind error in RayTaskError
             if "bind" not in str(e).lower():
                 raise
@@ -182,7 +204,7 @@ def start_service(
     host: str = "127.0.0.1",
     port: int = 8000,
     route_prefix: str = "/",
-    resolver: Resolver | None = None,
+    lookup: Lookup | None = None,
     base_dir: Path | None = None,
     wait_s: float = 600.0,
 ) -> RunningService:
@@ -193,7 +215,7 @@ def start_service(
         settings: `anneal.settings.Settings` (cache dir, MLflow tracking URI, Ray address/CPUs).
         host, port: where Serve's HTTP proxy listens (loopback by default; port 0 picks a free one).
         route_prefix: URL prefix of this service.
-        resolver: resolves `fromResource` model refs.
+        lookup: observes the resources `fromResource` names (`anneal.local.jobs.mlflow_lookup`).
         base_dir: directory relative model paths are relative to (default: the working directory).
         wait_s: how long model loading may take.
 
@@ -211,24 +233,36 @@ def start_service(
     if m.kind != "ModelService":
         raise ServiceError(f"kind: {m.kind!r}: start_service serves ModelService resources")
     spec = m.spec
-    models = resolve_model_uris(spec, m.namespace, resolver, base_dir)
+    models = resolve_model_uris(spec, m.namespace, lookup, base_dir)
+    # `started`: this process started the Ray (and so its Serve) and takes both down at the end.
+    # Connected to a Ray of `ANNEAL_RAY_ADDRESS` instead, Serve serves other apps too: it stays.
     started = False
     if not ray.is_initialized():
-        ray.init(address=settings.ray.address or None, num_cpus=settings.ray.num_cpus,
-                 include_dashboard=settings.ray.include_dashboard, log_to_driver=False)
-        started = True
+        if settings.ray.address:
+            ray.init(address=settings.ray.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=settings.ray.num_cpus, include_dashboard=settings.ray.include_dashboard,
+                     log_to_driver=False)
+            started = True
     try:
         port = start_http(host, port)
     except Exception:
         if started:
             ray.shutdown()
         raise
-    available = float(ray.cluster_resources().get("CPU", 1.0))
+    from anneal.control.capacity import service_request, shortfall
+
+    local = ray.cluster_resources()
+    available = float(local.get("CPU", 1.0))
+    # CPUs are scaled to fit (cpu_scale); anything else (GPUs) must be there as asked.
+    short = shortfall({k: v for k, v in service_request(spec, 0.5).items() if k != "CPU"}, local)
+    if short:
+        log.warning("ModelService %s/%s %s (the local Ray)", m.namespace, m.name, short)
     app_name = serve_app_name(m.namespace, m.name)
     args = args_from_spec(
         app_name, spec, models,
         cache_dir=str(settings.anneal.cache_dir),
-        tracking_uri=settings.tracking_uri,
+        tracking_uri=spec.mlflow.tracking_uri or settings.tracking_uri,
         cpu_scale=cpu_scale(spec, available),
         route_prefix=route_prefix,
     )
@@ -240,7 +274,13 @@ def start_service(
             serve.shutdown()
             ray.shutdown()
         raise ServiceError(f"ModelService {m.namespace}/{m.name} did not start: {e}") from e
-    return RunningService(app_name, endpoint, args, models, dict(args.weights), started)
+    from anneal.tracking.deployments import DeploymentRecorder
+
+    recorder = DeploymentRecorder(spec.mlflow.tracking_uri or settings.tracking_uri,
+                                  spec.mlflow.experiment or settings.mlflow.experiment,
+                                  namespace=m.namespace, name=m.name, service=app_name)
+    recorder.update(models, dict(args.weights))
+    return RunningService(app_name, endpoint, args, models, dict(args.weights), started, recorder)
 
 
 def run_service(
@@ -251,7 +291,7 @@ def run_service(
     host: str = "127.0.0.1",
     port: int = 8000,
     ready_callback: Callable[[dict[str, Any]], None] | None = None,
-    resolver: Resolver | None = None,
+    lookup: Lookup | None = None,
     route_prefix: str = "/",
     stop_event: threading.Event | None = None,
 ) -> dict[str, Any]:
@@ -264,14 +304,14 @@ def run_service(
         host, port: where Serve listens.
         ready_callback: called once with the status dict (phase Ready, endpoint, weights) when
             the service answers.
-        resolver: resolves `fromResource` model refs: `(kind, name, namespace) -> uri`.
+        lookup: observes the resources `fromResource` names (`anneal.local.jobs.mlflow_lookup`).
         route_prefix: URL prefix of the service.
         stop_event: set it (from another thread) to stop serving.
 
     Returns:
         The last status dict (phase `Ready` while it ran; the service is stopped on return).
     """
-    service = start_service(manifest, settings=settings, host=host, port=port, resolver=resolver,
+    service = start_service(manifest, settings=settings, host=host, port=port, lookup=lookup,
                             route_prefix=route_prefix)
     status = service.status()
     log.info("serving %s at %s (weights %s)", service.app_name, service.endpoint, status["weightsSummary"])
@@ -318,12 +358,10 @@ def run_service_manifest(manifest: Any, settings: Any, on_progress: Callable[[di
     Returns:
         The final ModelService status dict.
     """
-    def resolver(kind: str, name: str, namespace: str) -> str:
-        from anneal.local.jobs import resolve_from_resource
+    from anneal.local.jobs import mlflow_lookup
 
-        return resolve_from_resource(settings.tracking_uri, namespace, kind, name)
-
-    service = start_service(manifest, settings=settings, host=host, port=port, resolver=resolver)
+    service = start_service(manifest, settings=settings, host=host, port=port,
+                            lookup=mlflow_lookup(settings.tracking_uri))
     status = service.status()
     if on_progress is not None:
         on_progress(status)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +84,56 @@ def dashboard_url(address: str) -> str:
             transient=False,
         )
     return address.rstrip("/")
+
+
+def cluster_resources(address: str, timeout: float = 10.0) -> dict[str, float]:
+    """The total logical resources (`CPU`, `GPU`, ...) of a Ray cluster's alive nodes (state API).
+
+    Raises:
+        JobsApiError: the dashboard could not be read.
+    """
+    try:
+        r = httpx.get(dashboard_url(address) + "/api/v0/nodes", params={"detail": "1", "limit": "10000"},
+                      timeout=timeout, headers=ray_auth_headers())
+        r.raise_for_status()
+        body = r.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise JobsApiError(f"Ray state API at {address}: cannot list nodes: {exc}") from exc
+    data = body.get("data") or {}
+    nodes = (data.get("result") or {}).get("result") if isinstance(data.get("result"), dict) else data.get("result")
+    total: dict[str, float] = {}
+    for node in nodes or []:
+        if str(node.get("state", "ALIVE")).upper() != "ALIVE":
+            continue
+        for k, v in (node.get("resources_total") or {}).items():
+            if isinstance(v, (int, float)):
+                total[k] = total.get(k, 0.0) + float(v)
+    return total
+
+
+_capacity_cache: dict[str, tuple[float, dict[str, float] | None]] = {}
+_capacity_lock = threading.Lock()
+
+
+def cluster_resources_cached(address: str, ttl_s: float = 30.0) -> dict[str, float] | None:
+    """`cluster_resources`, read at most once per `ttl_s` per address (None: it could not be read).
+
+    A controller checks every submission against it; hundreds of jobs at once must not mean
+    hundreds of node listings.
+    """
+    now = time.monotonic()
+    with _capacity_lock:
+        hit = _capacity_cache.get(address)
+        if hit is not None and now - hit[0] < ttl_s:
+            return hit[1]
+    try:
+        value: dict[str, float] | None = cluster_resources(address)
+    except JobsApiError as exc:
+        log.info("%s", exc)
+        value = None
+    with _capacity_lock:
+        _capacity_cache[address] = (now, value)
+    return value
 
 
 class JobsApiClient:
