@@ -269,7 +269,8 @@ def ray_head_service(root: Path) -> Service:
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_AUTH_MODE": "disabled", "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [str(ray), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+    gcs = free_port()
+    cmd = [str(ray), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
@@ -280,6 +281,7 @@ def ray_head_service(root: Path) -> Service:
     svc = Service("ray head", cmd, f"http://127.0.0.1:{dash}", "/api/jobs/", root / "ray-start.log", env=env,
                   timeout=420, launcher_exits=True)
     svc.temp_dir = temp
+    svc.gcs_address = f"127.0.0.1:{gcs}"  # what a Ray driver (`ray.init(address=...)`) connects to
     return svc
 
 
@@ -314,6 +316,12 @@ def e2e_services():
 def ray_head(e2e_services) -> str:
     """The dashboard URL (Jobs API, Serve REST API) of a Ray head on loopback."""
     return e2e_services["ray"].url()
+
+
+@pytest.fixture(scope="session")
+def ray_driver_address(e2e_services, ray_head) -> str:
+    """The head's GCS address, for a Ray driver such as `anneal run` with `ANNEAL_RAY_ADDRESS`."""
+    return e2e_services["ray"].gcs_address
 
 
 @pytest.fixture(scope="session")
