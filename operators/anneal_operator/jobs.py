@@ -24,6 +24,7 @@ import kopf
 
 from anneal import API_GROUP, API_VERSION
 from anneal.api.common import now_iso
+from anneal.api.distillation import TERMINAL_JOB_PHASES, JobPhase
 from anneal.api.resources import KINDS, FieldError, ManifestError, parse_spec
 from anneal.control import jobs as control_jobs
 from anneal.control import refs
@@ -44,9 +45,10 @@ from anneal_operator.tracking import tracker
 
 log = logging.getLogger("anneal_operator.jobs")
 
-PENDING, SUBMITTED, RUNNING = "Pending", "Submitted", "Running"
-SUCCEEDED, FAILED, CANCELLED, REJECTED = "Succeeded", "Failed", "Cancelled", "Rejected"
-TERMINAL = {SUCCEEDED, FAILED, CANCELLED, REJECTED}
+PENDING, SUBMITTED, RUNNING = JobPhase.PENDING.value, JobPhase.SUBMITTED.value, JobPhase.RUNNING.value
+SUCCEEDED, FAILED = JobPhase.SUCCEEDED.value, JobPhase.FAILED.value
+CANCELLED, REJECTED = JobPhase.CANCELLED.value, JobPhase.REJECTED.value
+TERMINAL = TERMINAL_JOB_PHASES
 #: Phases a recipe may report as its result.
 RESULT_PHASES = {SUCCEEDED, FAILED, REJECTED}
 

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import kopf
 
 from anneal import API_GROUP, API_VERSION
+from anneal.api.pipeline import PipelinePhase
 from anneal.api.resources import KINDS, ManifestError, parse_spec
 from anneal.control.pipeline import ENDED, advance, child_name
 from anneal.runtime.kuberay import owner_reference
@@ -47,12 +48,13 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
         except ApiException as exc:
             if exc.status != 409:
                 raise
-    ready = new.get("phase") == "Succeeded"
-    with_condition(new, "Ready", "True" if ready else "False", new.get("phase") or "Pending", new.get("message") or "")
+    ready = new.get("phase") == PipelinePhase.SUCCEEDED
+    with_condition(new, "Ready", "True" if ready else "False", new.get("phase") or PipelinePhase.PENDING.value,
+                   new.get("message") or "")
     if op.write_status(KIND, body, old, new):
         if new.get("phase") != old.get("phase"):
             op.metrics.phases.labels(KIND, new.get("phase") or "").inc()
-            events.append(("Normal" if new.get("phase") != "Failed" else "Warning", new.get("phase") or "", new.get("message") or ""))
+            events.append(("Normal" if new.get("phase") != PipelinePhase.FAILED else "Warning", new.get("phase") or "", new.get("message") or ""))
         for type_, reason, message in events:
             event(body, type_, reason, message)
 

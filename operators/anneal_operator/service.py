@@ -19,6 +19,7 @@ import kopf
 
 from anneal import API_GROUP, API_VERSION
 from anneal.api.resources import KINDS, ManifestError, parse_spec
+from anneal.api.service import ServicePhase
 from anneal.control import refs
 from anneal.control.service import app_name, live_weights, route_prefix
 from anneal.runtime.jobs_api import ray_auth_headers
@@ -99,10 +100,10 @@ def args_hash(entry: Mapping[str, Any]) -> str:
 def serve_phase(app_status: str | None) -> str:
     """The ModelService phase while no rollout runs, from the Serve app (or RayService) state."""
     if app_status in ("RUNNING", "Running"):
-        return "Ready"
+        return ServicePhase.READY.value
     if app_status in ("DEPLOY_FAILED", "UNHEALTHY", "Failed"):
-        return "Failed"
-    return "Deploying"
+        return ServicePhase.FAILED.value
+    return ServicePhase.DEPLOYING.value
 
 
 # ------------------------------------------------------------------------ reconcile
@@ -159,7 +160,7 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
     try:
         uris = _resolve_models(op, spec, ns)
     except refs.Unresolved as exc:
-        new = with_condition({**old, "phase": old.get("phase") or "Deploying", "message": f"waiting for {exc}"},
+        new = with_condition({**old, "phase": old.get("phase") or ServicePhase.DEPLOYING.value, "message": f"waiting for {exc}"},
                              "Ready", "False", "WaitingForInput", f"waiting for {exc}")
         op.write_status(KIND, body, old, new)
         raise kopf.TemporaryError(f"waiting for {exc}", delay=10) from None
@@ -187,7 +188,7 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
     # Decide.
     if spec.rollout is None:
         status = dict(old)
-        if old.get("phase") in ("RollingOut", "Paused"):
+        if old.get("phase") in (ServicePhase.ROLLING_OUT, ServicePhase.PAUSED):
             events.append(("Warning", "RolloutRemoved", "the rollout section was removed mid-rollout; declared "
                                                         "weights apply"))
             op.forget_attachments(meta["uid"])
@@ -234,7 +235,7 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
     if op.write_status(KIND, body, old, status):
         if status.get("phase") != old.get("phase"):
             op.metrics.phases.labels(KIND, status.get("phase") or "").inc()
-            events.append(("Normal" if status.get("phase") != "Failed" else "Warning", status.get("phase") or "",
+            events.append(("Normal" if status.get("phase") != ServicePhase.FAILED else "Warning", status.get("phase") or "",
                            f"{app}: {status.get('phase')} at {endpoint}"))
         for type_, reason, message in events:
             event(body, type_, reason, message)

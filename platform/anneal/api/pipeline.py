@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
@@ -126,6 +128,13 @@ class ModelPipelineSpec(ApiModel):
                 )
             seen.append(stage.name)
         return self
+
+
+class PipelinePhase(str, enum.Enum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
 
 
 class StageStatus(ApiModel):

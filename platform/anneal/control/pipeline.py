@@ -14,13 +14,18 @@ import copy
 from typing import Any, Mapping
 
 from anneal import API_GROUP, API_VERSION
-from anneal.api.pipeline import ModelPipelineSpec, Stage
+from anneal.api.distillation import JobPhase
+from anneal.api.pipeline import ModelPipelineSpec, PipelinePhase, Stage
+from anneal.api.service import ServicePhase
 
-#: Stage phases that let the pipeline go on, and those that end it.
-STAGE_DONE = frozenset({"Succeeded", "Ready", "Promoted"})
-STAGE_FAILED = frozenset({"Failed", "Cancelled", "Rejected", "RolledBack"})
+#: Stage phases (a job's or a service's) that let the pipeline go on, and those that end it.
+STAGE_DONE = frozenset(p.value for p in (JobPhase.SUCCEEDED, ServicePhase.READY, ServicePhase.PROMOTED))
+STAGE_FAILED = frozenset(p.value for p in (JobPhase.FAILED, JobPhase.CANCELLED, JobPhase.REJECTED,
+                                           ServicePhase.ROLLED_BACK, ServicePhase.FAILED))
 #: The pipeline's own end phases.
-ENDED = ("Succeeded", "Failed")
+ENDED = (PipelinePhase.SUCCEEDED.value, PipelinePhase.FAILED.value)
+SUCCEEDED, FAILED = ENDED
+RUNNING = PipelinePhase.RUNNING.value
 
 Event = tuple[str, str, str]  # (type, reason, message)
 
@@ -108,14 +113,14 @@ def advance(spec: ModelPipelineSpec, status: Mapping[str, Any], children: Mappin
             try:
                 child = child_manifest(pipeline, namespace, stage, uris)
             except PipelineError as exc:
-                new.update(phase="Failed", currentStage=stage.name, message=str(exc))
+                new.update(phase=FAILED, currentStage=stage.name, message=str(exc))
                 events.append(("Warning", "StageFailed", str(exc)))
                 return new, None, events
-            new.update(phase="Running", currentStage=stage.name, message=f"stage {stage.name}: creating {stage.kind}")
-            st.update(phase="Pending", resource=f"{stage.kind}/{child['metadata']['name']}")
+            new.update(phase=RUNNING, currentStage=stage.name, message=f"stage {stage.name}: creating {stage.kind}")
+            st.update(phase=JobPhase.PENDING.value, resource=f"{stage.kind}/{child['metadata']['name']}")
             return new, child, events
         cst = body.get("status") or {}
-        phase = cst.get("phase") or "Pending"
+        phase = cst.get("phase") or JobPhase.PENDING.value
         st["resource"] = f"{stage.kind}/{body['metadata']['name']}"
         if st.get("phase") != phase:
             events.append(("Normal", "StagePhase", f"stage {stage.name} ({st['resource']}): {phase}"))
@@ -127,22 +132,22 @@ def advance(spec: ModelPipelineSpec, status: Mapping[str, Any], children: Mappin
             st["metrics"] = dict(cst["metrics"])
         if phase in STAGE_FAILED:
             msg = f"stage {stage.name} ({st['resource']}) ended {phase}: {cst.get('message') or ''}".rstrip(": ")
-            new.update(phase="Failed", currentStage=stage.name, message=msg)
+            new.update(phase=FAILED, currentStage=stage.name, message=msg)
             events.append(("Warning", "StageFailed", msg))
             return new, None, events
         if phase not in STAGE_DONE:
-            new.update(phase="Running", currentStage=stage.name, message=f"stage {stage.name}: {phase}")
+            new.update(phase=RUNNING, currentStage=stage.name, message=f"stage {stage.name}: {phase}")
             return new, None, events
         if stage.gate is not None:
             passed, why = stage.gate.check(dict(cst.get("metrics") or {}))
             st["gate"] = f"{'passed' if passed else 'failed'}: {why}"
             if not passed:
                 msg = f"stage {stage.name} gate failed: {why}"
-                new.update(phase="Failed", currentStage=stage.name, message=msg)
+                new.update(phase=FAILED, currentStage=stage.name, message=msg)
                 events.append(("Warning", "GateFailed", msg))
                 return new, None, events
     last = spec.stages[-1].name
-    new.update(phase="Succeeded", message=f"all {len(spec.stages)} stages done")
+    new.update(phase=SUCCEEDED, message=f"all {len(spec.stages)} stages done")
     new.pop("currentStage", None)
     if stages.get(last, {}).get("modelUri"):
         new["modelUri"] = stages[last]["modelUri"]

@@ -9,6 +9,7 @@ import threading
 import uuid
 from typing import Any, Callable, Iterator, Mapping
 
+from anneal.api.distillation import JobPhase
 from anneal.api.resources import Manifest
 from anneal.control import jobs as control_jobs
 from anneal.control import refs
@@ -158,7 +159,7 @@ def _watch_progress(tracking_uri: str, run_id_of: Callable[[], str | None], on_p
         except Exception:
             continue
         if "train/step" in m:
-            on_progress({"phase": "Running", "progress": {
+            on_progress({"phase": JobPhase.RUNNING.value, "progress": {
                 "step": int(m["train/step"]), "totalSteps": int(m.get("train/total_steps", 0)) or None,
                 "loss": m.get("train/loss")}})
 
@@ -187,7 +188,7 @@ def run_job(manifest: Manifest, settings: Settings, on_progress: ProgressFn | No
     ctx = job_context(manifest, settings, resolve_refs(manifest.spec, manifest.namespace, tracking_uri))
     ctx.run_id = store.create_run(ctx.target, ctx.run_name(), {**ctx.lineage_tags(), **extra_tags})
     if on_progress:
-        on_progress({"phase": "Submitted", "mlflowRunId": ctx.run_id})
+        on_progress({"phase": JobPhase.SUBMITTED.value, "mlflowRunId": ctx.run_id})
     stop = threading.Event()
     if on_progress:  # training steps (a recovery distillation's too) are logged as train/step: show them
         threading.Thread(target=_watch_progress, args=(ctx.tracking_uri, lambda: ctx.run_id, on_progress, stop),

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from anneal.api.pipeline import ModelPipelineSpec
 from anneal.api.resources import Manifest, ManifestError, parse_manifest
-from anneal.control.pipeline import ENDED, advance
+from anneal.control.pipeline import ENDED, FAILED, advance
 from anneal.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,14 +35,14 @@ def run_pipeline(manifest: Manifest, settings: Settings, run_stage: Callable[...
             log.log(logging.WARNING if type_ == "Warning" else logging.INFO, "%s: %s: %s", manifest.name, reason, message)
         if child is None:
             if status.get("phase") not in ENDED:  # a stage said it is still running, yet it ran to the end
-                status.update(phase="Failed", message=f"{status.get('message')}: the stage did not finish")
+                status.update(phase=FAILED, message=f"{status.get('message')}: the stage did not finish")
             report()
             return status
         stage = child["metadata"]["labels"]["anneal.dev/stage"]
         try:
             child_manifest = parse_manifest(child)
         except ManifestError as exc:
-            status.update(phase="Failed", currentStage=stage, message=f"stage {stage}: {exc}")
+            status.update(phase=FAILED, currentStage=stage, message=f"stage {stage}: {exc}")
             report()
             return status
         report({"message": f"stage {stage}: {child_manifest.kind}/{child_manifest.name}"})

@@ -48,6 +48,7 @@ from anneal.api.service import (
     ModelServiceStatus,
     RolloutStatus,
     RolloutStep,
+    ServicePhase,
 )
 from anneal.rollout.analysis import ProbeResults, StatsWindow, evaluate
 
@@ -69,11 +70,13 @@ HISTORY_LIMIT = 50
 
 
 class Phase:
-    READY = "Ready"
-    ROLLING_OUT = "RollingOut"
-    PAUSED = "Paused"
-    PROMOTED = "Promoted"
-    ROLLED_BACK = "RolledBack"
+    """The ModelService phases a rollout moves through (`anneal.api.service.ServicePhase`'s values)."""
+
+    READY = ServicePhase.READY.value
+    ROLLING_OUT = ServicePhase.ROLLING_OUT.value
+    PAUSED = ServicePhase.PAUSED.value
+    PROMOTED = ServicePhase.PROMOTED.value
+    ROLLED_BACK = ServicePhase.ROLLED_BACK.value
 
 
 ACTIVE = (Phase.ROLLING_OUT, Phase.PAUSED)
