@@ -23,6 +23,7 @@ from anneal.runtime.secrets import REDACTED, SecretRef, redact_spec
 from anneal.tracking import mlflow_store as store
 from anneal_operator import jobs
 from anneal_operator.settings import OperatorSettings
+from tests.unit.test_operator import _apply_merge_patch
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAIN = "plain-S3CRET-value"
@@ -150,25 +151,13 @@ class ApiServer:
         self.rayjobs: list[dict[str, Any]] = []
 
     def patch_namespaced_custom_object_status(self, group, version, namespace, plural, name, doc):
-        self.body["status"] = _merge(self.body.get("status") or {}, doc["status"])
+        self.body["status"] = _apply_merge_patch(self.body.get("status") or {}, doc["status"])
         self.body["metadata"]["resourceVersion"] = str(int(self.body["metadata"]["resourceVersion"]) + 1)
         return json.loads(json.dumps(self.body))
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body, **_):
         self.rayjobs.append(body)
         return body
-
-
-def _merge(target: Any, patch: Any) -> Any:
-    if not isinstance(patch, dict):
-        return patch
-    out = dict(target) if isinstance(target, dict) else {}
-    for k, v in patch.items():
-        if v is None:
-            out.pop(k, None)
-        else:
-            out[k] = _merge(out.get(k), v)
-    return out
 
 
 class Jobs:
