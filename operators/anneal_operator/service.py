@@ -328,8 +328,7 @@ def _rollout_pass(op: OperatorContext, spec: Any, body: Any, old: Mapping[str, A
     from anneal.serve.client import stats as serve_stats
 
     uid = body["metadata"]["uid"]
-    current = ModelServiceStatus.model_validate({k: v for k, v in old.items()
-                                                 if k not in ("appHash", "rayService", "recordedDeployment")})
+    current = ModelServiceStatus.model_validate({k: v for k, v in old.items() if k not in ("appHash", "rayService")})
     stats, unavailable = None, None
     if app_status not in ("RUNNING", "Running"):
         unavailable = f"Serve app {app} is {app_status or 'not deployed'}" + (f": {problem}" if problem else "")
@@ -352,7 +351,7 @@ def _rollout_pass(op: OperatorContext, spec: Any, body: Any, old: Mapping[str, A
     for ev in t.events:
         events.append((ev.type, ev.reason, ev.message))
     new = t.status.to_dict()
-    for key in ("appHash", "rayService", "recordedDeployment"):
+    for key in ("appHash", "rayService"):  # the operator's own keys; declared fields come through the tick
         if key in old:
             new[key] = old[key]
     return new

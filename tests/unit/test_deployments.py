@@ -56,3 +56,18 @@ def test_the_recorder_writes_on_change_only_and_survives_an_unreachable_mlflow(t
     assert rec.digest == deployment_digest({"a": "/m"}, {"a": 100}) != deployment_digest({"a": "/m"}, {"a": 50})
     down = DeploymentRecorder("http://127.0.0.1:9", "serving", namespace="t", name="c", service="t_c")
     assert down.update({"a": "/m"}, {"a": 100}) is None and down.digest is None  # logged; retried next change
+
+
+def test_the_recorded_digest_survives_a_rollout_tick():
+    """The operator keeps `status.recordedDeployment` through rollout passes (a declared field)."""
+    from anneal.api.resources import parse_spec
+    from anneal.api.service import ModelServiceStatus
+    from anneal.control.rollout import Observation, tick
+
+    spec = parse_spec("ModelService", {
+        "variants": [{"name": "stable", "model": {"uri": "/a"}, "weight": 100},
+                     {"name": "canary", "model": {"uri": "/b"}, "weight": 0}],
+        "rollout": {"stable": "stable", "candidate": "canary", "steps": [{"setWeight": 50}]}})
+    old = ModelServiceStatus.model_validate({"phase": "Ready", "recordedDeployment": "abc"})
+    t = tick(spec, old, Observation(None, "no stats yet", {}, None), 1000.0, desired_models={"stable": "/a", "canary": "/b"})
+    assert t.status.to_dict()["recordedDeployment"] == "abc"
