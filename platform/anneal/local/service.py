@@ -11,13 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from anneal.control.refs import Lookup
 from anneal.control.service import app_name as serve_app_name
 from anneal.serve.routing import weights_summary
 
 log = logging.getLogger("anneal.local.service")
 
-#: How another resource is observed for `fromResource` (`anneal.control.refs.Lookup`).
-Lookup = Callable[[str, str, str], "dict[str, Any] | None"]
 
 #: Share of the local Ray's CPUs the service's replicas may reserve (the rest is left for Serve's
 #: own actors and the machine).
@@ -259,10 +258,11 @@ def start_service(
     if short:
         log.warning("ModelService %s/%s %s (the local Ray)", m.namespace, m.name, short)
     app_name = serve_app_name(m.namespace, m.name)
+    tracking = spec.mlflow.tracking_uri or settings.tracking_uri
     args = args_from_spec(
         app_name, spec, models,
         cache_dir=str(settings.anneal.cache_dir),
-        tracking_uri=spec.mlflow.tracking_uri or settings.tracking_uri,
+        tracking_uri=tracking,
         cpu_scale=cpu_scale(spec, available),
         route_prefix=route_prefix,
     )
@@ -276,7 +276,7 @@ def start_service(
         raise ServiceError(f"ModelService {m.namespace}/{m.name} did not start: {e}") from e
     from anneal.tracking.deployments import DeploymentRecorder
 
-    recorder = DeploymentRecorder(spec.mlflow.tracking_uri or settings.tracking_uri,
+    recorder = DeploymentRecorder(tracking,
                                   spec.mlflow.experiment or settings.mlflow.experiment,
                                   namespace=m.namespace, name=m.name, service=app_name)
     recorder.update(models, dict(args.weights))
