@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -220,6 +221,14 @@ class TrackingUnavailable(Exception):
     """MLflow could not be read (unreachable, erroring)."""
 
 
+class _Again(Exception):
+    """The pass cannot finish now (transient): its status is written, then kopf retries after `delay`."""
+
+    def __init__(self, message: str, delay: float):
+        super().__init__(message)
+        self.delay = delay
+
+
 class JobReconciler:
     """One kind's reconcile pass and delete hook; the kopf handlers in the kind modules call these."""
 
@@ -242,9 +251,14 @@ class JobReconciler:
         """
         if status.get("submissionId") and "rayAddress" in status:
             return status["rayAddress"] or None
-        return self.address(spec)
+        return self.address(spec) if spec is not None else self.op.settings.ray_address
 
-    def tracking_uri(self, spec: Any) -> str:
+    def tracking_uri(self, spec: Any, status: Mapping[str, Any] | None = None) -> str:
+        """The MLflow server of the current attempt (status), else of a new one (spec, operator default)."""
+        if status and status.get("submissionId") and status.get("trackingUri"):
+            return status["trackingUri"]
+        if spec is None:
+            return self.op.settings.tracking_uri
         return spec.mlflow.tracking_uri or self.op.settings.tracking_uri
 
     def capacity_problem(self, address: str, spec: Any) -> str | None:
@@ -323,10 +337,17 @@ class JobReconciler:
             secret_env=dict(secret_env or {}),
         ))
 
-    def target(self, spec: Any, meta: Mapping[str, Any]) -> store.TrackingTarget:
+    def target(self, spec: Any, meta: Mapping[str, Any], status: Mapping[str, Any] | None = None) -> store.TrackingTarget:
+        """Where a new attempt records; with `status`, where the current attempt does (kept at allocation)."""
+        if spec is None and status and status.get("trackingUri") and status.get("experiment"):
+            return store.TrackingTarget(tracking_uri=status["trackingUri"], experiment=status["experiment"])
         ctx = self.context(spec, meta, None, {})
-        return store.TrackingTarget(tracking_uri=ctx["tracking_uri"], experiment=ctx["experiment"],
-                                    registered_model_name=ctx["registered_model_name"])
+        target = store.TrackingTarget(tracking_uri=ctx["tracking_uri"], experiment=ctx["experiment"],
+                                      registered_model_name=ctx["registered_model_name"])
+        if status and status.get("submissionId") and status.get("trackingUri"):
+            target = dataclasses.replace(target, tracking_uri=status["trackingUri"],
+                                         experiment=status.get("experiment") or target.experiment)
+        return target
 
     def find_run(self, spec: Any, meta: Mapping[str, Any], status: Mapping[str, Any]) -> str | None:
         """The attempt's MLflow run: the one the recipe created, tagged with the submission id.
@@ -337,7 +358,7 @@ class JobReconciler:
             return status["mlflowRunId"]
         if not status.get("submissionId"):
             return None
-        target = self.target(spec, meta)
+        target = self.target(spec, meta, status)
         try:
             return tracker(target.tracking_uri).find_run(target, {store.TAG_SUBMISSION: status["submissionId"]})
         except Exception as exc:
@@ -419,7 +440,8 @@ class JobReconciler:
             obj = None
         return ray_job_state(obj)
 
-    def read_tracking(self, spec: Any, run_id: str | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    def read_tracking(self, spec: Any, run_id: str | None,
+                      status: Mapping[str, Any] | None = None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """(result, progress) from the attempt's MLflow run; (None, None) while it has no run.
 
         Raises:
@@ -427,7 +449,7 @@ class JobReconciler:
         """
         if not run_id:
             return None, None
-        uri = self.tracking_uri(spec)
+        uri = self.tracking_uri(spec, status)
         t = tracker(uri)
         try:
             run = t.get_run(run_id)
@@ -444,140 +466,181 @@ class JobReconciler:
     # ---------------------------------------------------------------------- pass
 
     def reconcile(self, body: Any, meta: Mapping[str, Any]) -> None:
-        """One level-based pass over one job; writes status at most twice (ids first, then the rest)."""
-        ns, name = meta["namespace"], meta["name"]
-        generation = meta.get("generation")
+        """One level-based pass over one job: a switch on its phase, then one status write.
+
+        Each branch only changes `status` and collects events; the write (a merge patch
+        against what the pass read) and the events happen once, at the end, also when the
+        pass asks kopf to come back sooner (a transient Ray or MLflow failure).
+        """
         old = self.op.current_status(body)
         status = dict(old)
-        raw_spec = dict(body.get("spec") or {})
-        now = time.time()
+        events: list[tuple[str, str, str]] = []
+        try:
+            self._step(body, meta, status, events, time.time())
+        except _Again as again:
+            self._finish(body, old, status, events)
+            raise kopf.TemporaryError(str(again), delay=again.delay) from None
+        self._finish(body, old, status, events)
 
-        if status.get("phase") in TERMINAL:
+    def _step(self, body: Any, meta: Mapping[str, Any], status: dict[str, Any],
+              events: list[tuple[str, str, str]], now: float) -> None:
+        generation = meta.get("generation")
+        raw_spec = dict(body.get("spec") or {})
+        phase = status.get("phase")
+        if phase in TERMINAL:
             self._refuse_change(body, status, generation, raw_spec)
-            self.op.write_status(self.kind, body, old, status)
             return
+        spec: Any = None
         try:
             spec = parse_spec(self.kind, raw_spec)
-            problems = check_limits(spec, self.op.settings.max_workers, self.op.settings.max_gpus_per_worker,
-                                    bool(self.address(spec)), self.address(spec))
-            problems += endpoint_problems(spec, self.op.settings)
-            if problems:
-                raise ManifestError(problems)
         except ManifestError as exc:
-            if status.get("submissionId"):
-                # Submitted with a valid spec; an invalid edit afterwards is just refused.
-                self._refuse_change(body, status, generation, raw_spec)
-                self.op.write_status(self.kind, body, old, status)
+            if not status.get("submissionId") or (phase == PENDING and not status.get("retryAt")):
+                self._invalid(status, exc, generation, events)  # nothing of it runs yet
                 return
-            new = invalid_spec_status(status, exc, generation)
-            if self.op.write_status(self.kind, body, old, new):
-                self._phase_metric(FAILED)
-                event(body, "Warning", "InvalidSpec", str(exc))
-            return
-
-        submitted_hash = status.get("specHash")
-        if submitted_hash and submitted_hash != spec_hash(raw_spec):
+            # Submitted with a valid spec and edited into an invalid one since: the edit is
+            # refused below and the attempt still observed from what status keeps.
+        if status.get("specHash") and status["specHash"] != spec_hash(raw_spec):
             self._refuse_change(body, status, generation, raw_spec)
-            if status.get("phase") == PENDING and retry_due(status, now):
+            if phase == PENDING and retry_due(status, now):
                 status.update(phase=FAILED, message="the spec changed after submission; jobs are immutable "
                               "once submitted: create a new resource to run again", completionTime=now_iso())
                 status.pop("retryAt", None)
                 with_condition(status, "Ready", "False", "SpecChanged", status["message"])
-                self._finish(body, old, status, [("Warning", FAILED, status["message"])])
+                events.append(("Warning", FAILED, status["message"]))
                 return
 
-        # 1. Allocate the attempt: its submission id is deterministic (resource uid + attempt),
-        #    so an operator that stops anywhere before writing it computes the same id again and
-        #    Ray answers "exists". The job creates its own MLflow run, tagged with that id.
-        fresh = not status.get("submissionId")
-        if fresh or (status.get("phase") == PENDING and retry_due(status, now)):
-            try:
-                resolved = self.resolve_refs(spec, ns)
-            except Waiting as w:
-                status.update(phase=PENDING, message=str(w), observedGeneration=generation)
-                with_condition(status, "Ready", "False", "WaitingForInput", str(w))
-                self._finish(body, old, status, [])
-                return
-            attempt = int(status.get("attempts") or 0) + 1
-            sid = submission_id(ns, name, meta["uid"], attempt)
-            status.update(
-                phase=PENDING, attempts=attempt, submissionId=sid,
-                specHash=submitted_hash or spec_hash(raw_spec), observedGeneration=generation,
-                rayCluster=self.address(spec) or self.rayjob_name(meta, attempt), rayAddress=self.address(spec) or "",
-                message=f"attempt {attempt}: submitting {sid}",
-            )
-            status.setdefault("startTime", now_iso())
+        match phase:
+            case None | JobPhase.PENDING.value:
+                resolved = None
+                if not status.get("submissionId") or retry_due(status, now):
+                    resolved = self._allocate(spec, raw_spec, meta, status, events)
+                    if resolved is None:
+                        return
+                elif status.get("retryAt"):
+                    return  # backing off before the next attempt
+                self._submit(spec, meta, status, events, now, resolved)
+            case JobPhase.SUBMITTED.value | JobPhase.RUNNING.value:
+                self._observe(spec, meta, status, events, now)
+            case _:
+                log.warning("%s %s/%s: phase %r is not one the operator acts on; left as it is", self.kind,
+                            meta["namespace"], meta["name"], phase)
+
+    def _invalid(self, status: dict[str, Any], exc: ManifestError, generation: int | None,
+                 events: list[tuple[str, str, str]]) -> None:
+        status.update(invalid_spec_status(status, exc, generation))
+        events.append(("Warning", "InvalidSpec", str(exc)))
+
+    def _allocate(self, spec: Any, raw_spec: Mapping[str, Any], meta: Mapping[str, Any], status: dict[str, Any],
+                  events: list[tuple[str, str, str]]) -> dict[str, str] | None:
+        """Pending → a new attempt with its ids in status; the resolved refs, or None when it cannot start.
+
+        The submission id is deterministic (resource uid + attempt), so an operator that stops
+        anywhere before writing it computes the same id again and Ray answers "exists"; the
+        job creates its own MLflow run, tagged with that id. Where it went (Ray address,
+        MLflow URI and experiment) is kept in status, so an edit of the spec mid-job cannot
+        make the operator look for it elsewhere. The operator's limits and allowlists are
+        checked here, for every attempt: they guard what is submitted, never what runs.
+        """
+        ns, name, generation = meta["namespace"], meta["name"], meta.get("generation")
+        address = self.address(spec)
+        problems = check_limits(spec, self.op.settings.max_workers, self.op.settings.max_gpus_per_worker,
+                                bool(address), address)
+        problems += endpoint_problems(spec, self.op.settings)
+        if problems:
+            self._invalid(status, ManifestError(problems), generation, events)
             status.pop("retryAt", None)
-            status.pop("mlflowRunId", None)
-            with_condition(status, "Ready", "False", PENDING, status["message"])
-        else:
-            resolved = None
+            return None
+        try:
+            resolved = self.resolve_refs(spec, ns)
+        except Waiting as w:
+            status.update(phase=PENDING, message=str(w), observedGeneration=generation)
+            with_condition(status, "Ready", "False", "WaitingForInput", str(w))
+            return None
+        attempt = int(status.get("attempts") or 0) + 1
+        sid = submission_id(ns, name, meta["uid"], attempt)
+        target = self.target(spec, meta)
+        status.update(
+            phase=PENDING, attempts=attempt, submissionId=sid,
+            specHash=status.get("specHash") or spec_hash(raw_spec), observedGeneration=generation,
+            rayCluster=address or self.rayjob_name(meta, attempt), rayAddress=address or "",
+            trackingUri=target.tracking_uri, experiment=target.experiment,
+            message=f"attempt {attempt}: submitting {sid}",
+        )
+        status.setdefault("startTime", now_iso())
+        status.pop("retryAt", None)
+        status.pop("mlflowRunId", None)
+        with_condition(status, "Ready", "False", PENDING, status["message"])
+        return resolved
 
-        # 2. Submit, then write the ids and the outcome in one status write (MLflow is not on
-        #    this path). A transient failure is written too, so the status always says why.
-        events: list[tuple[str, str, str]] = []
-        if status.get("phase") == PENDING and not status.get("retryAt"):
-            if resolved is None:
-                try:
-                    resolved = self.resolve_refs(spec, ns)
-                except Waiting as w:
-                    raise kopf.TemporaryError(str(w), delay=10)
-            address = self.address(spec)
-            if address and status.get("capacityCheckedFor") != status.get("submissionId"):
-                # Warned once per attempt: a gang the shared cluster cannot hold would sit PENDING in silence.
-                status["capacityCheckedFor"] = status.get("submissionId")
-                short = self.capacity_problem(address, spec)
-                if short:
-                    events.append(("Warning", "InsufficientResources", f"{self.kind}/{name} {short}"))
+    def _submit(self, spec: Any, meta: Mapping[str, Any], status: dict[str, Any],
+                events: list[tuple[str, str, str]], now: float, resolved: dict[str, str] | None) -> None:
+        """Pending with ids → Submitted; a transient failure is written too, so status always says why."""
+        name = meta["name"]
+        if resolved is None:  # an attempt allocated by an earlier pass, not submitted yet
             try:
-                outcome = self.submit(spec, meta, status, resolved)
-            except Waiting as w:  # a Secret of the runtime env: not submitted; the next pass tries again
-                status["message"] = f"attempt {status['attempts']}: not submitted yet, {w}"
-                with_condition(status, "Ready", "False", "WaitingForSecret", str(w))
-                self._finish(body, old, status, events + [("Warning", "SecretMissing", str(w))])
-                return
-            except jobs_api.JobsApiError as exc:
-                if exc.transient:
-                    status["message"] = f"attempt {status['attempts']}: not submitted yet, retrying: {exc}"
-                    with_condition(status, "Ready", "False", PENDING, status["message"])
-                    self._finish(body, old, status, events)
-                    raise kopf.TemporaryError(str(exc), delay=10)
-                status.update(phase=FAILED, message=str(exc), completionTime=now_iso())
-                with_condition(status, "Ready", "False", "SubmissionRejected", str(exc))
-                self._finish(body, old, status, events + [("Warning", "SubmissionRejected", str(exc))])
-                return
-            self.op.due(f"progress/{meta['uid']}", 0, now)  # first progress read one interval from now
-            where = self.submitted_to(spec, status) or f"RayJob {status.get('rayCluster')}"
-            status.update(phase=SUBMITTED, message=f"attempt {status['attempts']}: submitted to {where}")
-            with_condition(status, "Ready", "False", SUBMITTED, status["message"])
-            verb = "submitted" if outcome == "submitted" else "found already submitted"
-            events.append(("Normal", SUBMITTED, f"{status['submissionId']} {verb} ({where})"))
-            self._finish(body, old, status, events)
+                resolved = self.resolve_refs(spec, meta["namespace"])
+            except Waiting as w:
+                raise _Again(str(w), delay=10) from None
+        address = self.submitted_to(spec, status)
+        if address and status.get("capacityCheckedFor") != status.get("submissionId"):
+            # Warned once per attempt: a gang the shared cluster cannot hold would sit PENDING in silence.
+            status["capacityCheckedFor"] = status.get("submissionId")
+            short = self.capacity_problem(address, spec)
+            if short:
+                events.append(("Warning", "InsufficientResources", f"{self.kind}/{name} {short}"))
+        try:
+            outcome = self.submit(spec, meta, status, resolved)
+        except Waiting as w:  # a Secret of the runtime env: not submitted; the next pass tries again
+            status["message"] = f"attempt {status['attempts']}: not submitted yet, {w}"
+            with_condition(status, "Ready", "False", "WaitingForSecret", str(w))
+            events.append(("Warning", "SecretMissing", str(w)))
             return
+        except jobs_api.JobsApiError as exc:
+            if exc.transient:
+                status["message"] = f"attempt {status['attempts']}: not submitted yet, retrying: {exc}"
+                with_condition(status, "Ready", "False", PENDING, status["message"])
+                raise _Again(str(exc), delay=10) from None
+            status.update(phase=FAILED, message=str(exc), completionTime=now_iso())
+            with_condition(status, "Ready", "False", "SubmissionRejected", str(exc))
+            events.append(("Warning", "SubmissionRejected", str(exc)))
+            return
+        self.op.due(f"progress/{meta['uid']}", 0, now)  # first progress read one interval from now
+        where = address or f"RayJob {status.get('rayCluster')}"
+        status.update(phase=SUBMITTED, message=f"attempt {status['attempts']}: submitted to {where}")
+        with_condition(status, "Ready", "False", SUBMITTED, status["message"])
+        verb = "submitted" if outcome == "submitted" else "found already submitted"
+        events.append(("Normal", SUBMITTED, f"{status['submissionId']} {verb} ({where})"))
 
-        if status.get("phase") in (SUBMITTED, RUNNING):
-            ray_status, ray_message = self.read_ray(spec, meta, status)
-            result = progress = None
-            # The result is in MLflow once the Ray job has ended; progress is read at its own,
-            # slower pace while it runs (one MLflow request per job per pass does not scale).
-            ended = ray_status not in (jobs_api.PENDING, jobs_api.RUNNING)
-            if ended or self.op.due(f"progress/{meta['uid']}", self.op.settings.progress_interval, now):
-                try:
-                    run_id = self.find_run(spec, meta, status)
-                    if run_id:
-                        status["mlflowRunId"] = run_id
-                    result, progress = self.read_tracking(spec, run_id)
-                except TrackingUnavailable as exc:
-                    if ended:  # never fail an attempt because MLflow could not be read
-                        self._finish(body, old, status, [])
-                        raise kopf.TemporaryError(str(exc), delay=10)
-                    log.warning("%s", exc)
-            outcome = observe(status, Observation(ray_status, ray_message, result, progress),
-                              Retry(spec.backoff_limit, self.op.settings.retry_backoff, self.op.settings.retry_backoff_max),
-                              now)
-            self._finish(body, old, outcome.status, outcome.events)
-            return
-        self._finish(body, old, status, events)
+    def _observe(self, spec: Any, meta: Mapping[str, Any], status: dict[str, Any],
+                 events: list[tuple[str, str, str]], now: float) -> None:
+        """Submitted/Running → what Ray and MLflow say (the pure `observe`).
+
+        `spec` is None when the spec was edited into an invalid one after submission: the
+        attempt is observed from status alone (`rayAddress`, `trackingUri`, `experiment`).
+        """
+        ray_status, ray_message = self.read_ray(spec, meta, status)
+        result = progress = None
+        # The result is in MLflow once the Ray job has ended; progress is read at its own,
+        # slower pace while it runs (one MLflow request per job per pass does not scale).
+        ended = ray_status not in (jobs_api.PENDING, jobs_api.RUNNING)
+        if ended or self.op.due(f"progress/{meta['uid']}", self.op.settings.progress_interval, now):
+            try:
+                run_id = self.find_run(spec, meta, status)
+                if run_id:
+                    status["mlflowRunId"] = run_id
+                result, progress = self.read_tracking(spec, run_id, status)
+            except TrackingUnavailable as exc:
+                if ended:  # never fail an attempt because MLflow could not be read
+                    raise _Again(str(exc), delay=10) from None
+                log.warning("%s", exc)
+        # Without a valid spec (an edit refused mid-attempt) there is no next attempt to retry with.
+        backoff_limit = spec.backoff_limit if spec is not None else 0
+        outcome = observe(status, Observation(ray_status, ray_message, result, progress),
+                          Retry(backoff_limit, self.op.settings.retry_backoff, self.op.settings.retry_backoff_max),
+                          now)
+        status.clear()
+        status.update(outcome.status)
+        events.extend(outcome.events)
 
     def _finish(self, body: Any, old: Mapping[str, Any], new: dict[str, Any], events: list[tuple[str, str, str]]) -> None:
         meta = body["metadata"]
@@ -617,7 +680,7 @@ class JobReconciler:
             if not status.get("submissionId"):
                 return
             # Edited into an invalid spec after submission: the job still runs where status says.
-        address = self.submitted_to(spec, status) if spec is not None else (status.get("rayAddress") or None)
+        address = self.submitted_to(spec, status)
         guessed = not status.get("submissionId")
         if guessed:
             if not address:
@@ -653,12 +716,10 @@ class JobReconciler:
             except ApiException as exc:
                 if exc.status != 404:
                     raise
-        if spec is None:
-            return
         try:
             run_id = self.find_run(spec, meta, status)
             if run_id:
-                tracker(self.tracking_uri(spec)).kill(run_id)
+                tracker(self.tracking_uri(spec, status)).kill(run_id)
         except Exception as exc:
             log.warning("could not mark the MLflow run of %s killed: %s", status["submissionId"], exc)
 

@@ -359,6 +359,35 @@ def test_deleting_a_running_job_stops_its_ray_job(kube_cluster, op_namespace, op
     assert [j["status"] for j in jobs] == ["STOPPED"]
 
 
+def test_a_job_edited_mid_run_is_observed_to_its_result_where_it_was_submitted(kube_cluster, op_namespace, operator,
+                                                                               ray_head, mlflow_server):
+    """An edit pointing ray.address and mlflow elsewhere (the MLflow URI one the operator's allowlist refuses)
+    changes nothing for the running attempt: its result is read from the run it created, at the server it used."""
+    experiment = f"e2e-edit-{op_namespace}"
+    spec = {**TINY_SFT, "ray": {"address": ray_head}, "mlflow": {"trackingUri": mlflow_server, "experiment": experiment}}
+    _apply(kube_cluster, op_namespace, _job("edited-short", spec))
+    _wait("submission", lambda: _status(kube_cluster, op_namespace, "dj", "edited-short").get("phase")
+          in ("Submitted", "Running"), 120)
+    patch = [{"op": "replace", "path": "/spec/ray/address", "value": "http://127.0.0.1:9"},
+             {"op": "replace", "path": "/spec/mlflow/trackingUri", "value": "http://127.0.0.1:9"},
+             {"op": "replace", "path": "/spec/mlflow/experiment", "value": "somewhere-else"}]
+    kube_cluster.kubectl("patch", "dj", "edited-short", "-n", op_namespace, "--type=json", "-p", json.dumps(patch))
+    st = _wait("the edit refused", lambda: (s := _status(kube_cluster, op_namespace, "dj", "edited-short")).get(
+        "refusedGeneration") and s, 60)
+    assert st["phase"] in ("Submitted", "Running"), st  # refused while the attempt runs, not after it ended
+    st = _wait("Succeeded", lambda: (s := _status(kube_cluster, op_namespace, "dj", "edited-short")).get("phase") in
+               ("Succeeded", "Failed") and s, 420, 2)
+    assert st["phase"] == "Succeeded", st.get("message")
+    assert st["refusedGeneration"] == 2 and st["attempts"] == 1, st
+    assert (st["rayAddress"], st["trackingUri"], st["experiment"]) == (ray_head, mlflow_server, experiment), st
+    from mlflow import MlflowClient
+
+    assert MlflowClient(tracking_uri=mlflow_server).get_run(st["mlflowRunId"]).info.status == "FINISHED"
+    assert st["modelUri"].startswith("models:/"), st
+    reasons = [e["reason"] for e in _events(kube_cluster, op_namespace, "edited-short")]
+    assert "SpecChangeRefused" in reasons and "InvalidSpec" not in reasons, reasons
+
+
 def test_a_spec_edited_mid_job_does_not_orphan_its_ray_job(kube_cluster, op_namespace, operator, ray_head):
     """The job keeps being observed and stopped where it was submitted, whatever `ray.address` says now."""
     spec = {**TINY_SFT, "ray": {"address": ray_head}, "training": {"steps": 100000, "batchSize": 4}}

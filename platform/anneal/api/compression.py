@@ -124,6 +124,10 @@ class CompressionJobStatus(StatusBase):
     ray_address: str | None = Field(
         default=None, description="The Ray Jobs API address the attempt was submitted to (empty: a RayJob). "
         "The operator keeps observing and stopping it there even if spec.ray.address is edited.")
+    tracking_uri: str | None = Field(
+        default=None, description="The MLflow tracking URI the attempt records to (kept, like rayAddress, "
+        "so an edit of spec.mlflow mid-job does not lose its run).")
+    experiment: str | None = Field(default=None, description="The MLflow experiment of the attempt's run.")
     mlflow_run_id: str | None = None
     model_uri: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
