@@ -4,8 +4,9 @@ the session's Ray head (Serve through its REST API), tiny Llama variants built h
 What `anneal run` does embedded must happen here too (one tick, `anneal.control.rollout`):
 a candidate model change starts a rollout, the annotations act once each, every field the
 machine keeps survives the API server, an operator killed mid-rollout resumes at the same
-step, and a failing candidate is rolled back by the default error-rate gate while the stable
-variant loses no request.
+step, a failing candidate is rolled back by the default error-rate gate while the stable
+variant loses no request, and the operator's labelled probes fail a candidate that answers wrong
+(fast and error-free) and pass one that answers right.
 """
 
 from __future__ import annotations
@@ -67,6 +68,64 @@ def broken_model() -> str:
             p.fill_(float("nan"))
     path = str(save_pretrained(model, tokenizer, root / "broken"))
     yield path
+    shutil.rmtree(root, ignore_errors=True)
+
+
+PROBE_ANSWER = 7
+
+
+@pytest.fixture(scope="module")
+def answering_models() -> dict[str, str]:
+    """Two tiny Llamas built to answer every question with a fixed text, and a probe set they are scored on.
+
+    A model this small cannot learn the task within a test, so the weights are set by hand: the
+    attention and MLP outputs are zeroed (each position's hidden state is its token's embedding)
+    and the lm_head maps each token of a chain to the next one, so greedy decoding after the chat
+    template's `<|assistant|>` writes `Answer: 7` (the "right" model) or `Answer: 8` (the "wrong"
+    one) and stops. Both are real checkpoints served by the transformers engine; only their
+    answers differ, so the accuracy gate is the only thing that can tell them apart. The probe
+    set is a jsonl whose every question's answer is 7. The fixture checks its own claim by
+    generating from each saved model.
+    """
+    import torch
+
+    from anneal.modeling.tiny import LlamaShape, build_llama, save_pretrained
+    from anneal.modeling.tokenizer import builtin_corpus, train_tokenizer
+    from anneal.serve.engines import GenerateRequest, TransformersEngine
+
+    root = Path(tempfile.mkdtemp(prefix="anneal-e2e-answering-"))
+    tokenizer = train_tokenizer(builtin_corpus(20), vocab_size=300)
+    questions = ["What is 3 + 4?", "What is 10 - 3?", "What is 14 / 2?", "Ana has 2 pens and buys 5. How many now?",
+                 "What is 1 + 6?", "A box holds 9 eggs; 2 break. How many are whole?"]
+    probe_set = root / "probes.jsonl"
+    probe_set.write_text("".join(json.dumps({"prompt": q, "completion": f"Answer: {PROBE_ANSWER}",
+                                             "answer": PROBE_ANSWER}) + "\n" for q in questions))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": questions[0]}], tokenize=False,
+                                           add_generation_prompt=True)
+    start = tokenizer(prompt, add_special_tokens=False)["input_ids"][-1]
+    paths = {"probes": str(probe_set)}
+    for name, answer in (("right", PROBE_ANSWER), ("wrong", PROBE_ANSWER + 1)):
+        text = f"Answer: {answer}"
+        chain = [start, *tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        assert len(set(chain)) == len(chain), f"a token repeats in {chain}; the chain would loop"
+        model = build_llama(LlamaShape(hidden_size=64, layers=1, heads=1, kv_heads=1, intermediate_size=128),
+                            tokenizer, seed=1)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+            emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+            head.zero_()
+            for token, following in zip(chain, chain[1:]):
+                h = model.model.norm(emb[token])
+                head[following] = 10 * h / h.norm()
+        paths[name] = str(save_pretrained(model, tokenizer, root / name))
+        engine = TransformersEngine(paths[name], cache_dir=str(root / "cache"), device="cpu")
+        for q in questions:
+            got = engine.generate(GenerateRequest(messages=[{"role": "user", "content": q}], max_tokens=16,
+                                                  temperature=0.0)).text
+            assert got == text, (name, q, got)
+    yield paths
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -200,3 +259,56 @@ def test_failing_candidate_is_rolled_back_by_the_default_error_gate(
     # The figure, not a timed assertion: benchmarks measure; this says what this run saw.
     print(f"rollback {took:.1f}s after the candidate's first request "
           f"(bound (failureLimit + 2) x interval = {(FAILURE_LIMIT + 2) * INTERVAL_S}s)")
+
+
+def test_accuracy_gate_with_operator_probes_rolls_back_a_wrong_model_and_promotes_a_right_one(
+        kube_cluster, namespace, operator, ray_head, serve_port, answering_models, service_app, traffic):  # noqa: F811
+    kube, ns, op, app = kube_cluster, namespace, operator, service_app
+    _CURRENT.update(kube=kube, ns=ns)
+    gen_settings = {"maxTokens": 16, "temperature": 0}
+    variants = [{**_variant("stable", answering_models["right"], 100), "generation": gen_settings},
+                {**_variant("canary", answering_models["wrong"], 0), "generation": gen_settings}]
+    spec = {
+        "variants": variants, "ray": {"address": ray_head},
+        "rollout": {"stable": "stable", "candidate": "canary",
+                    "steps": [{"setWeight": 50}, {"analysis": {}}, {"setWeight": 100}],
+                    "analysis": {"interval": f"{INTERVAL_S}s", "minRequests": 3, "failureLimit": FAILURE_LIMIT,
+                                 "gates": [{"metric": "accuracy", "min": 0.8}],
+                                 "probes": {"dataset": {"uri": answering_models["probes"]}, "perInterval": 4}},
+                    "progressDeadline": "10m"},
+    }
+    kube.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(_job(NAME, spec, kind="ModelService")))
+    st = _wait_or_explain("the service serving", lambda: (s := _status(kube, ns, "msvc", NAME)).get("endpoint")
+                          and any(c["type"] == "Ready" and c["status"] == "True" for c in s.get("conditions", []))
+                          and s, READY_TIMEOUT, op, ray_head, app, every=2)
+    gen = traffic(st["endpoint"])
+
+    # The wrong model is fast and error-free: only the operator's labelled probes can fail it.
+    _wait_or_explain("RolledBack", lambda: _status(kube, ns, "msvc", NAME).get("phase") == "RolledBack", 300, op,
+                     ray_head, app, every=2)
+    ro = _rollout(kube, ns)
+    analysis = ro["lastAnalysis"]
+    assert analysis["verdict"] == "fail" and analysis["failedGates"] == ["accuracy"], ro
+    assert analysis["figures"]["accuracy"] == 0.0 and analysis["figures"]["stableAccuracy"] == 1.0, ro
+    assert analysis["figures"]["probes"] >= 4, ro
+    assert "accuracy" in ro["reason"], ro
+    assert _status(kube, ns, "msvc", NAME)["weights"] == {"stable": 100, "canary": 0}
+    snap = gen.snapshot()
+    assert snap["variants"].get("canary", {}).get("failed", 0) == 0, (snap, list(gen.failures))
+
+    # The same service with the candidate changed to the right model: a new rollout, passed by the probes.
+    patch = [{"op": "replace", "path": "/spec/variants/1/model/uri", "value": answering_models["right"]}]
+    kube.kubectl("patch", "msvc", NAME, "-n", ns, "--type=json", "-p", json.dumps(patch))
+    _wait_or_explain("Promoted", lambda: _status(kube, ns, "msvc", NAME).get("phase") == "Promoted"
+                     and _rollout(kube, ns).get("attempt") == 2, 300, op, ray_head, app, every=2)
+    ro = _rollout(kube, ns)
+    assert ro["candidateModel"] == answering_models["right"], ro
+    analysis = ro["lastAnalysis"]
+    assert analysis["verdict"] == "pass" and analysis["figures"]["accuracy"] == 1.0, ro
+    _wait_or_explain("the router at canary 100", lambda: _router_weights(st["endpoint"]) == {"stable": 0, "canary": 100},
+                     120, op, ray_head, app)
+    snap = gen.snapshot()
+    assert snap["variants"].get("stable", {}).get("ok", 0) > 0, snap
+    assert snap["variants"].get("stable", {}).get("failed", 0) == 0, (snap, list(gen.failures))
+    kube.kubectl("delete", "msvc", NAME, "-n", ns, "--wait=false")
+    _wait_or_explain("the resource deleted", lambda: _get(kube, ns, "msvc", NAME) is None, 120, op, ray_head, app)
