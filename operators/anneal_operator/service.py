@@ -217,7 +217,7 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
                 events.append(("Normal", "WeightsApplied", f"Serve app {app}: weights {weights}"))
         status["appHash"] = digest
     else:
-        _apply_rayservice(op, spec, meta, rs_name, entry, status, digest, events, missing=app_status is None)
+        _apply_rayservice(op, spec, meta, rs_name, entry, status, events, missing=app_status is None)
         status["rayService"] = rs_name
     status.update(endpoint=endpoint, observedGeneration=generation)
     serving = app_status in ("RUNNING", "Running")
@@ -291,8 +291,12 @@ def _rayservice_app_status(op: OperatorContext, namespace: str, rs_name: str, ap
 
 
 def _apply_rayservice(op: OperatorContext, spec: Any, meta: Mapping[str, Any], rs_name: str, entry: dict[str, Any],
-                      status: dict[str, Any], digest: str, events: list, missing: bool = False) -> None:
-    """Create or update the service's RayService; level-based: one that vanished (`missing`) is created again."""
+                      status: dict[str, Any], events: list, missing: bool = False) -> None:
+    """Create or update the service's RayService; level-based: one that vanished (`missing`) is created again.
+
+    The RayService carries the router's weights in its serve config, so its `appHash` covers the
+    whole entry (a weight change is a patch of `serveConfigV2`, which KubeRay applies in place).
+    """
     from kubernetes.client.exceptions import ApiException
 
     s = op.settings
@@ -305,7 +309,7 @@ def _apply_rayservice(op: OperatorContext, spec: Any, meta: Mapping[str, Any], r
     )
     owner = kuberay.owner_reference(f"{API_GROUP}/{API_VERSION}", KIND, meta["name"], meta["uid"])
     body = kuberay.build_rayservice(rs_name, meta["namespace"], [entry], cluster, owner)
-    wanted = digest + ":" + json.dumps(entry.get("deployments"), sort_keys=True)
+    wanted = hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
     if status.get("appHash") != wanted or missing:
         try:
             op.custom.create_namespaced_custom_object("ray.io", "v1", meta["namespace"], "rayservices", body,
