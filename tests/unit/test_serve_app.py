@@ -7,7 +7,7 @@ import pytest
 from anneal.api.resources import parse_spec
 from anneal.serve import protocol
 from anneal.serve.app import AppArgs, args_from_spec, build_serve_config, entry_models, policy_from_args
-from anneal.local.service import cpu_scale, resolve_model_uris, service_status
+from anneal.local.service import cpu_scale, default_lookup, resolve_model_uris, service_status
 from anneal.serve.metrics import ServiceMetrics, merge_stats
 
 SPEC = {
@@ -83,6 +83,29 @@ def test_a_model_change_updates_that_variant_only(args):
     differ = [d["name"] for d, e in zip(before["deployments"], after["deployments"]) if d != e]
     assert differ == ["variant-candidate"]
     assert entry_models(after)["candidate"] == "models:/other/7"
+
+
+def test_embedded_from_resource_is_looked_up_in_the_services_own_mlflow(tmp_path):
+    """A service with spec.mlflow.trackingUri finds its jobs there, not in the settings' default store."""
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from anneal.tracking import mlflow_store as store
+
+    own, default = f"sqlite:///{tmp_path / 'own.db'}", f"sqlite:///{tmp_path / 'default.db'}"
+    client = MlflowClient(tracking_uri=own)
+    run = client.create_run(client.create_experiment("jobs"), tags={
+        store.TAG_KIND: "DistillationJob", store.TAG_NAMESPACE: "team", store.TAG_NAME: "s",
+        store.TAG_PHASE: "Succeeded", store.TAG_MODEL_URI: "models:/team.s/3"})
+    client.set_terminated(run.info.run_id)
+    spec = parse_spec("ModelService", {"mlflow": {"trackingUri": own}, "variants": [
+        {"name": "b", "model": {"fromResource": {"kind": "DistillationJob", "name": "s"}}, "weight": 100}]})
+    settings = SimpleNamespace(tracking_uri=default)
+    assert resolve_model_uris(spec, "team", default_lookup(spec, settings)) == {"b": "models:/team.s/3"}
+    elsewhere = spec.model_copy(update={"mlflow": spec.mlflow.model_copy(update={"tracking_uri": None})})
+    with pytest.raises(Exception, match="DistillationJob/s"):
+        resolve_model_uris(elsewhere, "team", default_lookup(elsewhere, settings))
 
 
 def test_model_paths_become_absolute_and_from_resource_goes_through_the_lookup(tmp_path):

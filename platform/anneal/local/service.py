@@ -27,6 +27,17 @@ class ServiceError(RuntimeError):
     """The service cannot be started; the message names the field or the step at fault."""
 
 
+def default_lookup(spec: Any, settings: Any) -> Lookup:
+    """How an embedded service observes the resources its variants name: their runs in the service's MLflow.
+
+    That is `spec.mlflow.trackingUri` when set (where its jobs recorded themselves), else the
+    settings' tracking URI.
+    """
+    from anneal.local.jobs import mlflow_lookup
+
+    return mlflow_lookup(spec.mlflow.tracking_uri or settings.tracking_uri)
+
+
 def resolve_model_uris(spec: Any, namespace: str, lookup: Lookup | None = None,
                        base_dir: Path | None = None) -> dict[str, str]:
     """variant name → a model URI every replica can load.
@@ -214,7 +225,9 @@ def start_service(
         settings: `anneal.settings.Settings` (cache dir, MLflow tracking URI, Ray address/CPUs).
         host, port: where Serve's HTTP proxy listens (loopback by default; port 0 picks a free one).
         route_prefix: URL prefix of this service.
-        lookup: observes the resources `fromResource` names (`anneal.local.jobs.mlflow_lookup`).
+        lookup: observes the resources `fromResource` names; None (default) reads their runs
+            from the service's MLflow (`spec.mlflow.trackingUri`, else the settings'), as
+            `anneal.local.jobs.mlflow_lookup` does.
         base_dir: directory relative model paths are relative to (default: the working directory).
         wait_s: how long model loading may take.
 
@@ -232,7 +245,8 @@ def start_service(
     if m.kind != "ModelService":
         raise ServiceError(f"kind: {m.kind!r}: start_service serves ModelService resources")
     spec = m.spec
-    models = resolve_model_uris(spec, m.namespace, lookup, base_dir)
+    tracking = spec.mlflow.tracking_uri or settings.tracking_uri
+    models = resolve_model_uris(spec, m.namespace, lookup or default_lookup(spec, settings), base_dir)
     # `started`: this process started the Ray (and so its Serve) and takes both down at the end.
     # Connected to a Ray of `ANNEAL_RAY_ADDRESS` instead, Serve serves other apps too: it stays.
     started = False
@@ -258,7 +272,6 @@ def start_service(
     if short:
         log.warning("ModelService %s/%s %s (the local Ray)", m.namespace, m.name, short)
     app_name = serve_app_name(m.namespace, m.name)
-    tracking = spec.mlflow.tracking_uri or settings.tracking_uri
     args = args_from_spec(
         app_name, spec, models,
         cache_dir=str(settings.anneal.cache_dir),
@@ -304,7 +317,7 @@ def run_service(
         host, port: where Serve listens.
         ready_callback: called once with the status dict (phase Ready, endpoint, weights) when
             the service answers.
-        lookup: observes the resources `fromResource` names (`anneal.local.jobs.mlflow_lookup`).
+        lookup: observes the resources `fromResource` names (None: as `start_service`).
         route_prefix: URL prefix of the service.
         stop_event: set it (from another thread) to stop serving.
 
@@ -358,10 +371,7 @@ def run_service_manifest(manifest: Any, settings: Any, on_progress: Callable[[di
     Returns:
         The final ModelService status dict.
     """
-    from anneal.local.jobs import mlflow_lookup
-
-    service = start_service(manifest, settings=settings, host=host, port=port,
-                            lookup=mlflow_lookup(settings.tracking_uri))
+    service = start_service(manifest, settings=settings, host=host, port=port)
     status = service.status()
     if on_progress is not None:
         on_progress(status)
