@@ -200,23 +200,47 @@ def run(
         }
         typer.echo(json.dumps(resource, indent=2, default=str))
     else:
-        _print_status(status)
+        _print_status(status, manifest.kind)
     if phase not in SUCCESS_PHASES:
         raise fail(f"{manifest.kind}/{manifest.name} ended {phase}: {status.get('message', '')}")
 
 
-def _print_status(status: dict[str, Any]) -> None:
+def _print_status(status: dict[str, Any], kind: str | None = None) -> None:
+    """The end of a run, for people (`anneal.report`): what happened, each figure named, what is missing and why."""
     from rich.table import Table
 
-    table = Table(show_header=False, box=None)
+    from anneal import report
+
+    head = Table(show_header=False, box=None)
     for key in ("phase", "message", "modelUri", "mlflowRunId", "endpoint"):
         if status.get(key):
-            table.add_row(key, str(status[key]))
-    for key, value in sorted((status.get("metrics") or {}).items()):
-        table.add_row(f"metrics.{key}", f"{value:.4g}" if isinstance(value, float) else str(value))
+            head.add_row(key, str(status[key]))
+    if status.get("weights"):
+        head.add_row("weights", " ".join(f"{k}={v}" for k, v in status["weights"].items()))
+    err.print(head)
+    if kind == "ModelPipeline" and status.get("stages"):
+        stages = Table(title="stages", title_justify="left")
+        for column in report.STAGE_COLUMNS:
+            stages.add_column(column, overflow="fold")
+        for row in report.stage_rows(status):
+            stages.add_row(*(row[c] for c in report.STAGE_COLUMNS))
+        err.print(stages)
+        notes = report.stage_notes(status)
+    else:
+        metrics = status.get("metrics") or {}
+        figures = report.figures(metrics, kind)
+        if figures:
+            table = Table(show_header=False, box=None, title="figures", title_justify="left")
+            group = None
+            for f in figures:
+                table.add_row(f.group if f.group != group else "", f.label, report.format_value(f.key, f.value), f.key)
+                group = f.group
+            err.print(table)
+        notes = report.missing_figures(metrics, kind) + report.comparison_notes(metrics, kind)
+    for note in notes:
+        err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     for w in status.get("warnings") or []:
-        table.add_row("warning", w)
-    err.print(table)
+        err.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
 
 
 serve_app = typer.Typer(help="Talk to a running ModelService (embedded or on Kubernetes).", no_args_is_help=True)

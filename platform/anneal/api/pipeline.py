@@ -142,9 +142,13 @@ class StageStatus(ApiModel):
 
     phase: str | None = None
     resource: str | None = None
+    kind: str | None = Field(default=None, description="The stage resource's kind.")
     model_uri: str | None = None
+    endpoint: str | None = Field(default=None, description="A service stage's endpoint.")
     gate: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
+    start_time: str | None = Field(default=None, description="When the stage's resource started (its status).")
+    completion_time: str | None = Field(default=None, description="When it ended (its status).")
 
 
 class ModelPipelineStatus(StatusBase):

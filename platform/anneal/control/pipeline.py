@@ -122,6 +122,10 @@ def advance(spec: ModelPipelineSpec, status: Mapping[str, Any], children: Mappin
         cst = body.get("status") or {}
         phase = cst.get("phase") or JobPhase.PENDING.value
         st["resource"] = f"{stage.kind}/{body['metadata']['name']}"
+        st["kind"] = stage.kind
+        for key in ("startTime", "completionTime", "endpoint"):  # for the stage table (`anneal.report`)
+            if cst.get(key):
+                st[key] = cst[key]
         if st.get("phase") != phase:
             events.append(("Normal", "StagePhase", f"stage {stage.name} ({st['resource']}): {phase}"))
         st["phase"] = phase

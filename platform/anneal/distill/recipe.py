@@ -456,6 +456,11 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
             description=f"{spec.method} student of {teacher_uri or 'labels'} ({ctx.namespace}/{ctx.name})",
         )
         result.metrics = {k: round(float(v), 6) for k, v in metrics.items()}
+        from anneal.report import comparison_notes, missing_figures
+
+        # A figure that cannot be computed (or one above what it is compared with) says why, in status.
+        result.warnings.extend(missing_figures(result.metrics, "DistillationJob")
+                               + comparison_notes(result.metrics, "DistillationJob"))
         result.phase = "Succeeded"
         result.message = f"registered {result.model_uri}"
     except Exception as exc:  # the job ends with a phase and a message, never a traceback
