@@ -300,12 +300,29 @@ def test_jsonl_record_forms(tmp_path, as_file_uri):
     chat, prompt_completion, plain = load_samples(uri)
     assert chat == Sample(
         prompt="<|system|>detailed thinking off<|end|><|user|>What is 2 + 3?<|end|><|assistant|>",
-        completion="Answer: 5", answer=5, reasoning="off", messages=JSONL_RECORDS[0]["messages"][:2],
+        completion="Answer: 5", answer=5, reasoning="off", messages=JSONL_RECORDS[0]["messages"][:2], chat=True,
     )
-    assert prompt_completion.prompt == "<|user|>What is 4 × 2?<|end|><|assistant|>"
+    assert prompt_completion.prompt == "<|user|>What is 4 × 2?<|end|><|assistant|>" and prompt_completion.chat
     assert prompt_completion.completion == "Answer: 8"  # a trailing <|end|> is not doubled
     assert prompt_completion.answer == 8 and prompt_completion.reasoning is None
     assert plain == Sample(prompt="", completion="Plain text for language modelling.")
+
+
+def test_gsm8k_records_are_scored_on_their_final_figure(tmp_path):
+    from anneal.data.reasoning import check_answer, extract_answer
+
+    path = _write_jsonl(tmp_path / "gsm8k.jsonl", [
+        {"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
+         "answer": "In May she sold 48/2 = <<48/2=24>>24 clips.\n48+24 = <<48+24=72>>72\n#### 72"},
+        {"question": "A big one?", "answer": "It is 1,000 + 234.\n#### 1,234"},
+    ])
+    first, second = load_samples(str(path))
+    assert first.prompt == "<|user|>Natalia sold 48 clips in April and half as many in May. How many in all?<|end|>" \
+        "<|assistant|>" and first.chat
+    assert first.completion.endswith("#### 72") and first.answer == 72
+    assert second.answer == 1234
+    assert extract_answer("so #### 72") == 72 and extract_answer("Answer: 5 then Answer: -3") == -3
+    assert check_answer(first.completion, 72) and not check_answer("#### 71", 72)
 
 
 @pytest.mark.parametrize(("reasoning", "count"), [("both", 3), ("off", 3), ("on", 2)])

@@ -44,8 +44,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
 
     Args:
         model: a causal LM in eval mode.
-        tokenizer: its tokenizer (needs a pad token).
-        prompts: already chat-formatted prompts.
+        tokenizer: its tokenizer (one without a pad token pads with its eos).
+        prompts: prompts rendered for this tokenizer (`anneal.modeling.chat.sample_prompt`).
         max_new_tokens: generation cap per prompt.
         batch_size: prompts per generate() call.
 
@@ -54,11 +54,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
     """
     import torch
 
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    from anneal.modeling.chat import pad_id, padding
+
     device = next(model.parameters()).device
     out: list[str] = []
-    try:
+    with padding(tokenizer, "left"):
         for i in range(0, len(prompts), batch_size):
             chunk = list(prompts[i : i + batch_size])
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -67,13 +67,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
                     **enc,
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
+                    pad_token_id=pad_id(tokenizer),
                     eos_token_id=tokenizer.eos_token_id,
                 )
             new = gen[:, enc["input_ids"].shape[1] :]
             out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
     return out
 
 
@@ -83,13 +81,14 @@ def perplexity(model: Any, tokenizer: Any, samples: Sequence[Any], max_seq_lengt
     import torch.nn.functional as F
 
     from anneal.data.datasets import collate, tokenize_sample
+    from anneal.modeling.chat import pad_id
 
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(samples), batch_size):
         batch = collate(
             [tokenize_sample(tokenizer, s, max_seq_length) for s in samples[i : i + batch_size]],
-            tokenizer.pad_token_id,
+            pad_id(tokenizer),
         )
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
@@ -115,6 +114,7 @@ def evaluate(model: Any, tokenizer: Any, plan: EvalPlan, *, cache_dir: Path | No
     """
     from anneal.data.datasets import load_samples
     from anneal.data.reasoning import check_answer
+    from anneal.modeling.chat import sample_prompt
 
     metrics: dict[str, float] = {}
     scored: list[Scored] = []
@@ -127,12 +127,13 @@ def evaluate(model: Any, tokenizer: Any, plan: EvalPlan, *, cache_dir: Path | No
         ppl_samples.extend(samples)
         with_answer = [s for s in samples if s.answer is not None]
         if with_answer:
-            outputs = generate(model, tokenizer, [s.prompt for s in with_answer], plan.max_new_tokens, plan.batch_size)
+            prompts = [sample_prompt(tokenizer, s) for s in with_answer]  # in the model's own chat template
+            outputs = generate(model, tokenizer, prompts, plan.max_new_tokens, plan.batch_size)
             ok = [check_answer(o, s.answer) for o, s in zip(outputs, with_answer)]
             acc = sum(ok) / len(ok)
             metrics[f"accuracy{mode.capitalize()}"] = acc
             accs.append(acc)
-            scored.extend(Scored(mode, s.prompt, o, s.answer, c) for s, o, c in zip(with_answer, outputs, ok))
+            scored.extend(Scored(mode, p, o, s.answer, c) for p, s, o, c in zip(prompts, with_answer, outputs, ok))
     if accs:
         metrics["accuracy"] = sum(accs) / len(accs)
     if plan.perplexity and ppl_samples:

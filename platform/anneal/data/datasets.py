@@ -39,7 +39,9 @@ class Sample:
     `prompt` is already formatted (for `chat`: up to and including `<|assistant|>`);
     `completion` is the reference answer without the closing `<|end|>` (which
     `tokenize_sample` appends); `messages` are the prompt's chat messages (no assistant
-    answer), empty for plain-text records.
+    answer), empty for plain-text records. `chat`: the prompt was rendered from `messages`
+    in Anneal's format, so a model with a chat template of its own gets them rendered in it
+    instead (`anneal.modeling.chat.sample_prompt`).
     """
 
     prompt: str
@@ -47,6 +49,7 @@ class Sample:
     answer: int | None = None
     reasoning: Literal["on", "off"] | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
+    chat: bool = False
 
 
 @dataclass(frozen=True)
@@ -271,6 +274,12 @@ def _plain_prompt(messages: Sequence[Mapping[str, str]]) -> str:
 
 def _record_to_sample(record: Mapping[str, Any], index: int, fmt: str, uri: str) -> Sample:
     where = f"{uri}: record {index}"
+    if "question" in record and isinstance(record.get("answer"), str) and "messages" not in record:
+        # GSM8K-style: the worked answer ends with `#### N`, the checkable figure.
+        from anneal.data.reasoning import extract_answer
+
+        record = {"prompt": record["question"], "completion": record["answer"],
+                  "answer": extract_answer(record["answer"])}
     answer = record.get("answer")
     if answer is not None:
         try:
@@ -300,7 +309,7 @@ def _record_to_sample(record: Mapping[str, Any], index: int, fmt: str, uri: str)
     else:
         raise DatasetError(
             f"{where}: has fields {sorted(record)}; expected 'messages', 'prompt' and "
-            "'completion', or 'text'"
+            "'completion', 'question' and 'answer' (GSM8K), or 'text'"
         )
     if not isinstance(completion, str):
         raise DatasetError(f"{where}: the completion must be a string")
@@ -317,7 +326,7 @@ def _record_to_sample(record: Mapping[str, Any], index: int, fmt: str, uri: str)
         prompt = _plain_prompt(prompt_messages)
     if fmt == "text":
         prompt, completion = "", prompt + completion
-    return Sample(prompt=prompt, completion=completion, answer=answer, reasoning=mode,
+    return Sample(prompt=prompt, completion=completion, answer=answer, reasoning=mode, chat=fmt == "chat",
                   messages=prompt_messages)
 
 
@@ -410,7 +419,10 @@ def tokenize_sample(tokenizer: Any, sample: Sample, max_seq_length: int) -> dict
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token (e.g. '<|end|>')")
-    prompt_ids = tokenizer(sample.prompt, add_special_tokens=False)["input_ids"] if sample.prompt else []
+    from anneal.modeling.chat import sample_prompt
+
+    prompt = sample_prompt(tokenizer, sample)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     completion_ids = tokenizer(sample.completion, add_special_tokens=False)["input_ids"]
     completion_ids = [*completion_ids, tokenizer.eos_token_id]
     if len(prompt_ids) >= max_seq_length:

@@ -40,7 +40,8 @@ _SUB = ["gives away {n}", "loses {n}", "uses {n}", "sells {n}"]
 _MUL = {2: ["doubles them", "ends up with 2 times as many"],
         3: ["triples them", "ends up with 3 times as many"]}
 
-_ANSWER_RE = re.compile(r"Answer:\s*(-?\d+)")
+#: The built-in task's `Answer: N`, and GSM8K's `#### N` (thousands separators allowed there).
+_ANSWER_RE = re.compile(r"(?:Answer:|####)\s*(-?[\d,]*\d)")
 
 
 @dataclass(frozen=True)
@@ -223,16 +224,16 @@ def render_completion(problem: Problem, reasoning: bool) -> str:
 
 
 def extract_answer(text: str) -> int | None:
-    """The integer of the last `Answer: N` in a model's output.
+    """The integer of the last `Answer: N` (or GSM8K-style `#### N`) in a model's output.
 
     Args:
         text: generated text.
 
     Returns:
-        The answer, or None when the text has no `Answer: N`.
+        The answer, or None when the text has neither.
     """
     matches = _ANSWER_RE.findall(text)
-    return int(matches[-1]) if matches else None
+    return int(matches[-1].replace(",", "")) if matches else None
 
 
 def check_answer(text: str, answer: int) -> bool:

@@ -286,7 +286,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
     steps = worker.total_steps
 
     objective = build_objective(spec, teacher)
-    batches = _batches(tokenized, t.batch_size, t.seed + rank, tokenizer.pad_token_id)
+    from anneal.modeling.chat import pad_id
+
+    batches = _batches(tokenized, t.batch_size, t.seed + rank, pad_id(tokenizer))
     for _ in range(start_step * t.gradient_accumulation):
         next(batches)  # resume at the same place in the data order
     logger = worker.metrics_logger()

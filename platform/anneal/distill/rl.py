@@ -31,6 +31,7 @@ import torch
 from anneal.api.distillation import DistillationJobSpec
 from anneal.distill import harness
 from anneal.distill.losses import IGNORE_INDEX
+from anneal.modeling.chat import pad_id, padding, sample_prompt
 
 RewardFn = Callable[[str, Any], float]
 
@@ -206,10 +207,8 @@ def sample_completions(
         ``(prompt token ids per sequence, completion token ids per sequence)``; a completion
         stops after its first eos (kept) or at `max_new_tokens`.
     """
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    try:
+    with padding(tokenizer, "left"):
         enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.no_grad():
             gen = model.generate(
@@ -220,11 +219,9 @@ def sample_completions(
                 top_p=1.0,
                 num_return_sequences=group_size,
                 max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=pad_id(tokenizer),
                 eos_token_id=tokenizer.eos_token_id,
             )
-    finally:
-        tokenizer.padding_side = side
     width = enc["input_ids"].shape[1]
     prompt_ids, completion_ids = [], []
     for row in range(gen.shape[0]):
@@ -312,14 +309,14 @@ def rl_loop(cfg: dict[str, Any]) -> None:
                 prompts = next(batches)
                 inner.eval()
                 prompt_ids, completion_ids = sample_completions(
-                    inner, tokenizer, [s.prompt for s in prompts], rl.group_size, rl.max_new_tokens, rl.temperature
+                    inner, tokenizer, [sample_prompt(tokenizer, s) for s in prompts], rl.group_size, rl.max_new_tokens, rl.temperature
                 )
                 texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
                 per_seq = [s for s in prompts for _ in range(rl.group_size)]
                 rewards = torch.tensor(score(reward_fn, rl.reward, texts, per_seq)).view(len(prompts), rl.group_size)
                 rewards_all.append(rewards)
                 advantages = group_advantages(rewards).view(-1).to(device)
-                batch = {k: v.to(device) for k, v in build_batch(prompt_ids, completion_ids, tokenizer.pad_token_id).items()}
+                batch = {k: v.to(device) for k, v in build_batch(prompt_ids, completion_ids, pad_id(tokenizer)).items()}
                 model.train()
                 with harness.autocast(t.precision, device.type):
                     out = model(

@@ -17,6 +17,7 @@ class IncompatibleModelsError(ValueError):
 def calibration_batches(tokenizer: Any, ref: DatasetRef, cache_dir: str | Path, batch_size: int = 8) -> Iterator[dict[str, Any]]:
     """Tokenized calibration batches (prompt + completion) from a DatasetRef."""
     from anneal.data.datasets import collate, load_samples, tokenize_sample
+    from anneal.modeling.chat import pad_id
 
     samples = load_samples(
         ref.uri, split=ref.split, format=ref.format, samples=ref.samples or 64, reasoning=ref.reasoning,
@@ -24,7 +25,7 @@ def calibration_batches(tokenizer: Any, ref: DatasetRef, cache_dir: str | Path, 
     )
     tokenized = [tokenize_sample(tokenizer, s, ref.max_seq_length) for s in samples]
     for i in range(0, len(tokenized), batch_size):
-        batch = collate(tokenized[i : i + batch_size], tokenizer.pad_token_id)
+        batch = collate(tokenized[i : i + batch_size], pad_id(tokenizer))
         yield {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 

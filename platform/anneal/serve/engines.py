@@ -90,13 +90,12 @@ class TransformersEngine:
         self.eos_ids = ids
 
     def render(self, req: GenerateRequest) -> str:
+        """The prompt text, rendered as in training and evaluation (`anneal.modeling.chat.render_prompt`)."""
         if req.messages is None:
             return req.prompt or ""
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
-        from anneal.data.formats import format_chat
+        from anneal.modeling.chat import render_prompt
 
-        return format_chat(req.messages, add_generation_prompt=True)
+        return render_prompt(self.tokenizer, req.messages)
 
     def _encode(self, req: GenerateRequest) -> list[int]:
         text = self.render(req)
