@@ -66,6 +66,20 @@ class KubeCluster:
             raise KubectlError(f"kubectl {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
         return proc
 
+    def kubectl_plugin(self, *args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        """``kubectl <args>`` the way a user runs a plugin: kubectl finds ``kubectl-anneal`` on PATH.
+
+        The kubeconfig goes in ``KUBECONFIG`` (kubectl does not look for a plugin after a flag),
+        and PATH starts with this interpreter's bin directory, where setup installs the plugin.
+        """
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        proc = subprocess.run([str(self.bin_dir / "kubectl"), *args], capture_output=True, text=True, env=env,
+                              timeout=timeout)
+        if check and proc.returncode != 0:
+            raise KubectlError(f"kubectl {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
+        return proc
+
     def api_client(self):
         """A kubernetes.client.ApiClient for this cluster (the caller closes it)."""
         from kubernetes import config

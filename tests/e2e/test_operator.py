@@ -343,6 +343,11 @@ def test_shared_cluster_sft_job_survives_an_operator_kill(kube_cluster, op_names
     assert runs[0].data.tags["anneal.submission_id"] == sid and runs[0].data.tags["anneal.attempt"] == "1"
     name, version = st["modelUri"][len("models:/"):].split("/")
     assert client.get_model_version(name, version).run_id == st["mlflowRunId"]
+    # `kubectl anneal lineage` reads the same from the registry.
+    out = kube_cluster.kubectl_plugin("anneal", "lineage", "tiny", "--kind", "dj", "-n", op_namespace,
+                                      "--tracking-uri", mlflow_server).stdout
+    assert out.startswith(f"output of DistillationJob/tiny: {st['modelUri']}  DistillationJob (sft)"), out
+    assert f"run {st['mlflowRunId']}" in out, out
     reasons = [e["reason"] for e in _events(kube_cluster, op_namespace, "tiny")]
     assert "Submitted" in reasons and "Succeeded" in reasons
 

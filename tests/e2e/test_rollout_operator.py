@@ -12,8 +12,12 @@ variant loses no request, and the operator's labelled probes fail a candidate th
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -189,6 +193,11 @@ def test_candidate_change_rolls_out_pauses_resumes_after_a_kill_and_promotes(
     assert ro["stepsHash"] and ro["lastAnalysis"]["verdict"] == "pass" and ro["step"] == 2, ro
     assert ro["lastAnalysis"]["candidateWeight"] == 50, ro
     assert _router_weights(st["endpoint"]) == {"stable": 50, "canary": 50}
+    # What a user reads: `kubectl anneal get rollout` (the plugin, found by kubectl on PATH).
+    view = kube.kubectl_plugin("anneal", "get", "rollout", NAME, "-n", ns).stdout
+    assert "Status:      Paused" in view and "▶ 2: pause (until promoted)" in view, view
+    assert "✔ 1: analysis" in view and "Weights:     stable=50 canary=50" in view, view
+    assert any(line.split()[:1] == ["errorRate"] and line.rstrip().endswith("ok") for line in view.splitlines()), view
 
     # SIGKILLed mid-rollout, a new operator resumes at the same step (status is the only memory).
     op.kill()
@@ -198,11 +207,12 @@ def test_candidate_change_rolls_out_pauses_resumes_after_a_kill_and_promotes(
     assert (ro2["step"], ro2["attempt"], ro2["pausedReason"]) == (2, 1, "WaitingForPromote"), ro2
     assert _status(kube, ns, "msvc", NAME)["phase"] == "Paused"
 
-    # A promote annotation acts once; the same value again does nothing.
-    _annotate(kube, ns, "anneal.dev/promote", "go")
+    # `kubectl anneal promote` writes a fresh annotation value, which acts once.
+    said = kube.kubectl_plugin("anneal", "promote", NAME, "-n", ns).stdout
+    value = said.split("anneal.dev/promote=")[1].split()[0]
     _wait_or_explain("Promoted", lambda: _status(kube, ns, "msvc", NAME).get("phase") == "Promoted", 120, op,
                      ray_head, app)
-    assert _rollout(kube, ns)["handledCommands"] == {"anneal.dev/promote": "go"}
+    assert _rollout(kube, ns)["handledCommands"] == {"anneal.dev/promote": value}
     _wait_or_explain("the router at canary 100", lambda: _router_weights(st["endpoint"]) == {"stable": 0, "canary": 100},
                      120, op, ray_head, app)
 
@@ -217,10 +227,31 @@ def test_candidate_change_rolls_out_pauses_resumes_after_a_kill_and_promotes(
     events = kube.kubectl("get", "events", "-n", ns, "--field-selector", f"involvedObject.name={NAME}",
                           "-o", "json").stdout
     assert "RolloutStarted" in events and "RolloutPromoted" in events, events[-3000:]
-    _annotate(kube, ns, "anneal.dev/promote", "full")
-    _wait_or_explain("Promoted again", lambda: _status(kube, ns, "msvc", NAME).get("phase") == "Promoted"
-                     and _rollout(kube, ns).get("attempt") == 2, 600, op, ray_head, app, every=2)
+    # `--watch` follows the rollout as it goes; `promote --full` skips every remaining step.
+    watch = subprocess.Popen([str(kube.bin_dir / "kubectl"), "anneal", "get", "rollout", NAME, "-n", ns, "--watch",
+                              "--interval", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "KUBECONFIG": str(kube.kubeconfig),
+                                  "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(watch.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        _wait_or_explain("the watch's first frame", lambda: any(x.startswith("Status:") for x in list(lines)), 60, op,
+                         ray_head, app)
+        _annotate(kube, ns, "anneal.dev/promote", "full")
+        _wait_or_explain("Promoted again", lambda: _status(kube, ns, "msvc", NAME).get("phase") == "Promoted"
+                         and _rollout(kube, ns).get("attempt") == 2, 600, op, ray_head, app, every=2)
+        _wait_or_explain("the watch showing it", lambda: "Status:      Promoted" in "".join(lines).split("--- ")[-1],
+                         30, op, ray_head, app)
+    finally:
+        watch.terminate()
+        watch.wait(timeout=30)
+        reader.join(timeout=10)
+    watched = "".join(lines)
     assert _rollout(kube, ns)["handledCommands"] == {"anneal.dev/promote": "full"}
+    frames = watched.split("--- ")
+    assert len(frames) >= 2 and "Status:      Promoted" in frames[-1], watched[-3000:]
+    assert any("Status:      RollingOut" in f or "Status:      Paused" in f for f in frames[:-1]), watched[-3000:]
 
     snap = gen.snapshot()
     assert snap["variants"].get("stable", {}).get("ok", 0) > 0, snap
