@@ -69,12 +69,24 @@ FAMILIES = {
 }
 
 
+def family_of(name: str) -> Family:
+    """The family called `name`.
+
+    Raises:
+        ValueError: naming the families there are.
+    """
+    if name not in FAMILIES:
+        raise ValueError(f"model family {name!r}: use one of {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
+
+
 def family_corpus(family: str, problems: int = 200) -> list[str]:
     """Built-in problems rendered as whole conversations in the family's chat template."""
     from anneal.data.reasoning import generate, render_completion, render_messages
 
-    f = FAMILIES[family]
     from jinja2 import Template
+
+    f = family_of(family)
 
     template = Template(f.chat_template)
     texts = []
@@ -96,19 +108,12 @@ def train_family_tokenizer(family: str, texts: Iterable[str] | None = None, voca
         texts: training corpus (default: `family_corpus`).
         vocab_size: total vocabulary size.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    f = FAMILIES[family]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(f.specials),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(list(texts) if texts is not None else family_corpus(family), trainer=trainer)
+    from anneal.modeling.tokenizer import train_bpe
+
+    f = family_of(family)
+    tok = train_bpe(list(texts) if texts is not None else family_corpus(family), vocab_size, list(f.specials))
     kwargs: dict[str, Any] = {"eos_token": f.eos}
     if f.bos:
         kwargs["bos_token"] = f.bos
@@ -125,17 +130,13 @@ def train_family_tokenizer(family: str, texts: Iterable[str] | None = None, voca
 def build_family_model(family: str, shape: LlamaShape, tokenizer: Any, seed: int = 0) -> Any:
     """A random-init causal LM of the family's architecture class, sized by `shape`, in float32."""
     import torch
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-    f = FAMILIES[family]
-    shape.validate()
-    common = dict(
-        vocab_size=len(tokenizer), hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=shape.max_position_embeddings, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[f.architecture](**common)
+    from anneal.modeling.tiny import config_kwargs
+
+    f = family_of(family)
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[f.architecture]
+    config = config_class(**config_kwargs(shape, tokenizer))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

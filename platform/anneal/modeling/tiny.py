@@ -50,8 +50,17 @@ def llama_config(shape: LlamaShape, tokenizer: Any) -> LlamaConfig:
     Returns:
         The config (untied embeddings, no biases).
     """
+    return LlamaConfig(**config_kwargs(shape, tokenizer))
+
+
+def config_kwargs(shape: LlamaShape, tokenizer: Any) -> dict[str, Any]:
+    """The decoder-config fields a shape and a tokenizer give (shared by Llama, Qwen2 and Mistral configs).
+
+    Raises:
+        ValueError: the shape cannot make a model (`LlamaShape.validate`).
+    """
     shape.validate()
-    return LlamaConfig(
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=shape.hidden_size,
         num_hidden_layers=shape.layers,

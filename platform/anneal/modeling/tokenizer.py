@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
@@ -30,20 +31,15 @@ BUILTIN_TOKENIZER_VERSION = "reasoning-bpe512-v1"
 BUILTIN_CORPUS_PROBLEMS = 600  # per difficulty, rendered both ways
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer that splits digits and knows the chat tokens.
+def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str]) -> Any:
+    """A byte-level BPE `tokenizers.Tokenizer` that splits digits, trained on `texts` with `special_tokens` first.
 
-    Args:
-        texts: training corpus.
-        vocab_size: total vocabulary size, special tokens and the 256 byte symbols included.
-
-    Returns:
-        A fast tokenizer with eos `<|end|>`, pad `<|pad|>`, bos `<|bos|>` and the Anneal
-        chat template; no tokens are added automatically when encoding.
+    Raises:
+        ValueError: `vocab_size` cannot hold the byte alphabet and the special tokens.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    minimum = 256 + len(SPECIAL_TOKENS)
+    minimum = 256 + len(special_tokens)
     if vocab_size < minimum:
         raise ValueError(f"vocab_size={vocab_size} is too small; byte-level BPE needs at least {minimum}")
     tok = Tokenizer(models.BPE())
@@ -55,11 +51,26 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer that splits digits and knows the chat tokens.
+
+    Args:
+        texts: training corpus.
+        vocab_size: total vocabulary size, special tokens and the 256 byte symbols included.
+
+    Returns:
+        A fast tokenizer with eos `<|end|>`, pad `<|pad|>`, bos `<|bos|>` and the Anneal
+        chat template; no tokens are added automatically when encoding.
+    """
+    tok = train_bpe(texts, vocab_size, SPECIAL_TOKENS)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS_TOKEN,
