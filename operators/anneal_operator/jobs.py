@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -257,9 +256,7 @@ class JobReconciler:
         """The MLflow server of the current attempt (status), else of a new one (spec, operator default)."""
         if status and status.get("submissionId") and status.get("trackingUri"):
             return status["trackingUri"]
-        if spec is None:
-            return self.op.settings.tracking_uri
-        return spec.mlflow.tracking_uri or self.op.settings.tracking_uri
+        return (spec.mlflow.tracking_uri if spec is not None else None) or self.op.settings.tracking_uri
 
     def capacity_problem(self, address: str, spec: Any) -> str | None:
         """Why the job's workers cannot fit the shared cluster (`anneal.control.capacity`); None if they fit or it is unknown."""
@@ -338,16 +335,12 @@ class JobReconciler:
         ))
 
     def target(self, spec: Any, meta: Mapping[str, Any], status: Mapping[str, Any] | None = None) -> store.TrackingTarget:
-        """Where a new attempt records; with `status`, where the current attempt does (kept at allocation)."""
-        if spec is None and status and status.get("trackingUri") and status.get("experiment"):
+        """Where a new attempt records; with `status`, where the current attempt does (both kept at allocation)."""
+        if status and status.get("submissionId") and status.get("trackingUri") and status.get("experiment"):
             return store.TrackingTarget(tracking_uri=status["trackingUri"], experiment=status["experiment"])
         ctx = self.context(spec, meta, None, {})
-        target = store.TrackingTarget(tracking_uri=ctx["tracking_uri"], experiment=ctx["experiment"],
-                                      registered_model_name=ctx["registered_model_name"])
-        if status and status.get("submissionId") and status.get("trackingUri"):
-            target = dataclasses.replace(target, tracking_uri=status["trackingUri"],
-                                         experiment=status.get("experiment") or target.experiment)
-        return target
+        return store.TrackingTarget(tracking_uri=ctx["tracking_uri"], experiment=ctx["experiment"],
+                                    registered_model_name=ctx["registered_model_name"])
 
     def find_run(self, spec: Any, meta: Mapping[str, Any], status: Mapping[str, Any]) -> str | None:
         """The attempt's MLflow run: the one the recipe created, tagged with the submission id.
