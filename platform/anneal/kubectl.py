@@ -44,25 +44,16 @@ class PluginError(RuntimeError):
 # --------------------------------------------------------------------------- rollout view
 
 
-def _step_text(step: Mapping[str, Any]) -> str:
-    if "setWeight" in step:
-        return f"setWeight {step['setWeight']}"
-    if "pause" in step:
-        p = step["pause"]
-        return "pause (until promoted)" if not p or p == {} else f"pause {p.get('duration', p) if isinstance(p, dict) else p}"
-    if "analysis" in step:
-        return "analysis"
-    return json.dumps(step)
+def _step_text(step: Any) -> str:
+    """A rollout step as the state machine names it (`describe_step`), a pause-for-promote said plainly."""
+    from anneal.rollout.machine import describe_step
+
+    text = describe_step(step)
+    return "pause (until promoted)" if text == "pause {}" else text
 
 
-def _gate_rows(spec: Mapping[str, Any], analysis: Mapping[str, Any] | None) -> list[str]:
+def _gate_rows(gates: list[Any], analysis: Mapping[str, Any] | None) -> list[str]:
     """Each gate of the analysis with the figure it saw, its threshold and whether it held."""
-    from anneal.api.resources import ManifestError, parse_spec
-
-    try:
-        gates = parse_spec("ModelService", dict(spec)).rollout.analysis.effective_gates()
-    except (ManifestError, AttributeError):
-        return []
     figures = (analysis or {}).get("figures") or {}
     failed = set((analysis or {}).get("failedGates") or [])
     rows = []
@@ -78,9 +69,14 @@ def _gate_rows(spec: Mapping[str, Any], analysis: Mapping[str, Any] | None) -> l
 
 def rollout_view(obj: Mapping[str, Any], history: int = 5) -> str:
     """`kubectl anneal get rollout`: a ModelService's rollout as lines of text."""
+    from anneal.api.resources import ManifestError, parse_spec
+
     meta, spec, st = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
+    try:
+        parsed = parse_spec("ModelService", dict(spec)).rollout
+    except ManifestError:
+        parsed = None
     ro = st.get("rollout") or {}
-    plan = spec.get("rollout") or {}
     lines = [f"Name:        {meta.get('name')}", f"Namespace:   {meta.get('namespace')}",
              f"Status:      {st.get('phase') or 'Unknown'}" + (f" — {st.get('message')}" if st.get("message") else "")]
     if ro.get("pausedReason"):
@@ -94,16 +90,17 @@ def rollout_view(obj: Mapping[str, Any], history: int = 5) -> str:
     declared = [v.get("name") for v in spec.get("variants") or []]  # in the spec's order, not the API server's
     ordered = [k for k in declared if k in weights] + [k for k in weights if k not in declared]
     lines.append("Weights:     " + (" ".join(f"{k}={weights[k]}" for k in ordered) or "-"))
-    if not plan:
+    if parsed is None:
         lines.append("Rollout:     none declared (spec.rollout)")
         return "\n".join(lines)
-    lines.append(f"Stable:      {plan.get('stable')} = {ro.get('stableModel') or (st.get('models') or {}).get(plan.get('stable'), '-')}")
-    lines.append(f"Candidate:   {plan.get('candidate')} = {ro.get('candidateModel') or (st.get('models') or {}).get(plan.get('candidate'), '-')}")
+    models = st.get("models") or {}
+    lines.append(f"Stable:      {parsed.stable} = {ro.get('stableModel') or models.get(parsed.stable, '-')}")
+    lines.append(f"Candidate:   {parsed.candidate} = {ro.get('candidateModel') or models.get(parsed.candidate, '-')}")
     lines.append(f"Attempt:     {ro.get('attempt') or '-'}   consecutive failures: {ro.get('consecutiveFailures', 0)}")
     lines.append("Steps:")
     current = ro.get("step", 0)
     ended = st.get("phase") in ("Promoted", "RolledBack")
-    for i, step in enumerate(plan.get("steps") or []):
+    for i, step in enumerate(parsed.steps if parsed is not None else []):
         mark = "✔" if i < current or (ended and st.get("phase") == "Promoted") else ("▶" if i == current and not ended else "·")
         lines.append(f"  {mark} {i}: {_step_text(step)}")
     last = ro.get("lastAnalysis")
@@ -111,7 +108,7 @@ def rollout_view(obj: Mapping[str, Any], history: int = 5) -> str:
         lines.append(f"Last analysis: {last.get('verdict')} at {last.get('time')} (step {last.get('step')}, "
                      f"candidate at {last.get('candidateWeight')}%)" + (f": {last['reason']}" if last.get("reason") else ""))
         lines.append(f"  {'gate':<20} {'figure':>10}  {'threshold':<16} verdict")
-        lines.extend(_gate_rows(spec, last))
+        lines.extend(_gate_rows(parsed.analysis.effective_gates() if parsed is not None else [], last))
         extra = {k: v for k, v in (last.get("figures") or {}).items() if v is not None}
         if extra:
             lines.append("  figures: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -230,17 +227,18 @@ def _custom(context: str | None) -> Any:
 
 
 def _namespace(namespace: str | None, context: str | None) -> str:
+    """`-n`, else the namespace of the kubeconfig context (`--context`, else the current one), else default."""
     if namespace:
         return namespace
     try:
         from kubernetes import config
 
-        _, active = config.list_kube_config_contexts()
-        if context:
-            active = next((c for c in config.list_kube_config_contexts()[0] if c["name"] == context), active)
-        return (active or {}).get("context", {}).get("namespace") or "default"
+        contexts, active = config.list_kube_config_contexts()
     except Exception:
         return "default"
+    if context:
+        active = next((c for c in contexts if c["name"] == context), active)
+    return (active or {}).get("context", {}).get("namespace") or "default"
 
 
 def _get(api: Any, kind: str, namespace: str, name: str) -> dict[str, Any]:
@@ -284,6 +282,8 @@ def get_rollout(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="`json`: the rollout status.")] = None,
 ) -> None:
     """Steps, weights, last analysis (each gate's figure and threshold) and history of a rollout."""
+    if output not in (None, "json"):
+        raise _fail(f"--output {output!r}: only 'json' is supported")
     try:
         api = _custom(context)
         ns = _namespace(namespace, context)

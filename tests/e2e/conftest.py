@@ -66,16 +66,19 @@ class KubeCluster:
             raise KubectlError(f"kubectl {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
         return proc
 
+    def plugin_env(self) -> dict[str, str]:
+        """The environment a kubectl plugin runs in here (see `kubectl_plugin`)."""
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig),
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
     def kubectl_plugin(self, *args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess:
         """``kubectl <args>`` the way a user runs a plugin: kubectl finds ``kubectl-anneal`` on PATH.
 
         The kubeconfig goes in ``KUBECONFIG`` (kubectl does not look for a plugin after a flag),
         and PATH starts with this interpreter's bin directory, where setup installs the plugin.
         """
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        proc = subprocess.run([str(self.bin_dir / "kubectl"), *args], capture_output=True, text=True, env=env,
-                              timeout=timeout)
+        proc = subprocess.run([str(self.bin_dir / "kubectl"), *args], capture_output=True, text=True,
+                              env=self.plugin_env(), timeout=timeout)
         if check and proc.returncode != 0:
             raise KubectlError(f"kubectl {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
         return proc

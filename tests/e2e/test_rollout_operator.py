@@ -12,10 +12,8 @@ variant loses no request, and the operator's labelled probes fail a candidate th
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -230,8 +228,7 @@ def test_candidate_change_rolls_out_pauses_resumes_after_a_kill_and_promotes(
     # `--watch` follows the rollout as it goes; `promote --full` skips every remaining step.
     watch = subprocess.Popen([str(kube.bin_dir / "kubectl"), "anneal", "get", "rollout", NAME, "-n", ns, "--watch",
                               "--interval", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env={**os.environ, "KUBECONFIG": str(kube.kubeconfig),
-                                  "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+                             env=kube.plugin_env())
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(watch.stdout.readline, "")), daemon=True)
     reader.start()
