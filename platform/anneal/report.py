@@ -37,6 +37,7 @@ COMPARISONS = {
     "rlGain": "RL gain (accuracy after RL - before)",
     "sizeRatio": "size ratio (to the source)",
 }
+COMPRESSION_RETENTION = "retention (compressed / source accuracy)"
 TRAINING = {"loggingShare": "time spent logging (share of the loop)"}
 
 
@@ -83,11 +84,9 @@ def figures(metrics: Mapping[str, Any], kind: str | None = None) -> list[Figure]
                 groups.setdefault(who, []).append(Figure(who, key, _label(base), float(value)))
                 break
         else:
-            if key in COMPARISONS and not (kind == "CompressionJob" and key == "retention"):
-                groups.setdefault("comparison", []).append(Figure("comparison", key, COMPARISONS[key], float(value)))
-            elif key == "retention":
-                groups.setdefault("comparison", []).append(
-                    Figure("comparison", key, "retention (compressed / source accuracy)", float(value)))
+            if key in COMPARISONS:
+                label = COMPRESSION_RETENTION if kind == "CompressionJob" and key == "retention" else COMPARISONS[key]
+                groups.setdefault("comparison", []).append(Figure("comparison", key, label, float(value)))
             elif key in TRAINING:
                 groups.setdefault("training", []).append(Figure("training", key, TRAINING[key], float(value)))
             else:
