@@ -176,9 +176,17 @@ class MetricsLogger:
         except Exception as exc:  # tracking trouble must not kill training
             log.warning("could not log %d metrics to MLflow: %s", len(batch), exc)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 300.0) -> None:
+        """Write what is buffered, after the background thread's write in flight (if any) is done.
+
+        The thread is a daemon: a worker that exits while it writes loses that batch, so close
+        waits for it. The first write of a process can be slow (a SQLite store checks its schema
+        when a client first opens it; seconds on a busy machine).
+        """
         self._stop.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=timeout)
+        if self._thread.is_alive():
+            log.warning("MLflow metrics writer still busy after %.0f s; the batch in flight may be lost", timeout)
         self.flush()
 
 
