@@ -207,6 +207,12 @@ class RLConfig(ApiModel):
     temperature: float = Field(default=1.0, gt=0, le=10, description="Sampling temperature.")
 
 
+#: Methods FSDP can shard. lora-kd trains adapters small enough for DDP; kd-rl generates with the
+#: policy, and sharded generation would need every worker to decode in lockstep.
+FSDP_METHODS = ("sft", "kd")
+FSDP_METHODS_RULE = "strategy fsdp is supported for methods sft and kd; use ddp for lora-kd and kd-rl"
+
+
 class TrainingConfig(ApiModel):
     """The optimisation loop."""
 
@@ -216,7 +222,19 @@ class TrainingConfig(ApiModel):
     gradient_accumulation: int = Field(default=1, ge=1, le=1024)
     learning_rate: float = Field(default=1e-3, gt=0, le=10)
     warmup_steps: int = Field(default=0, ge=0)
-    precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="Compute precision.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32",
+        description="Compute precision. bf16/fp16 keep fp32 master weights and optimizer state; "
+        "bf16 also writes the output model in bf16.",
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="How resources.workers share the student: ddp (a full copy per worker) or fsdp "
+        "(FSDP2 fully_shard: parameters, gradients and optimizer state sharded across workers).",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass (less memory, ~30% more compute)."
+    )
     seed: int = Field(default=0, ge=0)
     checkpoint_every: int | None = Field(default=None, ge=1, description="Checkpoint every N steps.")
 
@@ -254,6 +272,12 @@ class DistillationJobSpec(ApiModel):
                     "message": "student.fromTeacher needs a teacher",
                     "fieldPath": ".student.fromTeacher",
                 },
+                {
+                    "rule": "!has(self.training) || !has(self.training.strategy) || self.training.strategy != 'fsdp'"
+                    " || self.method == 'sft' || self.method == 'kd'",
+                    "message": FSDP_METHODS_RULE,
+                    "fieldPath": ".training.strategy",
+                },
             ]
         }
     )
@@ -282,6 +306,8 @@ class DistillationJobSpec(ApiModel):
             raise cross_field("teacher", None, f"teacher is required for method {self.method!r}")
         if self.student.from_teacher is not None and self.teacher is None:
             raise cross_field("student.fromTeacher", "set", "a student derived from the teacher needs spec.teacher")
+        if self.training.strategy == "fsdp" and self.method not in FSDP_METHODS:
+            raise cross_field("training.strategy", "fsdp", FSDP_METHODS_RULE)
         return self
 
     def eval_dataset_ref(self) -> DatasetRef:

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from anneal.api.distillation import DistillationJobSpec
+from anneal.distill import parallel
+from anneal.distill.parallel import STATE_FILE
 from anneal.tracking import mlflow_store as store
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "anneal_state.json"
 TAG_RESUMED_FROM = "anneal.resumed_from_step"
 
 
@@ -92,53 +93,6 @@ def load_teacher(teacher_dir: str | Path, precision: str, device: Any) -> Any:
     return teacher
 
 
-def restore(model: Any, resume_dir: str | None = None) -> tuple[int, Any]:
-    """Load the checkpoint this attempt resumes from into `model`.
-
-    Ray Train's own checkpoint (a worker-group restart) wins; else `resume_dir`, the newest
-    checkpoint a previous attempt of the job left (Ray Train V2 deprecates the trainer's
-    `resume_from_checkpoint`, so the path travels in the loop config instead).
-
-    Returns:
-        (the step it was taken at, the optimizer state) or (0, None) on a fresh start.
-    """
-    import contextlib
-
-    import ray.train
-    import torch
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        where = ckpt.as_directory()
-    elif resume_dir:
-        where = contextlib.nullcontext(resume_dir)
-    else:
-        return 0, None
-    with where as d:
-        state = json.loads((Path(d) / STATE_FILE).read_text())
-        model.load_state_dict(torch.load(Path(d) / "model.pt", map_location="cpu"))
-        opt_state = torch.load(Path(d) / "optimizer.pt", map_location="cpu")
-    log.info("resuming from the checkpoint of step %s", state["step"])
-    return int(state["step"]), opt_state
-
-
-def prepare_optimizer(model: Any, learning_rate: float, opt_state: Any | None) -> tuple[Any, list[Any], Any]:
-    """Wrap the model for Ray Train (DDP when there are several workers) and build its AdamW.
-
-    Returns:
-        (the prepared model, its trainable parameters, the optimizer with `opt_state` restored).
-    """
-    import ray.train.torch
-    import torch
-
-    model = ray.train.torch.prepare_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    if opt_state is not None:
-        optimizer.load_state_dict(opt_state)
-    return model, params, optimizer
-
-
 def autocast(precision: str, device_type: str):
     """Autocast for `training.precision` (fp16 only on CUDA; fp32 = no autocast)."""
     import contextlib
@@ -171,11 +125,11 @@ def maybe_checkpoint(
 ) -> None:
     """Report a checkpoint to Ray Train every `checkpointEvery` steps and at the end.
 
-    A checkpoint holds the trainable state (`model.pt`, `optimizer.pt`, the step); the last one
-    also holds the exported HF model (`hf/`: merged or adapter for lora-kd).
+    A checkpoint holds the trainable state (`anneal.distill.parallel`: full under DDP, one shard
+    per rank under FSDP) and the step; the last one also holds the exported HF model (`hf/`:
+    merged or adapter for lora-kd, bf16 when training in bf16).
     """
     import ray.train
-    import torch
     from ray.train import Checkpoint
 
     if not is_checkpoint_step(spec, done, steps):
@@ -189,42 +143,35 @@ def maybe_checkpoint(
     }
     if logger is not None:
         logger.log({"train/logging_share": metrics["logging_share"], "train/step_time_mean_s": mean_step}, step=done)
+    world = ray.train.get_context().get_world_size()
+    precision = spec.training.precision
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            inner = model.module if hasattr(model, "module") else model
-            torch.save(inner.state_dict(), Path(tmp) / "model.pt")
-            torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
-            if last:
-                export = inner
-                if spec.method == "lora-kd":
-                    from anneal.distill.lora import finalize_lora
+        out = Path(tmp)
+        export = parallel.export_state_dict(model, precision) if last and spec.method != "lora-kd" else None
+        if last and rank == 0:
+            if spec.method == "lora-kd":
+                from anneal.distill.lora import finalize_lora
 
-                    export = finalize_lora(inner, spec.lora)
-                export.save_pretrained(Path(tmp) / "hf")
-                tokenizer.save_pretrained(Path(tmp) / "hf")
-            # written last: a checkpoint is complete when its state file exists
-            (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": done, "total": steps}))
-            checkpoint = Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+                finalize_lora(parallel.unwrap(model), spec.lora).save_pretrained(out / "hf")
+                tokenizer.save_pretrained(out / "hf")
+            else:
+                parallel.save_export(model, export, tokenizer, out / "hf")
+        has_files = parallel.write_checkpoint(model, optimizer, out, rank, world, done, steps)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if has_files else None)
 
 
 def latest_checkpoint(storage: Path) -> tuple[Any, int] | None:
     """The newest complete checkpoint a previous attempt of this job left, and its step.
 
-    A checkpoint counts only when its state file and both weight files are there (a run killed
-    while a checkpoint was being copied leaves an incomplete one, which is skipped).
+    A checkpoint counts only when its state file and every part are there (a run killed while
+    a checkpoint was being copied leaves an incomplete one, which is skipped).
     """
     from ray.train import Checkpoint
 
     best, best_step = None, -1
     for state in storage.glob(f"**/{STATE_FILE}"):
-        try:
-            step = json.loads(state.read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            continue
-        complete = all((state.parent / f).is_file() and (state.parent / f).stat().st_size > 0 for f in ("model.pt", "optimizer.pt"))
-        if complete and step > best_step:
+        step = parallel.is_complete(state)
+        if step is not None and step > best_step:
             best, best_step = state.parent, step
     return (Checkpoint.from_directory(str(best)), best_step) if best is not None else None
 

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from anneal.api.common import now_iso
 from anneal.api.distillation import DistillationJobSpec
+from anneal.distill import parallel
 from anneal.distill.harness import (
     TAG_RESUMED_FROM,
     autocast,
@@ -32,8 +33,6 @@ from anneal.distill.harness import (
     load_teacher,
     lr_at,
     maybe_checkpoint,
-    prepare_optimizer,
-    restore,
     run_trainer,
     start_worker,
 )
@@ -195,18 +194,29 @@ def total_steps(spec: DistillationJobSpec, n_samples: int, workers: int) -> int:
     return 100
 
 
-def _batches(tokenized: list[dict[str, list[int]]], batch_size: int, seed: int, pad_id: int):
-    """Endless shuffled batches (a fresh permutation every epoch, deterministic by seed)."""
+def _batches(tokenized: list[dict[str, list[int]]], batch_size: int, seed: int, pad_id: int, rank: int = 0,
+             world: int = 1):
+    """Endless shuffled batches of this rank's share of each global batch.
+
+    All ranks draw the same permutation (a fresh one every epoch, deterministic by seed); a
+    global batch is `batch_size × world` consecutive samples of it and rank r takes the r-th
+    `batch_size` of them. So N workers with batch size B see, step by step, the samples that
+    one worker with batch size N×B sees: the losses compare across worker counts.
+    """
     import random
 
     from anneal.data.datasets import collate
 
+    span = batch_size * world
     epoch = 0
     while True:
         order = list(range(len(tokenized)))
         random.Random(seed * 1000 + epoch).shuffle(order)
-        for i in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
-            yield collate([tokenized[j] for j in order[i : i + batch_size]], pad_id)
+        if len(order) < span:  # a data set smaller than one global batch: every rank gets all of it
+            yield collate([tokenized[j] for j in order], pad_id)
+        for i in range(0, len(order) - span + 1, span):
+            mine = order[i + rank * batch_size : i + (rank + 1) * batch_size]
+            yield collate([tokenized[j] for j in mine], pad_id)
         epoch += 1
 
 
@@ -229,7 +239,7 @@ def build_objective(spec: DistillationJobSpec, teacher: Any | None) -> Callable[
     kd = spec.kd
 
     def distill(model: Any, batch: dict[str, Any]):
-        inner = model.module if hasattr(model, "module") else model
+        inner = parallel.unwrap(model)
         out = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -277,18 +287,16 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
         model = add_lora(model, spec.lora)
 
-    start_step, opt_state = restore(model, worker.resume_dir)
-    model, params, optimizer = prepare_optimizer(model, t.learning_rate, opt_state)
+    model, params, optimizer, start_step = parallel.prepare(model, t, device, worker.resume_dir)
 
     ds = spec.dataset
-    shard = worker.shard(dataset_samples(ds, worker.cache_dir))
-    tokenized = [tokenize_sample(tokenizer, s, ds.max_seq_length) for s in shard]
+    tokenized = [tokenize_sample(tokenizer, s, ds.max_seq_length) for s in dataset_samples(ds, worker.cache_dir)]
     steps = worker.total_steps
 
     objective = build_objective(spec, teacher)
     from anneal.modeling.chat import pad_id
 
-    batches = _batches(tokenized, t.batch_size, t.seed + rank, pad_id(tokenizer))
+    batches = _batches(tokenized, t.batch_size, t.seed, pad_id(tokenizer), rank, worker.world)
     for _ in range(start_step * t.gradient_accumulation):
         next(batches)  # resume at the same place in the data order
     logger = worker.metrics_logger()
@@ -313,7 +321,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
                 loss_sum += float(loss.detach())
             if scaler:
                 scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+            grad_norm = parallel.clip_grad_norm(params, 1.0)
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -321,6 +329,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
                 optimizer.step()
             step_times.append(time.perf_counter() - t0)
             done = step + 1
+            figures = parallel.mean_over_workers({**figures, "loss": loss_sum})  # every worker takes part
+            loss_sum = figures.pop("loss")
             if logger is not None:
                 l0 = time.perf_counter()
                 logger.log(

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from anneal.api.distillation import DistillationJobSpec
-from anneal.distill import harness
+from anneal.distill import harness, parallel
 from anneal.distill.losses import IGNORE_INDEX
 from anneal.modeling.chat import pad_id, padding, sample_prompt
 
@@ -284,9 +284,8 @@ def rl_loop(cfg: dict[str, Any]) -> None:
     if rl.kd_coef > 0 and worker.teacher_dir:
         teacher = harness.load_teacher(worker.teacher_dir, t.precision, device)
 
-    start_step, opt_state = harness.restore(policy, worker.resume_dir)
-    model, params, optimizer = harness.prepare_optimizer(policy, t.learning_rate, opt_state)
-    inner = model.module if hasattr(model, "module") else model
+    model, params, optimizer, start_step = parallel.prepare(policy, t, device, worker.resume_dir)
+    inner = parallel.unwrap(model)
 
     shard = worker.shard(harness.dataset_samples(spec.dataset, worker.cache_dir))
     reward_fn = load_reward(rl.reward)
@@ -345,16 +344,19 @@ def rl_loop(cfg: dict[str, Any]) -> None:
                 (loss / t.gradient_accumulation).backward()
                 loss_sum += float(loss.detach()) / t.gradient_accumulation
                 figures = {**parts, "completion_tokens": float(mask.sum()) / max(1, mask.shape[0])}
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+            grad_norm = parallel.clip_grad_norm(params, 1.0)
             optimizer.step()
             step_times.append(time.perf_counter() - t0)
             done = step + 1
             r = torch.cat(rewards_all)
+            figures = parallel.mean_over_workers(  # every worker takes part
+                {**figures, "loss": loss_sum, "reward_mean": float(r.mean()), "reward_std": float(r.std(dim=1).mean())}
+            )
+            loss_sum = figures.pop("loss")
             if logger is not None:
                 l0 = time.perf_counter()
                 logger.log(
                     {"train/loss": loss_sum, "train/lr": harness.lr_at(t, steps, step), "train/grad_norm": grad_norm,
-                     "train/reward_mean": float(r.mean()), "train/reward_std": float(r.std(dim=1).mean()),
                      "train/step": done, "train/total_steps": steps, "train/step_time_s": step_times[-1],
                      **{f"train/{k}": v for k, v in figures.items()}},
                     step=done,
