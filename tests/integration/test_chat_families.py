@@ -44,7 +44,10 @@ def _chain(family: str, model_dir: Path) -> dict:
                 "method": "kd", "teacher": {"fromStage": "sft"},
                 "student": {"fromTeacher": {"depth": {"keepLayers": 1},
                                             "calibration": {"uri": DATA, "samples": 8, "maxSeqLength": 128}}},
-                "dataset": data, "training": training, "evaluation": evaluation,
+                "dataset": data, "evaluation": evaluation,
+                # as on a GPU node pool: 2 Ray Train workers (gloo here), FSDP2, bf16
+                "training": {**training, "strategy": "fsdp", "precision": "bf16"},
+                "resources": {"workers": 2, "cpusPerWorker": 0.5},
                 "mlflow": {"registeredModelName": f"{family}-kd"}}},
             {"name": "quantized", "compression": {
                 "model": {"fromStage": "kd"},
@@ -89,6 +92,14 @@ def test_a_chat_model_goes_sft_kd_w4a16_and_is_served_in_its_own_template(tmp_pa
         tok = load_tokenizer(stages[stage]["modelUri"], cache_dir=tmp_path / "dl", tracking_uri=tracking)
         assert tok.chat_template == FAMILIES[family].chat_template, stage
         assert tok.pad_token is None and tok.eos_token == FAMILIES[family].eos, stage
+    # The kd stage trained on 2 FSDP workers in bf16 and wrote a bf16 Hugging Face checkpoint.
+    from safetensors import safe_open
+
+    from anneal.modeling.uris import resolve_model_dir
+
+    kd_dir = resolve_model_dir(stages["kd"]["modelUri"], cache_dir=tmp_path / "dl", tracking_uri=tracking)
+    with safe_open(str(next(Path(kd_dir).glob("*.safetensors"))), framework="pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
     # Scored in its own template: the evaluation figures exist for both reasoning modes.
     for stage in ("sft", "kd"):
         assert {"studentAccuracyOn", "studentAccuracyOff", "perplexity"} <= set(stages[stage]["metrics"]), stage
