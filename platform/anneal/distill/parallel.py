@@ -97,26 +97,31 @@ def prepare(model: Any, training: Any, device: Any, resume_dir: str | None) -> t
         state = json.loads((Path(ckpt) / STATE_FILE).read_text()) if ckpt else None
         if training.strategy == "fsdp":
             model = shard(model, training.precision, device)
-            optimizer = _adamw(model, training.learning_rate)
+            params = trainable(model)
+            optimizer = _adamw(params, training.learning_rate)
             if state is not None:
                 _load_sharded(model, optimizer, Path(ckpt) / DCP_DIR)
         else:
             if state is not None:
                 model.load_state_dict(torch.load(Path(ckpt) / "model.pt", map_location="cpu"))
             model = ray.train.torch.prepare_model(model)
-            optimizer = _adamw(model, training.learning_rate)
+            params = trainable(model)
+            optimizer = _adamw(params, training.learning_rate)
             if state is not None:
                 optimizer.load_state_dict(torch.load(Path(ckpt) / "optimizer.pt", map_location="cpu"))
     start = int(state["step"]) if state else 0
     if state:
         log.info("resuming from the checkpoint of step %s (%s)", start, state.get("format", "full"))
-    return model, [p for p in model.parameters() if p.requires_grad], optimizer, start
+    return model, params, optimizer, start
 
 
-def _adamw(model: Any, learning_rate: float) -> Any:
+def trainable(model: Any) -> list[Any]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _adamw(params: list[Any], learning_rate: float) -> Any:
     import torch
 
-    params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
 
 
