@@ -19,7 +19,6 @@ pytestmark = pytest.mark.integration
 
 INTERVAL_S = 2.0
 FAILURE_LIMIT = 1
-BOUND_S = (FAILURE_LIMIT + 1) * INTERVAL_S + INTERVAL_S
 MODEL = "tiny-rollout"
 APP = "ab"
 
@@ -153,18 +152,26 @@ def _drive(env, app, manifest, traffic_rps: float) -> tuple[Any, list[Any]]:
     return status, updates
 
 
-def _event_time(updates: list[Any], reason: str) -> float:
-    for u in updates:
-        if any(e.reason == reason for e in u.events):
-            return u.time
-    raise AssertionError(f"no {reason} event")
-
-
 def _first_candidate_weight_time(updates: list[Any], candidate: str) -> float:
     for u in updates:
         if u.status.weights.get(candidate, 0) > 0:
             return u.time
     raise AssertionError("the candidate never got traffic")
+
+
+def _analyses_until_rollback(updates: list[Any], candidate: str) -> list[str]:
+    """The analysis and rollback event reasons from the candidate's first traffic to `RolledBack`, in order."""
+    start = _first_candidate_weight_time(updates, candidate)
+    seen: list[str] = []
+    for u in updates:
+        if u.time < start:
+            continue
+        for e in u.events:
+            if e.reason in ("AnalysisPassed", "AnalysisFailed", "AnalysisWaiting", "RolledBack"):
+                seen.append(e.reason)
+                if e.reason == "RolledBack":
+                    return seen
+    raise AssertionError(f"no RolledBack event; analyses {seen}")
 
 
 def _all_to_stable(endpoint: str, n: int = 20) -> None:
@@ -227,9 +234,14 @@ def test_faulty_candidate_is_rolled_back_within_the_bound(env, registry, app, ca
     assert status.phase == "RolledBack", (status.message, status.rollout.last_analysis)
     assert status.weights["stable"] == 100 and sum(status.weights.values()) == 100
     _all_to_stable(app["endpoint"])
-    # From the moment the candidate could give its first bad answer to stable at 100%.
-    elapsed = _event_time(updates, "RolledBack") - _first_candidate_weight_time(updates, candidate)
-    assert elapsed <= BOUND_S + 1.0, f"rolled back after {elapsed:.1f}s; bound {BOUND_S:g}s (+1s of ticks)"
+    # The bound, in analyses rather than seconds (seconds on a loaded CI machine are noise;
+    # benchmarks/bench_rollout.py measures them against (failureLimit + 2) x interval): from
+    # the candidate's first traffic, the rollback comes in the same tick as the
+    # (failureLimit + 1)-th failed analysis, with nothing passing in between.
+    analyses = _analyses_until_rollback(updates, candidate)
+    assert "AnalysisPassed" not in analyses, analyses
+    assert analyses.count("AnalysisFailed") == FAILURE_LIMIT + 1, analyses
+    assert analyses[-2:] == ["AnalysisFailed", "RolledBack"], analyses
     assert status.rollout.last_analysis.failed_gates == [g["metric"] for g in gates]
     if updates[-1].traffic:
         stable = updates[-1].traffic["variants"]["stable"]
