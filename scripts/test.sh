@@ -11,4 +11,5 @@ export PYTHONFAULTHANDLER=1
 .venv/bin/anneal validate --quiet deploy/examples/*.yaml
 # Build the local control plane first (cached outside the repo; minutes only on a fresh machine).
 .venv/bin/python deploy/local/cluster.py build
-exec .venv/bin/python -m pytest -p no:cacheprovider --timeout=900 "$@"
+# The 30 slowest tests are printed at the end: where the suite's time goes.
+exec .venv/bin/python -m pytest -p no:cacheprovider --timeout=900 --durations=30 "$@"
