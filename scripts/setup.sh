@@ -5,6 +5,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Anneal needs Python >= 3.11")'
+# Headless Chromium renders the rollout report in the tests (a real browser, as a person would
+# open it). Installed from Debian's packages where this machine can (root or passwordless sudo);
+# elsewhere the tests that need it say how to get it.
+if ! command -v chromium-headless-shell >/dev/null && ! command -v chromium >/dev/null \
+    && command -v apt-get >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo=none; fi
+  if [ "$sudo" != none ]; then
+    $sudo apt-get install -y --no-install-recommends chromium-headless-shell >/dev/null 2>&1 \
+      || { $sudo apt-get update -qq >/dev/null 2>&1 \
+           && $sudo apt-get install -y --no-install-recommends chromium-headless-shell >/dev/null 2>&1; } \
+      || echo "could not install chromium-headless-shell (the rollout-report tests need it)" >&2
+  fi
+fi
 stamp=.venv/.anneal-setup
 want=$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/anneal ]; then

@@ -36,6 +36,66 @@ class OperatorMetrics:
             ["kind", "phase"], registry=self.registry,
         )
         self.leader = Gauge("anneal_operator_leader", "1 while this replica holds the Lease.", registry=self.registry)
+        # Rollouts, per ModelService: where each stands and what its analyses decide.
+        svc = ["namespace", "name"]
+        self.rollout_step = Gauge(
+            "anneal_operator_rollout_step", "Current rollout step (0-based) of a ModelService; -1 when none runs.",
+            svc, registry=self.registry,
+        )
+        self.rollout_weight = Gauge(
+            "anneal_operator_rollout_weight", "Weight (%) the rollout gives each variant.",
+            [*svc, "variant"], registry=self.registry,
+        )
+        self.rollout_analyses = Counter(
+            "anneal_operator_rollout_analyses", "Rollout analyses by verdict (pass, wait, fail).",
+            [*svc, "verdict"], registry=self.registry,
+        )
+        self.rollout_gate_value = Gauge(
+            "anneal_operator_rollout_gate_value", "A gate's figure at the last analysis that could judge it.",
+            [*svc, "gate"], registry=self.registry,
+        )
+        self.rollout_gate_threshold = Gauge(
+            "anneal_operator_rollout_gate_threshold", "A gate's threshold.", [*svc, "gate", "bound"],
+            registry=self.registry,
+        )
+        self.rollout_gate_passing = Gauge(
+            "anneal_operator_rollout_gate_passing", "1 when a gate held at the last analysis that could judge it, else 0.",
+            [*svc, "gate"], registry=self.registry,
+        )
+
+    def observe_rollout(self, namespace: str, name: str, spec: Any, status: Any, events: Any) -> None:
+        """Record one rollout pass: the step and weights, each analysis' verdict, each gate's figure."""
+        rs = status.rollout
+        active = rs is not None and rs.outcome is None
+        self.rollout_step.labels(namespace, name).set(rs.step if active else -1)
+        for variant, weight in (status.weights or {}).items():
+            self.rollout_weight.labels(namespace, name, variant).set(weight)
+        r = spec.rollout
+        gates = r.analysis.effective_gates() if r is not None else []
+        for g in gates:
+            bound = "max" if g.max is not None else "min"
+            self.rollout_gate_threshold.labels(namespace, name, g.metric, bound).set(g.max if g.max is not None else g.min)
+        for ev in events:
+            analysis = (ev.data or {}).get("analysis") if ev.reason.startswith("Analysis") else None
+            if not analysis:
+                continue
+            self.rollout_analyses.labels(namespace, name, analysis.get("verdict", "wait")).inc()
+            figures, failed = analysis.get("figures") or {}, set(analysis.get("failedGates") or [])
+            for g in gates:
+                value = figures.get(g.metric)
+                if value is None:
+                    continue
+                self.rollout_gate_value.labels(namespace, name, g.metric).set(value)
+                if analysis.get("verdict") != "wait" or g.metric in failed:  # a wait judged nothing
+                    self.rollout_gate_passing.labels(namespace, name, g.metric).set(0 if g.metric in failed else 1)
+
+    def forget_rollout(self, namespace: str, name: str) -> None:
+        """Drop a deleted service's series."""
+        for metric in (self.rollout_step, self.rollout_weight, self.rollout_analyses, self.rollout_gate_value,
+                       self.rollout_gate_threshold, self.rollout_gate_passing):
+            for labels in list(metric._metrics):  # noqa: SLF001 - prometheus_client has no public "remove matching"
+                if labels[:2] == (namespace, name):
+                    metric.remove(*labels)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> Any:
         """Start the /metrics HTTP server (a daemon thread); returns the server or None."""

@@ -352,6 +352,8 @@ def _rollout_pass(op: OperatorContext, spec: Any, body: Any, old: Mapping[str, A
     tracker = _tracker(op, uid, spec, body["metadata"]["name"], t.status)
     if tracker is not None:
         tracker.apply(t.registry, t.status)
+    op.metrics.observe_rollout(body["metadata"].get("namespace", ""), body["metadata"]["name"], spec, t.status,
+                               t.events)
     for ev in t.events:
         events.append((ev.type, ev.reason, ev.message))
     new = t.status.to_dict()
@@ -422,6 +424,7 @@ def register(registry: kopf.OperatorRegistry, op: OperatorContext) -> None:
         """Remove the Serve app from a shared cluster (a RayService goes with its owner); bounded in time."""
         address = (spec.get("ray") or {}).get("address") or op.settings.ray_address
         op.forget(meta["uid"])  # stops its probe loop before the app goes
+        op.metrics.forget_rollout(meta["namespace"], meta["name"])
         if address:
             app = app_name(meta["namespace"], meta["name"])
             bounded_cleanup(body, runtime, op.settings.cleanup_timeout, f"remove Serve app {app} from {address}",

@@ -359,6 +359,33 @@ def rollout_retry(service: Annotated[str, typer.Argument(help="The ModelService 
     _rollout_command("retry", service)
 
 
+@rollout_app.command("report")
+def rollout_report(
+    service: Annotated[Optional[str], typer.Argument(help="The ModelService name (its last rollout).")] = None,
+    run_id: Annotated[Optional[str], typer.Option("--run-id", help="A rollout's MLflow run instead.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also write report.png and report.html here.")] = None,
+) -> None:
+    """Draw a rollout's weights and gate figures over time and log them to its MLflow run (PNG and HTML)."""
+    from anneal.rollout import control
+    from anneal.rollout.report import make_report, run_id_of
+    from anneal.settings import Settings
+
+    if run_id is None:
+        if service is None:
+            raise fail("name a service or give --run-id")
+        try:
+            run_id = run_id_of(control.status(service).get("status"))
+        except control.ControlError as exc:
+            raise fail(str(exc)) from None
+        if run_id is None:
+            raise fail(f"service {service!r} has no rollout run yet")
+    try:
+        paths = make_report(Settings().tracking_uri, run_id, out)
+    except Exception as exc:  # noqa: BLE001 - MLflow's errors, said plainly
+        raise fail(f"cannot make the report of run {run_id}: {exc}") from None
+    typer.echo(f"logged {', '.join(paths)} to MLflow run {run_id}" + (f"; written to {out}" if out else ""))
+
+
 @app.command()
 def operator(
     namespace: Annotated[Optional[list[str]], typer.Option("--namespace", "-n", help="Namespaces to watch (default: all).")] = None,

@@ -9,6 +9,8 @@ Installed as the `kubectl-anneal` executable, so `kubectl anneal ...` finds it o
                                                         value acts once; a fresh one is written)
     kubectl anneal lineage NAME [-n NS] [--kind ...]    teacher → student → compressed → deployed,
                                                         from the MLflow registry's lineage tags
+    kubectl anneal report NAME [-n NS] [--out DIR]      the rollout's weights and gate figures over
+                                                        time, logged to its MLflow run (PNG, HTML)
 
 The rendering is pure (`rollout_view`, `lineage_of`) over the objects the API server and MLflow
 return; `anneal rollout ...` does the same for a service `anneal run` is serving.
@@ -20,6 +22,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Callable, Mapping, Optional
 
 import typer
@@ -376,6 +379,36 @@ def lineage(
     if not roots:
         raise _fail(f"{resolved_kind} {ns}/{name} has no model in its status yet (phase {st.get('phase')})")
     typer.echo(format_lineage(roots))
+
+
+@app.command()
+def report(
+    name: Annotated[str, typer.Argument(help="The ModelService (its current or last rollout).")],
+    namespace: Namespace = None,
+    context: Context = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also write report.png and report.html here.")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(
+        "--tracking-uri", help="MLflow server (default: the service's spec.mlflow, then MLFLOW_TRACKING_URI).")] = None,
+) -> None:
+    """Draw the rollout's weights and gate figures over time; log them to its MLflow run (PNG and HTML)."""
+    from anneal.rollout.report import make_report, run_id_of
+    from anneal.settings import Settings
+
+    try:
+        api = _custom(context)
+        ns = _namespace(namespace, context)
+        obj = _get(api, "ModelService", ns, name)
+    except PluginError as exc:
+        raise _fail(str(exc)) from None
+    run_id = run_id_of(obj.get("status"))
+    if run_id is None:
+        raise _fail(f"ModelService {ns}/{name} has no rollout run in its status yet")
+    uri = tracking_uri or ((obj.get("spec") or {}).get("mlflow") or {}).get("trackingUri") or Settings().tracking_uri
+    try:
+        paths = make_report(uri, run_id, out)
+    except Exception as exc:  # noqa: BLE001 - MLflow's errors, said plainly
+        raise _fail(f"cannot make the report of run {run_id} at {uri}: {exc}") from None
+    typer.echo(f"logged {', '.join(paths)} to MLflow run {run_id}" + (f"; written to {out}" if out else ""))
 
 
 def main() -> None:

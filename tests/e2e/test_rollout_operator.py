@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.e2e.test_operator import _get, _job, _status
@@ -211,6 +212,16 @@ def test_candidate_change_rolls_out_pauses_resumes_after_a_kill_and_promotes(
     _wait_or_explain("Promoted", lambda: _status(kube, ns, "msvc", NAME).get("phase") == "Promoted", 120, op,
                      ray_head, app)
     assert _rollout(kube, ns)["handledCommands"] == {"anneal.dev/promote": value}
+    # The chart's Grafana dashboard draws the operator's series from its live /metrics page.
+    from tests import dashboard
+
+    page = httpx.get(f"http://127.0.0.1:{op.env['ANNEAL_OPERATOR_METRICS_PORT']}/metrics", timeout=10).text
+    assert dashboard.unknown_metrics(dashboard.load(), [page], prefix="anneal_operator_") == []
+    assert dashboard.sample(page, "anneal_operator_rollout_gate_passing", namespace=ns, name=NAME,
+                            gate="errorRate") == 1.0, page
+    assert dashboard.sample(page, "anneal_operator_rollout_weight", namespace=ns, name=NAME, variant="canary") == 100
+    assert dashboard.sample(page, "anneal_operator_rollout_analyses_total", namespace=ns, name=NAME,
+                            verdict="pass") >= 1, page
     _wait_or_explain("the router at canary 100", lambda: _router_weights(st["endpoint"]) == {"stable": 0, "canary": 100},
                      120, op, ray_head, app)
 

@@ -201,6 +201,12 @@ def test_good_candidate_is_promoted_and_aliases_move(env, registry, app):
     assert traffic["unroutedFailures"] == 0
     assert all(v["failed"] == 0 for v in traffic["variants"].values()), traffic
     assert traffic["variants"]["good"]["ok"] > 0 and traffic["variants"]["stable"]["ok"] > 0
+    # The chart's Grafana dashboard draws the router's series from this live page.
+    from tests import dashboard
+
+    page = httpx.get(app["endpoint"] + "/-/metrics", timeout=30).text
+    assert dashboard.unknown_metrics(dashboard.load(), [page], prefix="anneal_serve_") == []
+    assert dashboard.sample(page, "anneal_serve_weight", service=APP, variant="good") == 100, page
     # MLflow: champion moved to the candidate, challenger gone, analyses logged on a run.
     assert str(registry.get_model_version_by_alias(MODEL, "champion").version) == "2"
     assert "challenger" not in registry.get_model_version(MODEL, "2").aliases
@@ -211,6 +217,19 @@ def test_good_candidate_is_promoted_and_aliases_move(env, registry, app):
     assert run.data.tags["anneal.rollout.stable_version"] == f"models:/{MODEL}/1"
     assert run.data.tags["anneal.rollout.candidate_version"] == f"models:/{MODEL}/2"
     assert len(registry.get_metric_history(run.info.run_id, "analysis.errorRate")) >= 3
+    # The rollout's report: logged at its end, the weights as they moved, and it renders.
+    from anneal.rollout.report import read_history
+    from tests.browser import CHART_COLOURS, colour_share, screenshot
+
+    paths = {a.path for a in registry.list_artifacts(run.info.run_id, "rollout")}
+    assert paths == {"rollout/report.png", "rollout/report.html"}
+    history = read_history(registry, run.info.run_id)
+    assert [w for _, w in history.weights["good"]] == [0, 10, 25, 50, 100]
+    assert [g.metric for g in history.gates] == ["errorRate", "latencyP95Ms"]
+    assert sum(a.verdict == "pass" for a in history.analyses) >= 3
+    page = Path(registry.download_artifacts(run.info.run_id, "rollout/report.html", str(env["home"] / "report")))
+    shot = screenshot(page, env["home"] / "report.png")
+    assert all(colour_share(shot, c) > 0.0005 for c in CHART_COLOURS), "the report's chart did not render"
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,8 @@ class RegistryAction:
     attempt: int = 1
     analysis: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
+    #: for ``started``: the gates every analysis checks, ``{"metric", "bound", "threshold"}``
+    gates: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ def registry_actions(events: list[Event], status: ModelServiceStatus) -> list[Re
         d = ev.data
         if ev.reason in (Reason.STARTED, Reason.RESTARTED, Reason.RETRIED):
             out.append(RegistryAction("started", d.get("candidate_model"), d.get("stable_model"),
-                                      int(d.get("attempt") or 1)))
+                                      int(d.get("attempt") or 1), gates=tuple(d.get("gates") or ())))
         elif ev.reason in (Reason.ANALYSIS_PASSED, Reason.ANALYSIS_FAILED, Reason.ANALYSIS_WAITING):
             out.append(RegistryAction("analysed", analysis=dict(d.get("analysis") or {})))
         elif ev.reason == Reason.PROMOTED:

@@ -377,6 +377,8 @@ def _make_tracker(spec: ModelServiceSpec, name: str, settings: Any,
             name,
             champion_alias=spec.mlflow.champion_alias,
             challenger_alias=spec.mlflow.challenger_alias,
+            # the embedded store's artifacts live under ANNEAL_HOME, not in the working directory
+            artifact_root=None if spec.mlflow.tracking_uri else settings.artifact_root,
         )
     except Exception as exc:  # noqa: BLE001
         log.warning("%s: MLflow unavailable, aliases will not move: %s", name, exc)

@@ -10,7 +10,11 @@ paths, ``hf://``, ``s3://`` — is left alone.
 * rolled back → the champion stays; the candidate version is tagged ``rolled-back`` with the
   reason and loses the challenger alias;
 * every analysis → metrics of one MLflow run per rollout attempt, tagged with both versions
-  (and the versions are tagged with that run's id).
+  (and the versions are tagged with that run's id); every weight change → metrics
+  ``rollout.weight.<variant>``; the gates → params ``gate.<metric>``;
+* the rollout ends (promoted or rolled back) → its report, weights and gate figures over
+  time, logged to the run as ``rollout/report.png`` and ``rollout/report.html``
+  (`anneal.rollout.report`).
 """
 
 from __future__ import annotations
@@ -71,10 +75,13 @@ class RolloutTracker:
         experiment: the experiment the rollout runs go to.
         service: the service name (run names and tags).
         champion_alias, challenger_alias: from ``spec.mlflow``.
+        artifact_root: where a new experiment keeps its artifacts (the report); None for the
+            tracking server's default.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, service: str,
-                 champion_alias: str = "champion", challenger_alias: str = "challenger"):
+                 champion_alias: str = "champion", challenger_alias: str = "challenger",
+                 artifact_root: str | None = None):
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
@@ -82,16 +89,23 @@ class RolloutTracker:
         self.service = service
         self.champion_alias = champion_alias
         self.challenger_alias = challenger_alias
+        self.artifact_root = artifact_root
         self.candidate: ModelVersionRef | None = None
         self.stable: ModelVersionRef | None = None
         self.run_id: str | None = None
         self._analyses = 0
         self._seen_start = False
+        self._weights: dict[str, int] | None = None  # last logged to the run
+        self._weight_changes = 0
 
     # --------------------------------------------------------------------- events
 
-    def started(self, candidate_uri: str | None, stable_uri: str | None, attempt: int = 1) -> None:
-        """A rollout (attempt) began: pin both versions, set the challenger alias, open a run."""
+    def started(self, candidate_uri: str | None, stable_uri: str | None, attempt: int = 1,
+                gates: tuple[dict[str, Any], ...] | list[dict[str, Any]] = ()) -> None:
+        """A rollout (attempt) began: pin both versions, set the challenger alias, open a run.
+
+        `gates` (``{"metric", "bound", "threshold"}``) are logged as the run's params.
+        """
         self._close_run("superseded")
         self._seen_start = True
         self.candidate = self._resolve(candidate_uri)
@@ -106,6 +120,27 @@ class RolloutTracker:
             self._safe(self.client.set_registered_model_alias, self.candidate.name, self.challenger_alias,
                        self.candidate.version)
         self._open_run(candidate_uri, stable_uri, attempt)
+        self._weights, self._weight_changes = None, 0
+        if self.run_id is not None and gates:
+            from mlflow.entities import Param
+
+            from anneal.rollout.report import gate_params
+
+            self._safe(self.client.log_batch, self.run_id,
+                       params=[Param(k, v) for k, v in gate_params(gates).items()])
+
+    def weighted(self, weights: Mapping[str, int]) -> None:
+        """Log the variants' weights to the rollout run when they changed since the last call."""
+        if self.run_id is None or dict(weights) == self._weights:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        n = self._weight_changes
+        self._weight_changes += 1
+        self._weights = dict(weights)
+        self._safe(self.client.log_batch, self.run_id,
+                   metrics=[Metric(f"rollout.weight.{v}", float(w), ts, n) for v, w in sorted(weights.items())])
 
     def analysed(self, figures: Mapping[str, float | None], verdict: str, step: int, weight: int) -> None:
         """Log one analysis as metrics of the rollout run."""
@@ -162,16 +197,21 @@ class RolloutTracker:
             self._analyses = int(rs.analyses or 0)
         for a in actions:
             if a.kind == "started":
-                self.started(a.candidate_model, a.stable_model, a.attempt)
+                self.started(a.candidate_model, a.stable_model, a.attempt, a.gates)
+                self.weighted(status.weights or {})  # the rollout's first weights, before any analysis
             elif a.kind == "analysed":
                 self.analysed(a.analysis.get("figures") or {}, a.analysis.get("verdict", "wait"),
                               int(a.analysis.get("step", 0)), int(a.analysis.get("candidateWeight", 0)))
             elif a.kind == "promoted":
+                self.weighted(status.weights or {})  # the final split goes in before the run closes
                 self.promoted(a.reason, a.candidate_model)
             elif a.kind == "rolled_back":
+                self.weighted(status.weights or {})
                 self.rolled_back(a.reason, a.candidate_model)
         if rs is not None and any(a.kind == "started" for a in actions):
             rs.mlflow_run_id = self.run_id
+        if rs is not None and rs.outcome is None:
+            self.weighted(status.weights or {})
 
     # -------------------------------------------------------------------- helpers
 
@@ -198,7 +238,9 @@ class RolloutTracker:
     def _open_run(self, candidate_uri: str | None, stable_uri: str | None, attempt: int) -> None:
         try:
             exp = self.client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(self.experiment)
+            location = f"{self.artifact_root.rstrip('/')}/{self.experiment}" if self.artifact_root else None
+            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
+                self.experiment, artifact_location=location)
             tags = {
                 "anneal.kind": "ModelService",
                 "anneal.name": self.service,
@@ -228,6 +270,10 @@ class RolloutTracker:
         self._safe(self.client.set_tag, run_id, TAG_OUTCOME, outcome)
         if reason:
             self._safe(self.client.set_tag, run_id, "anneal.rollout.reason", reason[:5000])
+        if outcome in ("Promoted", "RolledBack"):
+            from anneal.rollout.report import log_report
+
+            self._safe(log_report, self.client, run_id)
         self._safe(self.client.set_terminated, run_id, "FINISHED" if outcome == "Promoted" else "KILLED"
                    if outcome in ("stopped", "superseded") else "FAILED")
 
