@@ -372,6 +372,7 @@ class JobReconciler:
             labels={"anneal.dev/kind": self.kind, "anneal.dev/name": meta["name"]},
             # The pods' kubelet reads these from the Secret: the values never pass through the operator.
             secret_env=tuple(secrets.secret_refs(spec.ray.runtime_env.to_dict())),
+            shm_size=s.shm_size, shared_volume_claim=s.shared_volume_claim, shared_volume_path=s.shared_volume_path,
         )
         owner = kuberay.owner_reference(f"{API_GROUP}/{API_VERSION}", self.kind, meta["name"], meta["uid"])
         lifecycle = kuberay.RayJobOptions(

@@ -306,6 +306,7 @@ def _apply_rayservice(op: OperatorContext, spec: Any, meta: Mapping[str, Any], r
         resources=resources.model_copy(update={"workers": max(1, sum((v.replicas or 1) for v in spec.variants))}),
         head_cpus=spec.ray.head_resources.cpus, head_memory=spec.ray.head_resources.memory,
         gang_scheduler=s.gang_scheduler, labels={"anneal.dev/kind": KIND, "anneal.dev/name": meta["name"]},
+        shm_size=s.shm_size, shared_volume_claim=s.shared_volume_claim, shared_volume_path=s.shared_volume_path,
     )
     owner = kuberay.owner_reference(f"{API_GROUP}/{API_VERSION}", KIND, meta["name"], meta["uid"])
     body = kuberay.build_rayservice(rs_name, meta["namespace"], [entry], cluster, owner)

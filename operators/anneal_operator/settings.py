@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+import re
+
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing import Annotated
 
@@ -48,6 +50,13 @@ class OperatorSettings(BaseSettings):
         default="/tmp/anneal/work", description="Work directory of jobs on the Ray nodes (checkpoints)."
     )
     cache_dir: str = Field(default="/tmp/anneal/cache", description="Model / data cache on the Ray nodes.")
+    shared_volume_claim: str = Field(
+        default="", description="A ReadWriteMany PVC mounted on every per-resource Ray pod at shared_volume_path "
+        "(work and cache dirs all pods see); empty: none, each pod has its own.")
+    shared_volume_path: str = Field(default="/mnt/anneal", description="Where that PVC is mounted.")
+    shm_size: str = Field(
+        default="", description="Size of the memory-backed /dev/shm of per-resource Ray pods (NCCL); empty: half "
+        "of resources.memory when set.")
     router_cpus: float = Field(default=0.5, gt=0, le=64,
                                description="CPUs each ModelService's router replica reserves on the Ray cluster.")
     max_workers: int = Field(default=64, ge=1, description="Largest resources.workers a job may ask for.")
@@ -81,6 +90,24 @@ class OperatorSettings(BaseSettings):
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
             return [n.strip() for n in value.split(",") if n.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _dirs_on_the_shared_volume(self) -> "OperatorSettings":
+        if self.shared_volume_claim:
+            root = self.shared_volume_path.rstrip("/") + "/"
+            outside = [f"{n}={v}" for n, v in (("work_dir", self.work_dir), ("cache_dir", self.cache_dir))
+                       if not (v.rstrip("/") + "/").startswith(root)]
+            if outside:
+                raise ValueError(f"shared_volume_claim {self.shared_volume_claim!r} is mounted at {root}, but "
+                                 f"{' and '.join(outside)} are not under it: the pods would not share them")
+        return self
+
+    @field_validator("shm_size")
+    @classmethod
+    def _quantity(cls, value: str) -> str:
+        if value and not re.fullmatch(r"\d+(\.\d+)?([KMGTPE]i?)?", value):
+            raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 16Gi)")
         return value
 
     @field_validator("gang_scheduler")

@@ -188,3 +188,51 @@ def test_anneal_crds_are_established(kube_cluster):
         established = kube_cluster.kubectl(
             "get", "crd", name, "-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}").stdout
         assert established == "True", name
+
+
+def _anneal_rayjob() -> dict:
+    """A RayJob exactly as the operator builds one for a 2-worker H100 job (anneal.runtime.kuberay)."""
+    from anneal.api.common import Resources
+    from anneal.runtime import kuberay
+    from anneal.runtime.plan import JobInputs, build_job_plan
+
+    plan = build_job_plan(JobInputs("DistillationJob", "ns", "kd", "uid-1", 1, {"method": "kd"},
+                                    {"kind": "DistillationJob"}, python="python"))
+    resources = Resources.model_validate({"workers": 2, "gpusPerWorker": 1, "cpusPerWorker": 8, "memory": "64Gi",
+                                          "acceleratorType": "H100", "priorityClassName": "training"})
+    opts = kuberay.ClusterOptions(image=RAY_IMAGE, ray_version="2.60.0", resources=resources,
+                                  shared_volume_claim="anneal-rwx")
+    return kuberay.build_rayjob("kd-dj-a1", "ns", plan, opts)
+
+
+def test_anneal_rayjob_is_accepted_strictly_and_its_pods_pass_restricted_pod_security(kube_control_plane, namespace):
+    kube = kube_control_plane
+    rj = _anneal_rayjob()
+    rj["metadata"]["namespace"] = namespace
+    # Every field is one KubeRay's CRD declares (an unknown one is an error, not dropped).
+    kube.kubectl("create", "--validate=strict", "-n", namespace, "-f", "-", input=yaml.safe_dump(rj))
+    stored = json.loads(kube.kubectl("get", "rayjob", "kd-dj-a1", "-n", namespace, "-o", "json").stdout)
+    worker = stored["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert worker["resources"] == {"accelerator_type:H100": "1"}
+    terms = worker["template"]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert terms["nodeSelectorTerms"][0]["matchExpressions"][0]["values"][0] == "NVIDIA-H100-80GB-HBM3"
+
+    # The pods KubeRay would make from these templates, through the API server's own Pod
+    # Security admission in a namespace that enforces "restricted" (no kubelet needed: dry run).
+    kube.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    spec = rj["spec"]["rayClusterSpec"]
+    templates = {"head": spec["headGroupSpec"]["template"], "worker": worker["template"]}
+    for role, template in templates.items():
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"ray-{role}"}, "spec": template["spec"]}
+        pod["spec"].pop("priorityClassName", None)  # no PriorityClass objects on this control plane
+        proc = kube.kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-", input=json.dumps(pod),
+                            check=False)
+        assert proc.returncode == 0, (role, proc.stderr)
+    # The admission is live: the same pod without its securityContext is refused, with the rules it breaks.
+    bare = json.loads(json.dumps(templates["worker"]["spec"]))
+    bare.pop("securityContext")
+    bare["containers"][0].pop("securityContext")
+    proc = kube.kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-", check=False, input=json.dumps(
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bare"}, "spec": bare}))
+    assert proc.returncode != 0 and 'violates PodSecurity "restricted' in proc.stderr, proc.stderr
+    assert "allowPrivilegeEscalation" in proc.stderr and "runAsNonRoot" in proc.stderr, proc.stderr

@@ -91,7 +91,12 @@ def test_rayjob_worker_group_carries_gpu_settings():
     pod = workers["template"]["spec"]
     limits = pod["containers"][0]["resources"]["limits"]
     assert limits == {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "2"}
-    assert pod["nodeSelector"] == {"pool": "gpu", "nvidia.com/gpu.product": "H100"}
+    # The short name becomes GPU Feature Discovery's product values (what real nodes carry).
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+    assert pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] == {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In", "values": [
+            "NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe", "NVIDIA-H100-NVL"]}]}]}
+    assert workers["resources"] == {"accelerator_type:H100": "1"}  # Ray's name, for ScalingConfig
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert pod["priorityClassName"] == "training-high"
     assert workers["rayStartParams"]["num-gpus"] == "2"
@@ -134,3 +139,67 @@ def test_rayservice_carries_serve_config():
     assert yaml.safe_load(rs["spec"]["serveConfigV2"]) == {"applications": [entry]}
     assert rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
         "resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+
+@pytest.mark.parametrize("name, ray_type, products", [
+    ("H100", "H100", ["NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe", "NVIDIA-H100-NVL"]),
+    ("h100-pcie", "H100", ["NVIDIA-H100-PCIe"]),
+    ("A100-80G", "A100", ["NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-80GB-PCIe"]),
+    ("T4", "T4", ["Tesla-T4"]),
+    ("H200", "H200", ["NVIDIA-H200", "NVIDIA-H200-NVL"]),
+    # a GFD product value as it is; a known one keeps Ray's type
+    ("NVIDIA-L4", "L4", ["NVIDIA-L4"]),
+    ("NVIDIA-H100-80GB-HBM3", "H100", ["NVIDIA-H100-80GB-HBM3"]),
+    # a product the table does not know: Ray's rule (the model token after the vendor)
+    ("NVIDIA-X900-96GB", "X900", ["NVIDIA-X900-96GB"]),
+    # anything else: verbatim
+    ("MI300X", "MI300X", ["MI300X"]),
+])
+def test_accelerator_names_map_to_gfd_products_and_ray_types(name, ray_type, products):
+    from anneal.runtime import accelerators
+
+    a = accelerators.resolve(name)
+    assert (a.ray_type, list(a.products)) == (ray_type, products)
+    assert a.ray_resource == f"accelerator_type:{ray_type}"
+
+
+def test_a_gfd_label_in_the_users_node_selector_wins():
+    r = GPU.model_copy(update={"node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}})
+    pod = _rayjob(resources=r)["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"} and "affinity" not in pod
+
+
+def _pods(rj):
+    spec = rj["spec"]["rayClusterSpec"]
+    return [spec["headGroupSpec"]["template"]["spec"], spec["workerGroupSpecs"][0]["template"]["spec"]]
+
+
+def test_every_ray_pod_meets_restricted_pod_security_and_has_a_memory_backed_dev_shm():
+    for pod in _pods(_rayjob()):
+        sc = pod["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 1000 and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        c = pod["containers"][0]
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                        "runAsNonRoot": True}
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+        # half the worker memory (64Gi) unless set: NCCL's buffers, not the runtime's 64 MiB default
+        assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}} in pod["volumes"]
+
+
+@pytest.mark.parametrize("memory, shm, expected", [("64Gi", "", "32Gi"), ("1Gi", "", "512Mi"), ("3G", "", "1.5G"),
+                                                   (None, "", None), ("64Gi", "8Gi", "8Gi")])
+def test_dev_shm_size(memory, shm, expected):
+    r = Resources.model_validate({"workers": 1, "cpusPerWorker": 1, **({"memory": memory} if memory else {})})
+    opts = kuberay.ClusterOptions(image="img:1", ray_version="2.60.0", resources=r, shm_size=shm)
+    worker = kuberay.worker_group(opts)["template"]["spec"]
+    assert worker["volumes"][0]["emptyDir"].get("sizeLimit") == expected
+
+
+def test_a_shared_volume_claim_is_mounted_on_every_ray_pod():
+    opts = kuberay.ClusterOptions(image="img:1", ray_version="2.60.0", resources=GPU, shared_volume_claim="anneal-rwx",
+                                  shared_volume_path="/mnt/anneal")
+    rj = kuberay.build_rayjob("tiny-a1", "team-a", _plan(), opts)
+    for pod in _pods(rj):
+        assert {"name": "anneal-shared", "persistentVolumeClaim": {"claimName": "anneal-rwx"}} in pod["volumes"]
+        assert {"name": "anneal-shared", "mountPath": "/mnt/anneal"} in pod["containers"][0]["volumeMounts"]
+    assert all(v["name"] != "anneal-shared" for v in _pods(_rayjob())[1]["volumes"])  # none unless named

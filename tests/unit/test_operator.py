@@ -261,6 +261,20 @@ def test_settings_from_environment(monkeypatch):
         OperatorSettings()
 
 
+def test_a_shared_volume_must_hold_the_work_and_cache_dirs():
+    ok = OperatorSettings(shared_volume_claim="rwx", shared_volume_path="/mnt/anneal/",
+                          work_dir="/mnt/anneal/work", cache_dir="/mnt/anneal/cache")
+    assert ok.shared_volume_claim == "rwx"
+    with pytest.raises(ValueError, match=r"mounted at /mnt/anneal/, but work_dir=/tmp/anneal/work and "
+                                         r"cache_dir=/tmp/anneal/cache are not under it"):
+        OperatorSettings(shared_volume_claim="rwx")
+    with pytest.raises(ValueError, match="not under it"):  # a sibling path is not inside
+        OperatorSettings(shared_volume_claim="rwx", work_dir="/mnt/anneal-old/w", cache_dir="/mnt/anneal/c")
+    with pytest.raises(ValueError, match="not a Kubernetes quantity"):
+        OperatorSettings(shm_size="lots")
+    assert OperatorSettings(shm_size="16Gi").shm_size == "16Gi"
+
+
 def test_operator_context_has_the_io_the_handlers_use():
     from anneal_operator.context import OperatorContext
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from anneal.api.distillation import DistillationJobSpec
 from anneal.distill import parallel
 from anneal.distill.parallel import STATE_FILE
+from anneal.runtime import accelerators
 from anneal.tracking import mlflow_store as store
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,9 @@ def run_trainer(
             num_workers=r.workers,
             use_gpu=use_gpu,
             resources_per_worker=per_worker,
-            accelerator_type=r.accelerator_type if use_gpu else None,
+            # Ray's name for the GPU ("H100"), whatever spelling the spec used ("H100-PCIe", a GFD product)
+            accelerator_type=accelerators.resolve(r.accelerator_type).ray_type if use_gpu and r.accelerator_type
+            else None,
         ),
         run_config=RunConfig(
             name=f"train-{int(time.time())}",

@@ -8,12 +8,14 @@ same manifests.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import yaml
 
 from anneal.api.common import Resources
+from anneal.runtime import accelerators
 from anneal.runtime.plan import JobPlan
 from anneal.runtime.secrets import SecretRef
 
@@ -22,7 +24,10 @@ GPU_RESOURCE = "nvidia.com/gpu"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 VOLCANO_QUEUE_LABEL = "volcano.sh/queue-name"
 RAY_SCHEDULER_LABEL = "ray.io/scheduler-name"
-ACCELERATOR_NODE_LABEL = "nvidia.com/gpu.product"
+ACCELERATOR_NODE_LABEL = accelerators.GFD_PRODUCT_LABEL
+#: The official Ray images (rayproject/ray) run as user `ray`: uid 1000, group `users` (100).
+RAY_UID, RAY_GID = 1000, 100
+SHM_VOLUME, SHARED_VOLUME = "dshm", "anneal-shared"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 
 
@@ -42,6 +47,12 @@ class ClusterOptions:
         env: environment variables of every Ray container.
         secret_env: variables of every Ray container that the kubelet reads from a Secret
             (`valueFrom.secretKeyRef`): their values never pass through the operator.
+        shm_size: size of the memory-backed `/dev/shm` of every Ray pod (NCCL and PyTorch's
+            data loaders use it; a container runtime's default is 64 MiB). Empty: half of
+            the worker memory when `resources.memory` is set, else unbounded (the pod's memory
+            limit still bounds it).
+        shared_volume_claim: a `ReadWriteMany` PersistentVolumeClaim mounted on every Ray pod
+            at `shared_volume_path`, for work and cache dirs that all pods see.
     """
 
     image: str
@@ -54,6 +65,9 @@ class ClusterOptions:
     labels: Mapping[str, str] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
     secret_env: tuple[SecretRef, ...] = ()
+    shm_size: str = ""
+    shared_volume_claim: str = ""
+    shared_volume_path: str = "/mnt/anneal"
 
 
 def owner_reference(api_version: str, kind: str, name: str, uid: str) -> dict[str, Any]:
@@ -81,6 +95,45 @@ def _env(opts: ClusterOptions) -> list[dict[str, Any]]:
     return [entries[k] for k in sorted(entries)]
 
 
+def _security_context() -> dict[str, Any]:
+    """A container that meets Pod Security "restricted" (a writable root stays: Ray writes under /tmp/ray)."""
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
+
+
+def _mounts(opts: ClusterOptions) -> list[dict[str, Any]]:
+    mounts = [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
+    if opts.shared_volume_claim:
+        mounts.append({"name": SHARED_VOLUME, "mountPath": opts.shared_volume_path})
+    return mounts
+
+
+def _shm_limit(opts: ClusterOptions) -> str | None:
+    if opts.shm_size:
+        return opts.shm_size
+    memory = opts.resources.memory
+    if not memory:
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGTPE]i?)?", str(memory))
+    if not m:
+        return None
+    value, unit = float(m.group(1)), m.group(2) or ""
+    half = value / 2
+    if unit.endswith("i") and not half.is_integer():  # 1Gi / 2 → 512Mi, not 0.5Gi
+        smaller = {"Ki": "", "Mi": "Ki", "Gi": "Mi", "Ti": "Gi", "Pi": "Ti", "Ei": "Pi"}[unit]
+        return f"{int(half * 1024)}{smaller}"
+    return f"{half:g}{unit}"
+
+
+def _volumes(opts: ClusterOptions) -> list[dict[str, Any]]:
+    shm: dict[str, Any] = {"medium": "Memory"}
+    if limit := _shm_limit(opts):
+        shm["sizeLimit"] = limit
+    volumes: list[dict[str, Any]] = [{"name": SHM_VOLUME, "emptyDir": shm}]
+    if opts.shared_volume_claim:
+        volumes.append({"name": SHARED_VOLUME, "persistentVolumeClaim": {"claimName": opts.shared_volume_claim}})
+    return volumes
+
+
 def worker_container(opts: ClusterOptions) -> dict[str, Any]:
     """The Ray worker container: CPU, memory and `nvidia.com/gpu` as limits (and equal requests)."""
     r = opts.resources
@@ -94,6 +147,8 @@ def worker_container(opts: ClusterOptions) -> dict[str, Any]:
         "name": "ray-worker",
         "image": opts.image,
         "resources": {"limits": dict(limits), "requests": dict(limits)},
+        "volumeMounts": _mounts(opts),
+        "securityContext": _security_context(),
     }
     if opts.env or opts.secret_env:
         container["env"] = _env(opts)
@@ -102,15 +157,20 @@ def worker_container(opts: ClusterOptions) -> dict[str, Any]:
 
 def _pod_spec(opts: ClusterOptions, container: dict[str, Any], *, workers: bool) -> dict[str, Any]:
     r = opts.resources
-    spec: dict[str, Any] = {"containers": [container]}
+    spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": _volumes(opts),
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GID, "fsGroup": RAY_GID,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+    }
     if opts.service_account:
         spec["serviceAccountName"] = opts.service_account
     if workers:
-        selector = dict(r.node_selector)
-        if r.accelerator_type and r.gpus_per_worker > 0:
-            selector.setdefault(ACCELERATOR_NODE_LABEL, r.accelerator_type)
-        if selector:
-            spec["nodeSelector"] = selector
+        if r.node_selector:
+            spec["nodeSelector"] = dict(r.node_selector)
+        if r.accelerator_type and r.gpus_per_worker > 0 and ACCELERATOR_NODE_LABEL not in r.node_selector:
+            # GFD's product values, not the short name: nvidia.com/gpu.product is "NVIDIA-H100-80GB-HBM3".
+            spec["affinity"] = {"nodeAffinity": accelerators.node_affinity(r.accelerator_type)}
         if r.tolerations:
             spec["tolerations"] = [t.to_dict() for t in r.tolerations]
         elif r.gpus_per_worker > 0:
@@ -135,6 +195,8 @@ def head_group(opts: ClusterOptions) -> dict[str, Any]:
             {"containerPort": 10001, "name": "client"},
             {"containerPort": 8000, "name": "serve"},
         ],
+        "volumeMounts": _mounts(opts),
+        "securityContext": _security_context(),
     }
     if opts.env or opts.secret_env:
         container["env"] = _env(opts)
@@ -150,7 +212,7 @@ def worker_group(opts: ClusterOptions, name: str = "workers") -> dict[str, Any]:
     params: dict[str, str] = {}
     if r.gpus_per_worker > 0:
         params["num-gpus"] = str(int(math.ceil(r.gpus_per_worker)))
-    return {
+    group: dict[str, Any] = {
         "groupName": name,
         "replicas": r.workers,
         "minReplicas": r.workers,
@@ -158,6 +220,11 @@ def worker_group(opts: ClusterOptions, name: str = "workers") -> dict[str, Any]:
         "rayStartParams": params,
         "template": {"spec": _pod_spec(opts, worker_container(opts), workers=True)},
     }
+    if r.accelerator_type and r.gpus_per_worker > 0:
+        # What Ray Train's ScalingConfig(accelerator_type=...) asks for. Ray detects it on real
+        # GPU nodes too; declared (KubeRay's group `resources`, >= 1.4) so both agree on the name.
+        group["resources"] = {accelerators.resolve(r.accelerator_type).ray_resource: "1"}
+    return group
 
 
 def ray_cluster_spec(opts: ClusterOptions) -> dict[str, Any]:
