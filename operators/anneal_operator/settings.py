@@ -39,7 +39,7 @@ class OperatorSettings(BaseSettings):
     )
     experiment: str = Field(default="anneal", description="Default MLflow experiment.")
     image: str = Field(
-        default="ghcr.io/anneal-dev/anneal:0.1.0",
+        default="ghcr.io/anneal-dev/anneal-ray:0.1.0",
         description="Ray image (with Anneal installed) of per-resource KubeRay clusters.",
     )
     ray_version: str = Field(default="2.60.0", description="Ray version of that image.")
