@@ -73,8 +73,7 @@ class OperatorMetrics:
         r = spec.rollout
         gates = r.analysis.effective_gates() if r is not None else []
         for g in gates:
-            bound = "max" if g.max is not None else "min"
-            self.rollout_gate_threshold.labels(namespace, name, g.metric, bound).set(g.max if g.max is not None else g.min)
+            self.rollout_gate_threshold.labels(namespace, name, g.metric, g.bound).set(g.threshold)
         for ev in events:
             analysis = (ev.data or {}).get("analysis") if ev.reason.startswith("Analysis") else None
             if not analysis:

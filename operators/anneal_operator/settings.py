@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
-
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing import Annotated
+
+from anneal.api.common import parse_quantity
 
 
 class OperatorSettings(BaseSettings):
@@ -106,8 +106,8 @@ class OperatorSettings(BaseSettings):
     @field_validator("shm_size")
     @classmethod
     def _quantity(cls, value: str) -> str:
-        if value and not re.fullmatch(r"\d+(\.\d+)?([KMGTPE]i?)?", value):
-            raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 16Gi)")
+        if value:
+            parse_quantity(value)  # raises "... is not a Kubernetes quantity (use e.g. 16Gi, ...)"
         return value
 
     @field_validator("gang_scheduler")

@@ -44,3 +44,10 @@ def test_schema_covers_every_operator_value():
     schema = json.loads((CHART / "values.schema.json").read_text())
     values = yaml.safe_load((CHART / "values.yaml").read_text())["operator"]
     assert set(schema["properties"]["operator"]["properties"]) == set(values)
+
+
+def test_shm_size_in_the_schema_is_the_apis_quantity():
+    from anneal.api.common import _QUANTITY_PATTERN
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["properties"]["operator"]["properties"]["shmSize"]["pattern"] == "^$|" + _QUANTITY_PATTERN

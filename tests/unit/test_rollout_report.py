@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from anneal.api.service import Gate
 from anneal.rollout.report import (
     AnalysisPoint,
-    GateSpec,
     RolloutHistory,
     _parse_gate,
     gate_params,
@@ -30,7 +30,7 @@ def _history(**kw) -> RolloutHistory:
     base = dict(
         run_id="r1", service="svc", outcome="RolledBack", reason="errorRate failed 2 analyses in a row",
         candidate="models:/m/2", stable="models:/m/1", started=t0, ended=t0 + 9,
-        gates=[GateSpec("errorRate", "max", 0.02), GateSpec("accuracy", "min", 0.5)],
+        gates=[Gate(metric="errorRate", max=0.02), Gate(metric="accuracy", min=0.5)],
         weights={"stable": [(t0, 100), (t0 + 1, 50), (t0 + 9, 100)], "cand": [(t0, 0), (t0 + 1, 50), (t0 + 9, 0)]},
         analyses=[AnalysisPoint(0, t0 + 3, "wait", 1, 50, {"requests": 3}),
                   AnalysisPoint(1, t0 + 5, "fail", 1, 50, {"errorRate": 0.3, "accuracy": 0.75, "requests": 12}),
@@ -44,7 +44,7 @@ def test_gate_params_round_trip():
     params = gate_params([{"metric": "errorRate", "bound": "max", "threshold": 0.02},
                           {"metric": "accuracy", "bound": "min", "threshold": 0.5}])
     assert params == {"gate.errorRate": "max 0.02", "gate.accuracy": "min 0.5"}
-    assert _parse_gate("errorRate", params["gate.errorRate"]) == GateSpec("errorRate", "max", 0.02)
+    assert _parse_gate("errorRate", params["gate.errorRate"]) == Gate(metric="errorRate", max=0.02)
     assert _parse_gate("x", "between 1") is None and _parse_gate("x", "max lots") is None
 
 
@@ -63,7 +63,7 @@ def test_png_draws_both_weight_lines_and_a_panel_per_gate():
     from PIL import Image
 
     img = Image.open(io.BytesIO(render_png(_history()))).convert("RGB")
-    one_gate = Image.open(io.BytesIO(render_png(_history(gates=[GateSpec("errorRate", "max", 0.02)]))))
+    one_gate = Image.open(io.BytesIO(render_png(_history(gates=[Gate(metric="errorRate", max=0.02)]))))
     assert img.height > one_gate.height and img.width == one_gate.width  # a panel per gate, stacked
     colours = set(img.getdata())
     for c in CHART_COLOURS:
@@ -109,10 +109,11 @@ def test_a_finished_rollout_logs_a_report_that_renders_in_a_browser(tmp_path):
         t.apply([RegistryAction("analysed", analysis=analysis)], Status({"stable": 50, "cand": 50}))
     t.apply([RegistryAction("rolled_back", "models:/m/2", reason="errorRate failed")],
             Status({"stable": 100, "cand": 0}, outcome="RolledBack"))
+    t.wait_reports()  # drawn off the tick; a driver that stops waits for it like this
 
     assert {a.path for a in client.list_artifacts(run_id, "rollout")} == {"rollout/report.png", "rollout/report.html"}
     h = read_history(client, run_id)
-    assert h.outcome == "RolledBack" and h.gates == [GateSpec("errorRate", "max", 0.02)]
+    assert h.outcome == "RolledBack" and h.gates == [Gate(metric="errorRate", max=0.02)]
     assert [w for _, w in h.weights["cand"]] == [0, 50, 0]  # each change once, the final split included
     assert [a.verdict for a in h.analyses] == ["wait", "fail", "fail"]
     assert [a.figures.get("errorRate") for a in h.analyses] == [None, 0.3, 0.25]

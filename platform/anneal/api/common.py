@@ -123,6 +123,19 @@ def parse_quantity(text: str) -> float:
     return number * _QUANTITY_SUFFIX[suffix]
 
 
+def format_quantity(value: float) -> str:
+    """A Kubernetes quantity for `value`: the largest binary suffix it is a whole number of
+    (``32Gi``, ``512Mi``), else the largest decimal one it is at least one of (``1.5G``)."""
+    for suffix in ("Ei", "Pi", "Ti", "Gi", "Mi", "Ki"):
+        n = value / _QUANTITY_SUFFIX[suffix]
+        if n >= 1 and n.is_integer():
+            return f"{int(n)}{suffix}"
+    for suffix in ("E", "P", "T", "G", "M", "k"):
+        if value >= _QUANTITY_SUFFIX[suffix]:
+            return f"{value / _QUANTITY_SUFFIX[suffix]:g}{suffix}"
+    return f"{value:g}"
+
+
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 #: A Kubernetes object name such as a Secret's (RFC 1123 subdomain, at most 253 characters).
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"

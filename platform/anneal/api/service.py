@@ -132,6 +132,19 @@ class Gate(ApiModel):
             raise cross_field("", self.to_dict(), "set exactly one of max or min")
         return self
 
+    @property
+    def bound(self) -> Literal["max", "min"]:
+        """Which side the threshold is on: ``max`` (figure <= threshold) or ``min`` (>=)."""
+        return "max" if self.max is not None else "min"
+
+    @property
+    def threshold(self) -> float:
+        return float(self.max if self.max is not None else self.min)  # type: ignore[arg-type]
+
+    def holds(self, value: float) -> bool:
+        """Whether `value` is on the right side of the threshold."""
+        return value <= self.threshold if self.bound == "max" else value >= self.threshold
+
 
 class Probes(ApiModel):
     """Labelled probe requests the controller sends to measure `accuracy`."""

@@ -352,6 +352,8 @@ def drive(
             traffic.stop(wait=False)
         if tracker is not None and status.phase not in TERMINAL:
             tracker.close()
+        if tracker is not None:
+            tracker.wait_reports()  # the ended rollout's report is in MLflow when drive() returns
         http.close()
         if control:
             _publish(cdir, name, endpoint, app_name,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -97,6 +98,7 @@ class RolloutTracker:
         self._seen_start = False
         self._weights: dict[str, int] | None = None  # last logged to the run
         self._weight_changes = 0
+        self._reports: list[threading.Thread] = []
 
     # --------------------------------------------------------------------- events
 
@@ -180,6 +182,12 @@ class RolloutTracker:
 
     def close(self) -> None:
         self._close_run("stopped")
+
+    def wait_reports(self, timeout: float = 120.0) -> None:
+        """Wait for the reports still being drawn (a driver that stops calls this)."""
+        for t in self._reports:
+            t.join(timeout)
+        self._reports = [t for t in self._reports if t.is_alive()]
 
     def apply(self, actions: Any, status: Any) -> None:
         """Record a tick's `RegistryAction`s; keep the rollout run's id in ``status.rollout.mlflowRunId``.
@@ -273,7 +281,12 @@ class RolloutTracker:
         if outcome in ("Promoted", "RolledBack"):
             from anneal.rollout.report import log_report
 
-            self._safe(log_report, self.client, run_id)
+            # Off the tick: drawing and uploading the report (a second or more) must not delay
+            # what the driver does next; in the operator that is applying the rollback's weights.
+            t = threading.Thread(target=self._safe, args=(log_report, self.client, run_id),
+                                 name=f"rollout-report-{run_id[:8]}", daemon=True)
+            t.start()
+            self._reports = [r for r in self._reports if r.is_alive()] + [t]
         self._safe(self.client.set_terminated, run_id, "FINISHED" if outcome == "Promoted" else "KILLED"
                    if outcome in ("stopped", "superseded") else "FAILED")
 

@@ -171,12 +171,9 @@ def check_gate(gate: Gate, figures: Mapping[str, float | None], min_probes: int)
     value = figures.get(gate.metric)
     if gate.metric == "accuracy" and (figures.get("probes") or 0) < min_probes:
         value = None  # too few labelled answers to judge quality yet
-    bound: Literal["max", "min"] = "max" if gate.max is not None else "min"
-    threshold = float(gate.max if gate.max is not None else gate.min)  # type: ignore[arg-type]
     if value is None:
-        return GateResult(gate.metric, bound, threshold, None, None)
-    passed = value <= threshold if bound == "max" else value >= threshold
-    return GateResult(gate.metric, bound, threshold, value, passed)
+        return GateResult(gate.metric, gate.bound, gate.threshold, None, None)
+    return GateResult(gate.metric, gate.bound, gate.threshold, value, gate.holds(value))
 
 
 def evaluate(analysis: Analysis, window: StatsWindow, stable: str, candidate: str) -> AnalysisOutcome:

@@ -388,9 +388,7 @@ def _begin(
     p.status.models[r.stable] = stable_model
     p.set_weights(rollout_weights(p.spec, 0))
     p.status.message = message
-    gates = [{"metric": g.metric, "bound": "max" if g.max is not None else "min",
-              "threshold": float(g.max if g.max is not None else g.min)}  # type: ignore[arg-type]
-             for g in r.analysis.effective_gates()]
+    gates = [{"metric": g.metric, "bound": g.bound, "threshold": g.threshold} for g in r.analysis.effective_gates()]
     p.event("Normal", reason, message, candidate_model=candidate_model, stable_model=stable_model,
             attempt=rs.attempt, gates=gates)
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from anneal.api.service import Gate
+
 ARTIFACT_DIR = "rollout"
 PNG_NAME = "report.png"
 HTML_NAME = "report.html"
@@ -34,18 +36,6 @@ WEIGHT_PREFIX = "rollout.weight."
 GATE_PARAM_PREFIX = "gate."
 VERDICTS = {1.0: "pass", 0.0: "wait", -1.0: "fail"}
 _COLOURS = {"pass": "#2e7d32", "wait": "#9e9e9e", "fail": "#c62828"}
-
-
-@dataclass(frozen=True)
-class GateSpec:
-    """A gate as the run recorded it: ``metric <= threshold`` (max) or ``>=`` (min)."""
-
-    metric: str
-    bound: str
-    threshold: float
-
-    def holds(self, value: float) -> bool:
-        return value <= self.threshold if self.bound == "max" else value >= self.threshold
 
 
 @dataclass
@@ -72,7 +62,7 @@ class RolloutHistory:
     stable: str
     started: float
     ended: float | None
-    gates: list[GateSpec]
+    gates: list[Gate]
     weights: dict[str, list[tuple[float, float]]]
     analyses: list[AnalysisPoint]
 
@@ -82,11 +72,14 @@ def gate_params(gates: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> dic
     return {f"{GATE_PARAM_PREFIX}{g['metric']}": f"{g['bound']} {float(g['threshold']):g}" for g in gates}
 
 
-def _parse_gate(metric: str, text: str) -> GateSpec | None:
+def _parse_gate(metric: str, text: str) -> Gate | None:
+    """A `gate_params` value back as the `Gate` it was made from (None for what no Gate can be)."""
     bound, _, value = text.partition(" ")
+    if bound not in ("max", "min"):
+        return None
     try:
-        return GateSpec(metric, bound, float(value)) if bound in ("max", "min") else None
-    except ValueError:
+        return Gate.model_validate({"metric": metric, bound: float(value)})
+    except ValueError:  # pydantic's ValidationError too: an unknown metric, a value that is no number
         return None
 
 

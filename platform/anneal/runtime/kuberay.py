@@ -8,13 +8,12 @@ same manifests.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import yaml
 
-from anneal.api.common import Resources
+from anneal.api.common import Resources, format_quantity, parse_quantity
 from anneal.runtime import accelerators
 from anneal.runtime.plan import JobPlan
 from anneal.runtime.secrets import SecretRef
@@ -111,17 +110,7 @@ def _shm_limit(opts: ClusterOptions) -> str | None:
     if opts.shm_size:
         return opts.shm_size
     memory = opts.resources.memory
-    if not memory:
-        return None
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGTPE]i?)?", str(memory))
-    if not m:
-        return None
-    value, unit = float(m.group(1)), m.group(2) or ""
-    half = value / 2
-    if unit.endswith("i") and not half.is_integer():  # 1Gi / 2 → 512Mi, not 0.5Gi
-        smaller = {"Ki": "", "Mi": "Ki", "Gi": "Mi", "Ti": "Gi", "Pi": "Ti", "Ei": "Pi"}[unit]
-        return f"{int(half * 1024)}{smaller}"
-    return f"{half:g}{unit}"
+    return format_quantity(parse_quantity(memory) / 2) if memory else None
 
 
 def _volumes(opts: ClusterOptions) -> list[dict[str, Any]]:
