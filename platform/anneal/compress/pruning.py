@@ -604,7 +604,9 @@ class PruningPlan:
     """The pruning part of a spec (``pruning`` or ``student.fromTeacher``), snake_cased.
 
     Depth: at most one of ``keep_layers``, ``drop_layers``, ``depth_ratio`` (see
-    :func:`resolve_depth`). Width: fractions to keep, 1.0 = untouched.
+    :func:`resolve_depth`). Width: fractions to keep, 1.0 = untouched. Attention (CompressionJob
+    only): ``attention_drop`` or ``attention_ratio`` and ``fuse_ffn`` (see
+    :mod:`anneal.compress.ffn_fusion`).
     """
 
     keep_layers: int | list[int] | None = None
@@ -613,6 +615,9 @@ class PruningPlan:
     ffn_ratio: float = 1.0
     heads_ratio: float = 1.0
     hidden_ratio: float = 1.0
+    attention_drop: int | list[int] | None = None
+    attention_ratio: float | None = None
+    fuse_ffn: bool = False
     field_prefix: str = "pruning"
 
     @classmethod
@@ -622,6 +627,7 @@ class PruningPlan:
             spec = spec.model_dump(by_alias=True, exclude_none=True)
         depth = dict(spec.get("depth") or {})
         width = dict(spec.get("width") or {})
+        attention = dict(spec.get("attention") or {})
 
         def ratio(key: str) -> float:
             value = width.get(key)
@@ -634,12 +640,23 @@ class PruningPlan:
             ffn_ratio=ratio("ffnRatio"),
             heads_ratio=ratio("headsRatio"),
             hidden_ratio=ratio("hiddenRatio"),
+            attention_drop=attention.get("dropLayers"),
+            attention_ratio=attention.get("ratio"),
+            fuse_ffn=bool(attention.get("fuseFfn", False)),
             field_prefix=field_prefix,
         )
 
     @property
     def prunes_width(self) -> bool:
         return (self.ffn_ratio, self.heads_ratio, self.hidden_ratio) != (1.0, 1.0, 1.0)
+
+    @property
+    def prunes_depth(self) -> bool:
+        return any(v is not None for v in (self.keep_layers, self.drop_layers, self.depth_ratio))
+
+    @property
+    def removes_attention(self) -> bool:
+        return self.attention_drop is not None or self.attention_ratio is not None
 
 
 def prune(
@@ -648,6 +665,9 @@ def prune(
     batches: Iterable[Batch],
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Depth then width pruning of ``model`` by ``plan``; returns the new model and a report.
+
+    The plan's attention part is applied after this by
+    :func:`anneal.compress.ffn_fusion.prune_with_attention`.
 
     Importance is measured on ``batches`` (materialised into a list, since width importance is
     measured again on the depth-pruned model). Calibration is skipped when the plan needs no
@@ -668,6 +688,16 @@ def prune(
     batches = list(batches)
     prefix = plan.field_prefix
     num_layers = model.config.num_hidden_layers
+    if (plan.prunes_depth or plan.prunes_width) and (
+        getattr(model.config, "no_attention_layers", None) or getattr(model.config, "intermediate_sizes", None)
+    ):
+        raise PruningError(
+            f"{prefix}.depth" if plan.prunes_depth else f"{prefix}.width",
+            "set",
+            "the model already has blocks without attention or of different FFN widths (model_type "
+            "anneal_llama); depth and width pruning take a uniform Llama: prune depth and width in the "
+            "same job as the attention removal, or before it",
+        )
     depth = resolve_depth(
         num_layers, plan.keep_layers, plan.drop_layers, plan.depth_ratio, f"{prefix}.depth"
     )

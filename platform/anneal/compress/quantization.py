@@ -147,7 +147,10 @@ def quantize(model_dir: Path, out_dir: Path, plan: QuantPlan, calibration: Seque
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from anneal.modeling.layerwise_llama import register as register_anneal_llama
+
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    register_anneal_llama()  # model_type anneal_llama (attention removal, FFN fusion)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto")
     kwargs: dict[str, Any] = {}
     n = 0

@@ -86,9 +86,12 @@ def load_teacher(teacher_dir: str | Path, precision: str, device: Any) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from anneal.modeling.layerwise_llama import register as register_anneal_llama
+
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     if getattr(device, "type", str(device)) == "cpu" and dtype == torch.float16:
         dtype = torch.float32
+    register_anneal_llama()  # model_type anneal_llama (attention removal, FFN fusion)
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=dtype).to(device).eval()
     teacher.requires_grad_(False)
     return teacher

@@ -270,12 +270,14 @@ def train_loop(cfg: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from anneal.data.datasets import tokenize_sample
+    from anneal.modeling.layerwise_llama import register as register_anneal_llama
 
     worker = start_worker(cfg)
     spec, rank, device = worker.spec, worker.rank, worker.device
     t = spec.training
 
     tokenizer = AutoTokenizer.from_pretrained(worker.student_init)
+    register_anneal_llama()  # model_type anneal_llama (attention removal, FFN fusion)
     model = AutoModelForCausalLM.from_pretrained(worker.student_init, dtype=torch.float32)
     teacher = None
     if spec.method in ("kd", "lora-kd"):

@@ -269,12 +269,14 @@ def rl_loop(cfg: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from anneal.distill.losses import chunked_kd_loss
+    from anneal.modeling.layerwise_llama import register as register_anneal_llama
 
     worker = harness.start_worker(cfg)
     spec, rank, device = worker.spec, worker.rank, worker.device
     t, rl = spec.training, spec.rl
 
     tokenizer = AutoTokenizer.from_pretrained(worker.student_init)
+    register_anneal_llama()  # model_type anneal_llama (attention removal, FFN fusion)
     policy = AutoModelForCausalLM.from_pretrained(worker.student_init, dtype=torch.float32)
     reference = None
     if rl.kl_coef > 0:

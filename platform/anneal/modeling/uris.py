@@ -333,6 +333,9 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from anneal.modeling.layerwise_llama import register
+
+    register()  # model_type anneal_llama (attention removal, FFN fusion)
     path = resolve_model_dir(uri, cache_dir=cache_dir, tracking_uri=tracking_uri,
                              s3_endpoint_url=s3_endpoint_url)
     kwargs = {} if dtype is None else {"dtype": dtype}
@@ -377,6 +380,9 @@ def load_adapter_model(adapter_dir: str | Path, *, cache_dir: str | Path, tracki
     if not base_uri:
         raise ValueError(f"{adapter_dir}: no {ADAPTER_CONFIG_FILE} with base_model_name_or_path; not an adapter")
     base_dir = resolve_adapter_base(base_uri, cache_dir=cache_dir, tracking_uri=tracking_uri)
+    from anneal.modeling.layerwise_llama import register
+
+    register()
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
