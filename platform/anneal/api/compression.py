@@ -31,10 +31,76 @@ class RecoveryConfig(ApiModel):
     learning_rate: float = Field(default=1e-3, gt=0)
 
 
+class AttentionPlan(ApiModel):
+    """Attention removal: blocks that lose their attention sub-layer, then optional FFN fusion."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "[has(self.dropLayers), has(self.ratio)].filter(x, x).size() == 1",
+                    "message": "exactly one of dropLayers or ratio must be set",
+                }
+            ]
+        }
+    )
+
+    drop_layers: int | list[int] | None = Field(
+        default=None,
+        description="Blocks whose attention is removed (indices), or how many (the least important).",
+    )
+    ratio: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Share of attention sub-layers to keep (0 < ratio <= 1); the least important go.",
+    )
+    fuse_ffn: bool = Field(
+        default=False,
+        description="Fuse each run of consecutive attention-free blocks' FFNs into one wider FFN.",
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> "AttentionPlan":
+        chosen = [n for n in ("drop_layers", "ratio") if getattr(self, n) is not None]
+        if len(chosen) != 1:
+            raise cross_field("", chosen or None, "exactly one of dropLayers or ratio must be set")
+        value = self.drop_layers
+        if isinstance(value, bool):
+            raise cross_field("dropLayers", value, "must be a count or a list of block indices")
+        if isinstance(value, int) and value < 1:
+            raise cross_field("dropLayers", value, "must be >= 1 (a count of attention sub-layers to remove)")
+        if isinstance(value, list):
+            if not value:
+                raise cross_field("dropLayers", value, "must name at least one block")
+            if any(i < 0 for i in value) or len(set(value)) != len(value):
+                raise cross_field("dropLayers", value, "block indices must be unique and >= 0")
+        return self
+
+
 class PruningConfig(StructuredPruning):
     """Structured pruning by importance measured on calibration data, with optional recovery."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.depth) || has(self.width) || has(self.attention)",
+                    "message": "set depth, width and/or attention",
+                }
+            ]
+        }
+    )
+
+    attention: AttentionPlan | None = Field(
+        default=None,
+        description="Remove the attention sub-layer of chosen blocks (after depth and width), optionally fusing FFNs.",
+    )
     recovery: RecoveryConfig | None = Field(default=None, description="Optional KD from the unpruned model.")
+
+    @model_validator(mode="after")
+    def _some(self) -> "PruningConfig":
+        if self.depth is None and self.width is None and self.attention is None:
+            raise cross_field("", None, "set depth, width and/or attention")
+        return self
 
 
 class QuantizationConfig(ApiModel):

@@ -112,6 +112,7 @@ class ModelShape:
     head_dim: int
     vocab_size: int
     tied_embeddings: bool = False
+    no_attention: tuple[int, ...] | None = None  # an anneal_llama's blocks without attention
 
     @classmethod
     def from_config(cls, c: dict[str, Any]) -> "ModelShape":
@@ -125,6 +126,8 @@ class ModelShape:
             head_dim=c.get("head_dim") or c["hidden_size"] // heads,
             vocab_size=c.get("vocab_size", 32000),
             tied_embeddings=bool(c.get("tie_word_embeddings", False)),
+            no_attention=(tuple(c.get("no_attention_layers") or ()) if c.get("model_type") == "anneal_llama"
+                          else None),
         )
 
     def linear_in_features(self) -> dict[str, int]:
@@ -155,6 +158,17 @@ def pruned_shape(shape: ModelShape, pruning: dict[str, Any], field_prefix: str =
     plan = P.PruningPlan.from_spec(pruning, field_prefix=field_prefix)
     depth = P.resolve_depth(shape.layers, plan.keep_layers, plan.drop_layers, plan.depth_ratio, f"{field_prefix}.depth")
     layers = depth if isinstance(depth, int) else len(depth)
+    if plan.removes_attention:
+        from anneal.compress.ffn_fusion import resolve_attention
+
+        # block indices count the blocks left after depth pruning; at least one keeps attention
+        resolve_attention(layers, (shape.no_attention or ()) if layers == shape.layers else (), plan.attention_drop,
+                          plan.attention_ratio, f"{field_prefix}.attention")
+    if shape.no_attention is not None and (plan.prunes_depth or plan.prunes_width):
+        raise P.PruningError(f"{field_prefix}.{'depth' if plan.prunes_depth else 'width'}", "set",
+                             "the model has blocks without attention or of different FFN widths (model_type "
+                             "anneal_llama); depth and width pruning take a uniform Llama: prune them in the same "
+                             "job as the attention removal, or before it")
     out = replace(shape, layers=layers)
     if plan.prunes_width:
         w = f"{field_prefix}.width"

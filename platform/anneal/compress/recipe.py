@@ -148,34 +148,53 @@ def prune_task(cfg: dict[str, Any], out_dir: str) -> dict[str, Any]:
     """Prune the source by `spec.pruning` (importance on its calibration data); save to `out_dir`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from anneal.compress.pruning import PruningPlan, prune
+    from anneal.compress.ffn_fusion import prune_with_attention
+    from anneal.compress.pruning import PruningPlan
     from anneal.distill.students import calibration_batches
+    from anneal.modeling.layerwise_llama import register
     from anneal.modeling.tiny import save_pretrained
 
     c = CompressionConfig(**cfg)
     p = c.typed_spec.pruning
     assert p is not None
+    register()
     tokenizer = AutoTokenizer.from_pretrained(c.source_dir)
     model = AutoModelForCausalLM.from_pretrained(c.source_dir, dtype="auto").eval()
     source_dtype = next(model.parameters()).dtype
     model = model.float()  # importance in fp32
     plan = PruningPlan.from_spec(p.to_dict(), field_prefix="spec.pruning")
     batches = list(calibration_batches(tokenizer, p.calibration, c.ctx.cache_dir))
-    pruned, report = prune(model, plan, batches)
+    pruned, report = prune_with_attention(model, plan, batches)
     pruned = pruned.to(source_dtype)  # keep the source's storage dtype: sizes compare like for like
     tmp = Path(out_dir + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(pruned, tokenizer, tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    return {
+    figures: dict[str, Any] = {
         "params": float(report["paramsBefore"]),
         "prunedParams": float(report["paramsAfter"]),
         "prunedParamRatio": float(report["paramRatio"]),
-        "prunedLayers": float(len(report["keptLayers"])),
+        "prunedLayers": float(report["config"]["numHiddenLayers"]),
         "keptLayers": report["keptLayers"],
         "config": report["config"],
     }
+    attention = report.get("attention")
+    if attention is not None:
+        # sequential depth = attention + FFN sub-layers a token passes one after another
+        figures.update({
+            "prunedAttentionLayers": float(report["config"]["numHiddenLayers"]
+                                           - len(report["config"]["noAttentionLayers"])),
+            "prunedSequentialDepth": float(attention["sequentialDepthAfter"]),
+            "prunedSequentialDepthRatio": attention["sequentialDepthAfter"] / report["sequentialDepthBefore"],
+            "prunedFusedRuns": float(len(attention["fusedRuns"])),
+            "droppedAttention": attention["droppedAttention"],
+            "fusedRuns": attention["fusedRuns"],
+        })
+        for key in ("fusionGapKl", "fusionGapTop1"):
+            if key in attention:
+                figures[f"pruned{key[0].upper()}{key[1:]}"] = float(attention[key])
+    return figures
 
 
 def quantize_task(cfg: dict[str, Any], model_dir: str, out_dir: str) -> dict[str, Any]:
@@ -338,7 +357,11 @@ def compress(spec: CompressionJobSpec, cfg: CompressionConfig, result: JobResult
         metrics.update(prefixed("pruned", pruned_metrics))
         metrics.update({k: v for k, v in figures.items() if k.startswith(("pruned", "recovery"))})
         mlflow_metrics.update({f"pruning.{k}": v for k, v in {**pruned_metrics, **figures}.items()})
-        store.set_tags(ctx.tracking_uri, ctx.run_id, {"anneal.pruning.kept_layers": json.dumps(report["keptLayers"])})
+        tags = {"anneal.pruning.kept_layers": json.dumps(report["keptLayers"])}
+        if "droppedAttention" in report:
+            tags["anneal.pruning.dropped_attention"] = json.dumps(report["droppedAttention"])
+            tags["anneal.pruning.fused_runs"] = json.dumps(report["fusedRuns"])
+        store.set_tags(ctx.tracking_uri, ctx.run_id, tags)
 
     if spec.quantization is not None:
         q = spec.quantization
