@@ -213,3 +213,43 @@ def test_a_gate_without_evidence_rejects_a_source_that_scores_zero(ray_cluster, 
     assert result.phase == "Rejected", result.message
     assert "retention cannot be computed: the source model scores 0 accuracy on 12 questions" in result.message
     assert "retention" not in result.metrics
+
+
+def test_attention_removal_and_ffn_fusion_through_anneal_run(ray_cluster, home, source, monkeypatch):
+    """`anneal run` on a CompressionJob: drop two adjacent attentions, fuse their FFNs, recover with KD, gate.
+
+    The output is a registered `anneal_llama` checkpoint with one block fewer, which loads through
+    anneal.modeling's URIs (as a following DistillationJob's `fromStage` student would) and answers.
+    """
+    from anneal.api.resources import parse_manifest
+    from anneal.local.runner import run_manifest
+    from anneal.modeling.uris import load_model
+    from anneal.settings import Settings
+
+    monkeypatch.setenv("ANNEAL_HOME", str(home["root"]))
+    monkeypatch.setenv("ANNEAL_MLFLOW_TRACKING_URI", home["tracking_uri"])
+    cal = {"uri": source["data"], "format": "prompt-completion", "samples": 16}
+    manifest = parse_manifest({
+        "apiVersion": "anneal.dev/v1alpha1", "kind": "CompressionJob",
+        "metadata": {"name": "fused", "namespace": NAMESPACE},
+        "spec": {"model": {"fromResource": {"kind": "DistillationJob", "name": SOURCE_NAME}},
+                 "pruning": {"attention": {"dropLayers": [1, 2], "fuseFfn": True}, "calibration": cal,
+                             "recovery": {"steps": 8, "batchSize": 8, "learningRate": 0.003, "dataset": cal}},
+                 "evaluation": {"dataset": {"uri": source["data"], "format": "prompt-completion"}, "samples": 12,
+                                "reasoningModes": ["off"], "maxNewTokens": 6, "minRetention": 0.5}},
+    })
+    status = run_manifest(manifest, Settings())
+    m = status["metrics"]
+    assert status["phase"] == "Succeeded", (status.get("message"), m)
+    assert m["prunedLayers"] == 3 and m["prunedAttentionLayers"] == 2  # 4 blocks → 3, two of them with attention
+    assert m["prunedSequentialDepth"] == 5 and m["prunedSequentialDepthRatio"] == pytest.approx(5 / 8)
+    assert m["prunedFusedRuns"] == 1 and m["prunedFusionGapKl"] >= 0 and 0 <= m["prunedFusionGapTop1"] <= 1
+    assert m["recoverySteps"] == 8 and m["retention"] >= 0.5
+    run = store.client(home["tracking_uri"]).get_run(status["mlflowRunId"])
+    assert json.loads(run.data.tags["anneal.pruning.fused_runs"]) == [[1, 2]]
+    model, tokenizer = load_model(status["modelUri"], cache_dir=home["root"] / "dl", tracking_uri=home["tracking_uri"])
+    assert type(model).__name__ == "AnnealLlamaForCausalLM"
+    assert model.config.no_attention_layers == [1] and model.config.intermediate_sizes == [128, 256, 128]
+    enc = tokenizer("Repeat: 42\n", return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
