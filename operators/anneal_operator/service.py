@@ -140,6 +140,58 @@ def serve_app_problem(details: Mapping[str, Any], app: str) -> str | None:
     return "; ".join(parts)[:2000] or None
 
 
+class AuthWaiting(Exception):
+    """A Secret that `spec.auth` names cannot be read yet; the message says which and why."""
+
+
+def _secret_value(op: OperatorContext, namespace: str, name: str, key: str | None = None) -> Any:
+    """The decoded values of a Secret (`key` None: all of them, as a dict), or AuthWaiting."""
+    import base64
+    import binascii
+
+    try:
+        data = op.read_secret(namespace, name)
+    except PermissionError as exc:
+        raise AuthWaiting(str(exc)) from None
+    if data is None:
+        raise AuthWaiting(f"Secret {name} does not exist in namespace {namespace}")
+    wanted = dict(data) if key is None else {key: data.get(key)}
+    out = {}
+    for k, v in wanted.items():
+        if v is None:
+            raise AuthWaiting(f"Secret {namespace}/{name} has no key {k}")
+        try:
+            out[k] = base64.b64decode(v, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise AuthWaiting(f"key {k} of Secret {namespace}/{name} is not UTF-8 text") from None
+    return out if key is None else out[key]
+
+
+def service_auth(op: OperatorContext, spec: Any, namespace: str) -> tuple[Any, dict[str, str], str | None]:
+    """The router's key variables (`anneal.serve.auth.secret_key_env`), their values, and the admin key.
+
+    The values go only where no Secret reference can: the Serve REST API of a shared cluster
+    (an app's `runtime_env`). A RayService's containers read them from the Secrets themselves.
+
+    Raises:
+        AuthWaiting: a Secret or key of `spec.auth` is not there (or the operator may not read it).
+    """
+    from anneal.serve.auth import secret_key_env
+
+    a = spec.auth
+    if a is None:
+        return secret_key_env(None, ()), {}, None
+    api = _secret_value(op, namespace, a.api_keys_secret) if a.api_keys_secret else {}
+    if a.api_keys_secret and not api:
+        raise AuthWaiting(f"Secret {namespace}/{a.api_keys_secret} (spec.auth.apiKeysSecret) holds no keys")
+    env = secret_key_env(a, list(api))
+    admin = None
+    if a.admin_key_secret is not None:
+        admin = _secret_value(op, namespace, a.admin_key_secret.name, a.admin_key_secret.key).strip()
+    values = {ref.var: (admin if ref.var == env.admin_key_env else api[ref.key]) for ref in env.refs}
+    return env, values, admin
+
+
 def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
     """One pass: observe Serve (and the stats), decide (`anneal.control.rollout.tick`), deploy, write status once."""
     from anneal.serve.app import args_from_spec, build_serve_config
@@ -164,10 +216,18 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
                              "Ready", "False", "WaitingForInput", f"waiting for {exc}")
         op.write_status(KIND, body, old, new)
         raise kopf.TemporaryError(f"waiting for {exc}", delay=10) from None
+    try:
+        key_env, key_values, admin_key = service_auth(op, spec, ns)
+    except AuthWaiting as exc:
+        msg = f"waiting for spec.auth: {exc}"
+        new = with_condition({**old, "phase": old.get("phase") or ServicePhase.DEPLOYING.value, "message": msg},
+                             "Ready", "False", "WaitingForInput", msg)
+        op.write_status(KIND, body, old, new)
+        raise kopf.TemporaryError(msg, delay=10) from None
     tracking = spec.mlflow.tracking_uri or s.tracking_uri
     app = app_name(ns, name)
     args = args_from_spec(app, spec, uris, cache_dir=s.cache_dir, tracking_uri=tracking,
-                          route_prefix=route_prefix(ns, name), router_num_cpus=s.router_cpus)
+                          route_prefix=route_prefix(ns, name), router_num_cpus=s.router_cpus, **key_env.app_args())
     events: list[tuple[str, str, str]] = []
     address = spec.ray.address or s.ray_address
     rs_name = kuberay.kuberay_name(name, "-serve")
@@ -195,11 +255,15 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
         status.update(models=dict(uris), weights=spec.weights(), phase=serve_phase(app_status))
         status["weightsSummary"] = " ".join(f"{k}={v}" for k, v in status["weights"].items())
     else:
-        status = _rollout_pass(op, spec, body, old, endpoint, app, app_status, problem, uris, events)
+        status = _rollout_pass(op, spec, body, old, endpoint, app, app_status, problem, uris, events, admin_key)
     weights = live_weights(spec, status.get("weights"))
     # Act: the Serve config with the decided weights (only the router's user_config differs on a
     # weight change, so Serve reconfigures it in place). Level-based: an app that vanished is redeployed.
     entry = build_serve_config(args, weights)
+    if address and key_values:
+        # The REST API takes no Secret reference: the keys travel in the app's runtime env (on
+        # the cluster only; a RayService's containers read them from the Secrets instead).
+        entry["runtime_env"] = {"env_vars": dict(key_values)}
     digest = args_hash(entry)
     short = None
     if address and (old.get("appHash") != digest or app_status is None):
@@ -217,7 +281,8 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
                 events.append(("Normal", "WeightsApplied", f"Serve app {app}: weights {weights}"))
         status["appHash"] = digest
     else:
-        _apply_rayservice(op, spec, meta, rs_name, entry, status, events, missing=app_status is None)
+        _apply_rayservice(op, spec, meta, rs_name, entry, status, events, missing=app_status is None,
+                          secret_env=key_env.refs)
         status["rayService"] = rs_name
     status.update(endpoint=endpoint, observedGeneration=generation)
     serving = app_status in ("RUNNING", "Running")
@@ -291,7 +356,7 @@ def _rayservice_app_status(op: OperatorContext, namespace: str, rs_name: str, ap
 
 
 def _apply_rayservice(op: OperatorContext, spec: Any, meta: Mapping[str, Any], rs_name: str, entry: dict[str, Any],
-                      status: dict[str, Any], events: list, missing: bool = False) -> None:
+                      status: dict[str, Any], events: list, missing: bool = False, secret_env: tuple = ()) -> None:
     """Create or update the service's RayService; level-based: one that vanished (`missing`) is created again.
 
     The RayService carries the router's weights in its serve config, so its `appHash` covers the
@@ -307,6 +372,7 @@ def _apply_rayservice(op: OperatorContext, spec: Any, meta: Mapping[str, Any], r
         head_cpus=spec.ray.head_resources.cpus, head_memory=spec.ray.head_resources.memory,
         gang_scheduler=s.gang_scheduler, labels={"anneal.dev/kind": KIND, "anneal.dev/name": meta["name"]},
         shm_size=s.shm_size, shared_volume_claim=s.shared_volume_claim, shared_volume_path=s.shared_volume_path,
+        secret_env=tuple(secret_env),  # the router's keys: `valueFrom.secretKeyRef`, never in the manifest
     )
     owner = kuberay.owner_reference(f"{API_GROUP}/{API_VERSION}", KIND, meta["name"], meta["uid"])
     body = kuberay.build_rayservice(rs_name, meta["namespace"], [entry], cluster, owner)
@@ -319,13 +385,20 @@ def _apply_rayservice(op: OperatorContext, spec: Any, meta: Mapping[str, Any], r
         except ApiException as exc:
             if exc.status != 409:
                 raise
+            patch = {"serveConfigV2": body["spec"]["serveConfigV2"]}
+            if secret_env:
+                # The keys' variables are in the cluster's containers: one more key in the Secret is
+                # one more variable, which the new serve config's router reads (KubeRay rolls the
+                # cluster when its spec changes; an unchanged spec is left as it is).
+                patch["rayClusterConfig"] = body["spec"]["rayClusterConfig"]
             op.custom.patch_namespaced_custom_object("ray.io", "v1", meta["namespace"], "rayservices", rs_name,
-                                                     {"spec": {"serveConfigV2": body["spec"]["serveConfigV2"]}})
+                                                     {"spec": patch})
     status["appHash"] = wanted
 
 
 def _rollout_pass(op: OperatorContext, spec: Any, body: Any, old: Mapping[str, Any], endpoint: str, app: str,
-                  app_status: str | None, problem: str | None, uris: Mapping[str, str], events: list) -> dict[str, Any]:
+                  app_status: str | None, problem: str | None, uris: Mapping[str, str], events: list,
+                  admin_key: str | None = None) -> dict[str, Any]:
     """Observe the rollout (stats, probes, the annotations' command), call the shared tick, act on MLflow and probes."""
     from anneal.api.service import ModelServiceStatus
     from anneal.control.rollout import Observation, stats_since, tick
@@ -339,11 +412,11 @@ def _rollout_pass(op: OperatorContext, spec: Any, body: Any, old: Mapping[str, A
         unavailable = f"Serve app {app} is {app_status or 'not deployed'}" + (f": {problem}" if problem else "")
     else:
         try:
-            stats = serve_stats(endpoint, stats_since(current), timeout=5.0)
+            stats = serve_stats(endpoint, stats_since(current), timeout=5.0, api_key=admin_key)
         except Exception as exc:  # noqa: BLE001 - no stats: the rollout holds
             unavailable = f"stats unreadable: {exc}"
             log.info("rollout of %s: %s", app, unavailable)
-    probes = _probe_loop(op, uid, spec, endpoint)
+    probes = _probe_loop(op, uid, spec, endpoint, admin_key)
     handled = current.rollout.handled_commands if current.rollout else None
     command = control.command_from_annotations(body.get("metadata", {}).get("annotations"), handled)
     obs = Observation(stats, unavailable, probes.results() if probes else {}, command)
@@ -364,12 +437,13 @@ def _rollout_pass(op: OperatorContext, spec: Any, body: Any, old: Mapping[str, A
     return new
 
 
-def _probe_loop(op: OperatorContext, uid: str, spec: Any, endpoint: str) -> Any:
+def _probe_loop(op: OperatorContext, uid: str, spec: Any, endpoint: str, admin_key: str | None = None) -> Any:
     """The service's probe loop (kept across passes; restarted when the endpoint or the probes change)."""
     from anneal.control.rollout import wants_probes
     from anneal.rollout.probes import start_probe_loop
 
-    key = json.dumps([endpoint, spec.rollout.to_dict() if spec.rollout else None, spec.routing.to_dict()],
+    key = json.dumps([endpoint, spec.rollout.to_dict() if spec.rollout else None, spec.routing.to_dict(),
+                      hashlib.sha256((admin_key or "").encode()).hexdigest()[:16]],
                      sort_keys=True) if wants_probes(spec) else None
     held = op.attachment(uid, "probes")
     if held is not None and held[0] == key:
@@ -379,7 +453,7 @@ def _probe_loop(op: OperatorContext, uid: str, spec: Any, endpoint: str) -> Any:
     loop = None
     if key is not None:
         try:
-            loop = start_probe_loop(spec, endpoint)
+            loop = start_probe_loop(spec, endpoint, admin_key)
         except ValueError as exc:
             log.warning("%s: accuracy probes cannot start: %s", endpoint, exc)
     op.attach(uid, "probes", (key, loop) if loop is not None else None, close=lambda h: h[1].stop())

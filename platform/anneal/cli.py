@@ -284,6 +284,9 @@ def serve_call(
     variant: Annotated[Optional[str], typer.Option("--variant", help="Pin a variant.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Generation cap.")] = None,
     namespace: Annotated[Optional[str], typer.Option("--namespace", "-n")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="ANNEAL_API_KEY", show_default=False,
+        help="The service's API key (spec.auth); the admin key to pin a --variant.")] = None,
 ) -> None:
     """Send one chat request and print the answer with the variant and routing reason."""
     from anneal.serve.client import ServeClientError, call
@@ -291,7 +294,8 @@ def serve_call(
     if reasoning not in (None, "on", "off"):
         raise fail(f"--reasoning {reasoning!r}: use on or off")
     try:
-        out = call(_endpoint_of(service, namespace), prompt, reasoning=reasoning, variant=variant, max_tokens=max_tokens)
+        out = call(_endpoint_of(service, namespace), prompt, reasoning=reasoning, variant=variant, max_tokens=max_tokens,
+                   api_key=api_key)
     except ServeClientError as exc:
         raise fail(str(exc)) from None
     err.print(f"[dim]variant={out.get('variant')} reason={out.get('reason')} reasoning={out.get('reasoning')}[/dim]")
@@ -304,12 +308,15 @@ def serve_stats(
     since: Annotated[Optional[float], typer.Option("--since", help="Window start (unix seconds).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw /-/stats JSON.")] = False,
     namespace: Annotated[Optional[str], typer.Option("--namespace", "-n")] = None,
+    admin_key: Annotated[Optional[str], typer.Option(
+        "--admin-key", envvar="ANNEAL_ADMIN_KEY", show_default=False,
+        help="The service's admin key (spec.auth).")] = None,
 ) -> None:
     """Per-variant requests, errors, latency and routing decisions."""
     from anneal.serve.client import ServeClientError, format_stats, stats
 
     try:
-        doc = stats(_endpoint_of(service, namespace), since=since)
+        doc = stats(_endpoint_of(service, namespace), since=since, api_key=admin_key)
     except ServeClientError as exc:
         raise fail(str(exc)) from None
     typer.echo(json.dumps(doc, indent=2) if as_json else format_stats(doc))

@@ -167,7 +167,7 @@ def test_reasoning_sets_the_trained_system_prompt_once():
 def test_max_tokens_are_capped_by_the_mode(requested, default, mode, expected):
     policy = ReasoningPolicy(max_tokens_on=64, max_tokens_off=8)
     assert cap_max_tokens(requested, default, mode, policy) == expected
-    assert cap_max_tokens(requested, default, mode, ReasoningPolicy()) == (requested or default)
+    assert cap_max_tokens(requested, default, mode, ReasoningPolicy()) == min(requested or default, default)
 
 
 @pytest.mark.parametrize("text,lo,hi", [

@@ -11,11 +11,13 @@ from anneal.api.common import (
     ApiModel,
     DatasetRef,
     Duration,
+    DNS_SUBDOMAIN,
     MlflowTarget,
     ModelRef,
     Name,
     RayTarget,
     Resources,
+    SecretKeySelector,
     StatusBase,
     cross_field,
 )
@@ -38,7 +40,12 @@ class Autoscaling(ApiModel):
 class Generation(ApiModel):
     """Default generation settings of a variant."""
 
-    max_tokens: int = Field(default=128, ge=1, le=32768)
+    max_tokens: int = Field(default=128, ge=1, le=32768,
+                            description="Tokens of an answer when the request does not say, and the most it may ask for.")
+    max_tokens_over: Literal["clamp", "reject"] = Field(
+        default="clamp",
+        description="A request asking for more than maxTokens: clamp (answer at most maxTokens, finish_reason "
+        "length) or reject (400 naming max_tokens).")
     temperature: float = Field(default=0.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
 
@@ -235,6 +242,41 @@ class Rollout(ApiModel):
         return self
 
 
+#: An environment variable's name (POSIX: letters, digits, underscores, not starting with a digit).
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class ServiceAuth(ApiModel):
+    """API keys of the service (docs/serving.md, Authentication).
+
+    The operator reads the keys from Secrets; `anneal run`, which has no Secrets, from environment
+    variables (`apiKeysEnv` / `adminKeyEnv`, default `ANNEAL_API_KEYS` / `ANNEAL_ADMIN_KEY`).
+    """
+
+    api_keys_secret: str | None = Field(
+        default=None, pattern=DNS_SUBDOMAIN, max_length=253,
+        description="A Secret in the service's namespace: every value in it is accepted as an "
+        "`Authorization: Bearer` key on the OpenAI endpoints. Unset (and no apiKeysEnv): those are open.")
+    admin_key_secret: SecretKeySelector | None = Field(
+        default=None,
+        description="The admin key, needed for /-/stats, /-/metrics and for pinning a variant (the "
+        "override header or `model: <variant>`); the rollout controllers send it.")
+    api_keys_env: str | None = Field(
+        default=None, pattern=ENV_NAME, max_length=253,
+        description="Embedded mode: the environment variable holding the API keys (comma-separated); "
+        "default ANNEAL_API_KEYS when apiKeysSecret is set.")
+    admin_key_env: str | None = Field(
+        default=None, pattern=ENV_NAME, max_length=253,
+        description="Embedded mode: the environment variable holding the admin key; default ANNEAL_ADMIN_KEY.")
+
+    @model_validator(mode="after")
+    def _admin(self) -> "ServiceAuth":
+        if self.admin_key_secret is None and self.admin_key_env is None:
+            raise cross_field("adminKeySecret", None, "auth needs an admin key (adminKeySecret, or adminKeyEnv in "
+                              "embedded mode): /-/stats, which the rollout controller reads, takes it")
+        return self
+
+
 class ServiceMlflow(MlflowTarget):
     champion_alias: str = Field(default="champion", pattern=r"^[A-Za-z0-9_-]+$", max_length=64)
     challenger_alias: str = Field(default="challenger", pattern=r"^[A-Za-z0-9_-]+$", max_length=64)
@@ -272,6 +314,8 @@ class ModelServiceSpec(ApiModel):
     rollout: Rollout | None = None
     ray: RayTarget = Field(default_factory=RayTarget)
     mlflow: ServiceMlflow = Field(default_factory=ServiceMlflow)
+    auth: ServiceAuth | None = Field(
+        default=None, description="API keys; without it every endpoint is open (docs/serving.md, Authentication).")
 
     @model_validator(mode="after")
     def _rules(self) -> "ModelServiceSpec":

@@ -233,6 +233,7 @@ def drive(
     control: bool = True,
     desired_models: Mapping[str, str] | None = None,
     traffic_options: Mapping[str, Any] | None = None,
+    admin_key: str | None = None,
 ) -> ModelServiceStatus:
     """Run a ModelService's rollout on a local Serve app.
 
@@ -258,6 +259,8 @@ def drive(
         control: publish state and take commands under ``ANNEAL_HOME/services/<name>``.
         desired_models: variant → resolved model URI (default: the spec's URIs).
         traffic_options: extra keyword arguments of `TrafficGenerator`.
+        admin_key: the service's admin key when it has ``spec.auth``: the stats, the probes
+            and the generated traffic send it.
 
     Returns:
         The final status.
@@ -283,10 +286,11 @@ def drive(
     inbox = CommandInbox(cdir) if control else None
     command_log: deque[dict[str, Any]] = deque(maxlen=20)
     tracker = _make_tracker(spec, name, settings, desired_models) if track else None
-    probes = start_probe_loop(spec, endpoint)
-    traffic = (
-        TrafficGenerator(endpoint, traffic_rps, **dict(traffic_options or {})).start() if traffic_rps > 0 else None
-    )
+    probes = start_probe_loop(spec, endpoint, admin_key)
+    options = dict(traffic_options or {})
+    if admin_key:
+        options["headers"] = {**dict(options.get("headers") or {}), "authorization": f"Bearer {admin_key}"}
+    traffic = TrafficGenerator(endpoint, traffic_rps, **options).start() if traffic_rps > 0 else None
     started = time.monotonic()
     try:
         while not stop_event.is_set():
@@ -295,7 +299,7 @@ def drive(
             cid, command = taken if taken else (None, None)
             stats, stats_error = None, None
             try:
-                stats = serve_stats(endpoint, stats_since(status), timeout=10.0, http=http)
+                stats = serve_stats(endpoint, stats_since(status), timeout=10.0, http=http, api_key=admin_key)
             except Exception as exc:  # noqa: BLE001 - no stats this tick: the rollout holds
                 stats_error = f"stats unreadable: {exc}"
                 log.warning("%s: cannot read the stats: %s", name, stats_error)

@@ -6,7 +6,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,30 @@ def resolve_model_uris(spec: Any, namespace: str, lookup: Lookup | None = None,
     return out
 
 
+def auth_keys(names: Mapping[str, Any], environ: Mapping[str, str]) -> str | None:
+    """Check that the key variables the app's router will read are set here; the admin key.
+
+    `anneal run` starts the local Ray from this process, so its Serve replicas inherit these
+    variables: the keys never go into a Serve config. (With `ANNEAL_RAY_ADDRESS`, set them where
+    that Ray was started too.)
+
+    Args:
+        names: `api_keys_env` and `admin_key_env` (`anneal.serve.app.auth_env` of the spec).
+        environ: this process's environment.
+
+    Raises:
+        ServiceError: a variable is not set, naming the spec field that asks for it.
+    """
+    from anneal.serve.auth import AuthConfigError, load_keys
+
+    admin_var = names.get("admin_key_env")
+    try:
+        load_keys(names.get("api_keys_env") or [], admin_var, environ)
+    except AuthConfigError as e:
+        raise ServiceError(f"spec.auth: {e}; export it before `anneal run`") from None
+    return environ[admin_var].strip() if admin_var else None
+
+
 def cpu_scale(spec: Any, available_cpus: float, router_cpus: float = 0.5) -> float:
     """The factor on CPU requests that lets every replica of `spec` fit in `available_cpus`.
 
@@ -124,6 +148,8 @@ class RunningService:
     weights: dict[str, int] = field(default_factory=dict)
     started_ray: bool = False
     recorder: Any = None  # anneal.tracking.deployments.DeploymentRecorder
+    #: The admin key (`spec.auth`), which this driver's stats reads and probes send.
+    admin_key: str | None = field(default=None, repr=False)
 
     def status(self) -> dict[str, Any]:
         return service_status(self.app_name, self.endpoint, self.weights, self.models)
@@ -234,17 +260,20 @@ def start_service(
     Raises:
         ServiceError: the manifest is not a ModelService or a model cannot be resolved.
     """
+    import os
+
     import ray
     from ray import serve
 
     from anneal.api.resources import Manifest, parse_manifest
-    from anneal.serve.app import args_from_spec, build_serve_config
+    from anneal.serve.app import args_from_spec, auth_env, build_serve_config
     from anneal.serve.deploy import deploy_entries
 
     m = manifest if isinstance(manifest, Manifest) else parse_manifest(manifest)
     if m.kind != "ModelService":
         raise ServiceError(f"kind: {m.kind!r}: start_service serves ModelService resources")
     spec = m.spec
+    admin_key = auth_keys(auth_env(spec), os.environ)
     tracking = spec.mlflow.tracking_uri or settings.tracking_uri
     models = resolve_model_uris(spec, m.namespace, lookup or default_lookup(spec, settings), base_dir)
     # `started`: this process started the Ray (and so its Serve) and takes both down at the end.
@@ -293,7 +322,7 @@ def start_service(
                                   spec.mlflow.experiment or settings.mlflow.experiment,
                                   namespace=m.namespace, name=m.name, service=app_name)
     recorder.update(models, dict(args.weights))
-    return RunningService(app_name, endpoint, args, models, dict(args.weights), started, recorder)
+    return RunningService(app_name, endpoint, args, models, dict(args.weights), started, recorder, admin_key)
 
 
 def run_service(
@@ -394,14 +423,16 @@ def run_service_manifest(manifest: Any, settings: Any, on_progress: Callable[[di
             final = drive(manifest, endpoint=service.endpoint, app_name=service.app_name, args=service.args,
                           settings=settings, traffic_rps=traffic, stop_event=stop_event,
                           until_done=duration is None, timeout_s=duration, desired_models=service.models,
-                          on_update=show, apply=lambda _app, _args, weights: service.apply_weights(weights))
+                          on_update=show, apply=lambda _app, _args, weights: service.apply_weights(weights),
+                          admin_key=service.admin_key)
             out = final.to_dict() if hasattr(final, "to_dict") else dict(final)
             return {**status, **out}
         generator = None
         if traffic > 0:
             from anneal.local.rollout import TrafficGenerator
 
-            generator = TrafficGenerator(service.endpoint, traffic).start()
+            generator = TrafficGenerator(service.endpoint, traffic, headers=(
+                {"authorization": f"Bearer {service.admin_key}"} if service.admin_key else None)).start()
         try:
             _serve_until(duration, stop_event)
         finally:

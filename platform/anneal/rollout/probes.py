@@ -69,7 +69,7 @@ class ProbeSender:
     def __init__(self, endpoint: str, questions: Sequence[LabelledQuestion], *,
                  override_header: str = "x-anneal-variant", reasoning_header: str = "x-anneal-reasoning",
                  reasoning: str = "off", max_tokens: int | None = None, timeout_s: float = 30.0,
-                 concurrency: int = 2):
+                 concurrency: int = 2, api_key: str | None = None):
         import httpx
 
         self.url = endpoint.rstrip("/") + "/v1/chat/completions"
@@ -80,6 +80,8 @@ class ProbeSender:
         self.reasoning = reasoning
         self.max_tokens = max_tokens
         self.concurrency = max(1, concurrency)
+        # A probe pins a variant: with `spec.auth` that takes the admin key.
+        self._auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(timeout=timeout_s)
 
     def _next(self) -> LabelledQuestion:
@@ -94,7 +96,7 @@ class ProbeSender:
         if self.max_tokens is not None:
             body["max_tokens"] = self.max_tokens
         headers = {self.override_header: variant, self.reasoning_header: self.reasoning,
-                   "x-anneal-probe": "1"}
+                   "x-anneal-probe": "1", **self._auth}
         try:
             r = self._http.post(self.url, json=body, headers=headers)
             if r.status_code != 200:
@@ -183,8 +185,10 @@ class ProbeLoop:
                     self._results[variant] = self._results.get(variant, ProbeResults()) + got
 
 
-def start_probe_loop(spec: Any, endpoint: str) -> ProbeLoop | None:
+def start_probe_loop(spec: Any, endpoint: str, api_key: str | None = None) -> ProbeLoop | None:
     """The probe loop a ModelService's rollout needs (None: it has no ``accuracy`` gate).
+
+    `api_key` is the service's admin key when it has ``spec.auth`` (probes pin variants).
 
     Raises:
         ValueError: the probe data set has no labelled questions.
@@ -198,6 +202,6 @@ def start_probe_loop(spec: Any, endpoint: str) -> ProbeLoop | None:
     p = r.analysis.probes
     sender = ProbeSender(
         endpoint, load_questions(p), override_header=spec.routing.override_header,
-        reasoning_header=spec.routing.reasoning.header, reasoning=p.reasoning,
+        reasoning_header=spec.routing.reasoning.header, reasoning=p.reasoning, api_key=api_key,
     )
     return ProbeLoop(sender, r.stable, r.candidate, p.per_interval, parse_duration(r.analysis.interval)).start()

@@ -7,23 +7,29 @@
 """
 
 import asyncio
+import dataclasses
+import hmac
 import json
 import logging
+import math
 import os
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from anneal.serve import protocol
-from anneal.serve.engines import GenerateRequest, GenerateResult, StreamPiece
+from anneal.serve import auth, protocol
+from anneal.serve.engines import ContextLengthExceeded, GenerateRequest, GenerateResult, StreamPiece
 from anneal.serve.metrics import ServiceMetrics, merge_stats
 from anneal.serve.routing import (
     REASON_OVERRIDE,
@@ -70,6 +76,8 @@ class VariantArgs(BaseModel):
     memory_bytes: int | None = None
     accelerator_type: str | None = None
     max_tokens: int = 128
+    max_tokens_over: Literal["clamp", "reject"] = Field(
+        default="clamp", description="A request asking for more than max_tokens: clamped to it, or a 400.")
     temperature: float = 0.0
     top_p: float = 1.0
     max_ongoing_requests: int = 8
@@ -105,6 +113,12 @@ class AppArgs(BaseModel):
     experiment: str | None = None
     cache_dir: str = "~/.anneal/cache"
     seed: int | None = None
+    api_keys_env: list[str] = Field(
+        default_factory=list, description="Names of environment variables of the router's process whose keys "
+        "(comma-separated) are accepted as `Authorization: Bearer` on /v1/*; empty: /v1/* is open.")
+    admin_key_env: str | None = Field(
+        default=None, description="Name of the environment variable holding the admin key (/-/stats, /-/metrics, "
+        "pinning a variant); None with no api_keys_env: authentication is off.")
 
     def variant(self, name: str) -> VariantArgs:
         for v in self.variants:
@@ -155,6 +169,7 @@ def args_from_spec(
             memory_bytes=_memory(r.memory),
             accelerator_type=r.accelerator_type,
             max_tokens=v.generation.max_tokens,
+            max_tokens_over=v.generation.max_tokens_over,
             temperature=v.generation.temperature,
             top_p=v.generation.top_p,
         ))
@@ -175,9 +190,27 @@ def args_from_spec(
         tracking_uri=tracking_uri,
         experiment=spec.mlflow.experiment if spec.mlflow else None,
         cache_dir=cache_dir,
+        **auth_env(spec),
     )
     fields.update(overrides)
     return AppArgs(**fields)
+
+
+#: Where `anneal run` reads the keys when the spec names only Secrets (it has none to read).
+DEFAULT_API_KEYS_ENV = "ANNEAL_API_KEYS"
+DEFAULT_ADMIN_KEY_ENV = "ANNEAL_ADMIN_KEY"
+
+
+def auth_env(spec: Any) -> dict[str, Any]:
+    """`api_keys_env` / `admin_key_env` of a spec's `auth` as `anneal run` reads them: the variables it
+    names (`apiKeysEnv`, `adminKeyEnv`), else `ANNEAL_API_KEYS` / `ANNEAL_ADMIN_KEY` for a key given
+    as a Secret. The operator passes its own names (`anneal_operator.service.auth_secret_env`)."""
+    a = getattr(spec, "auth", None)
+    if a is None:
+        return {}
+    api = a.api_keys_env or (DEFAULT_API_KEYS_ENV if a.api_keys_secret else None)
+    return {"api_keys_env": [api] if api else [],
+            "admin_key_env": a.admin_key_env or (DEFAULT_ADMIN_KEY_ENV if a.admin_key_secret else None)}
 
 
 def _memory(quantity: str | None) -> int | None:
@@ -283,18 +316,30 @@ class VariantServer:
         return self.engine
 
     async def generate(self, req: GenerateRequest) -> GenerateResult:
+        # The engine runs in the replica's one worker thread. When the router gives up (its
+        # timeout cancels the call) the task here is cancelled, but a thread cannot be: the
+        # event tells the engine to stop at its next token, so the slot is free for the next call.
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._engine().generate, req)
+        req = dataclasses.replace(req, cancel=threading.Event())
+        try:
+            return await loop.run_in_executor(self._executor, self._engine().generate, req)
+        except asyncio.CancelledError:
+            req.cancel.set()
+            raise
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[StreamPiece]:
         loop = asyncio.get_running_loop()
+        req = dataclasses.replace(req, cancel=threading.Event())
         it = self._engine().stream(req)
         done = object()
-        while True:
-            piece = await loop.run_in_executor(self._executor, next, it, done)
-            if piece is done:
-                return
-            yield piece
+        try:
+            while True:
+                piece = await loop.run_in_executor(self._executor, next, it, done)
+                if piece is done:
+                    return
+                yield piece
+        finally:  # finished, cancelled, or the caller went away: stop the engine at its next token
+            req.cancel.set()
 
 
 # --------------------------------------------------------------------------- router
@@ -306,6 +351,10 @@ def _awaitable(response: Any):
     async def wait():
         return await response
     return wait()
+
+
+def _headers(request: Request) -> dict[str, str]:
+    return {k.lower(): v for k, v in request.headers.items()}
 
 
 def _replica_context() -> str:
@@ -326,6 +375,9 @@ def _upstream_error(variant: str, e: BaseException) -> protocol.ApiError:
         return protocol.ApiError(503, f"variant {variant} is unavailable ({type(e).__name__}); retry later",
                                  code="variant_unavailable")
     cause = getattr(e, "cause", None) or e
+    if isinstance(cause, ContextLengthExceeded) or isinstance(e, ContextLengthExceeded):
+        return protocol.ApiError(400, str(cause if isinstance(cause, ContextLengthExceeded) else e),
+                                 code="context_length_exceeded")
     text = str(cause).strip().splitlines()
     detail = text[-1] if text else type(cause).__name__
     return protocol.ApiError(502, f"variant {variant} failed: {detail[:300]}", code="variant_error")
@@ -338,7 +390,26 @@ def _error_response(e: protocol.ApiError, decision: RouteDecision | None, rid: s
         headers["x-anneal-route-reason"] = decision.reason
     if e.status == 503:
         headers["retry-after"] = "1"
+    if e.status == 401:
+        headers["www-authenticate"] = "Bearer"
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def parse_since(value: str | None) -> float | None:
+    """The `since` of `GET /-/stats`: unix seconds, finite and not negative.
+
+    Raises:
+        ApiError: 400 naming `since`.
+    """
+    if value is None or value == "":
+        return None
+    try:
+        since = float(value)
+    except ValueError:
+        since = math.nan
+    if not math.isfinite(since) or since < 0:
+        raise protocol.invalid("since", f"{value[:40]!r} must be unix seconds (a finite number >= 0)")
+    return since
 
 
 def write_decisions_to_mlflow(tracking_uri: str, experiment: str, service: str, batch: list[dict[str, Any]],
@@ -374,6 +445,34 @@ def write_decisions_to_mlflow(tracking_uri: str, experiment: str, service: str, 
 api = FastAPI(title="Anneal ModelService", docs_url=None, redoc_url=None)
 
 
+# Whatever FastAPI itself answers (no route, wrong method, a bad query parameter, a bug) answers in
+# OpenAI's error shape too: a client's error handling sees one format.
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    where = f"{request.method} {request.url.path}"
+    message, code = {404: (f"{where}: no such route", "not_found"),
+                     405: (f"{where}: method not allowed", "method_not_allowed")}.get(
+        exc.status_code, (f"{where}: {exc.detail}", None))
+    e = protocol.ApiError(exc.status_code, message, code=code,
+                          type="invalid_request_error" if exc.status_code < 500 else None)
+    return JSONResponse(e.body(), status_code=exc.status_code, headers=dict(exc.headers or {}))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = (exc.errors() or [{}])[0]
+    param = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "header", "body")) or None
+    e = protocol.ApiError(400, f"{param}: {first.get('msg', 'invalid')}", param=param, code="invalid_value")
+    return JSONResponse(e.body(), status_code=400)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("%s %s failed", request.method, request.url.path)
+    e = protocol.ApiError(500, "internal error in the router (it is logged)", code="internal_error")
+    return JSONResponse(e.body(), status_code=500)
+
+
 @serve.ingress(api)
 class Router:
     """The ingress: OpenAI-compatible API, routing decisions, metrics and the decision log."""
@@ -393,6 +492,8 @@ class Router:
         self._flusher: asyncio.Task | None = None
         self._mlflow_run_id: str | None = None
         self.replica = _replica_context()
+        # Fails the replica (the app shows the message) rather than serve without the keys it must require.
+        self.keys = auth.load_keys(self.args.api_keys_env, self.args.admin_key_env, os.environ)
 
     # ---- contract 2
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -416,27 +517,41 @@ class Router:
         return await self._complete(request, "completion")
 
     @api.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
+    async def models(self, request: Request) -> Response:
+        try:
+            level = auth.check(self.keys, _headers(request), admin=False)
+        except protocol.ApiError as e:
+            return _error_response(e, None, "")
         created = int(self.metrics.started)
         data = [{"id": self.args.service, "object": "model", "created": created, "owned_by": "anneal"}]
-        data += [{"id": v, "object": "model", "created": created, "owned_by": "anneal", "parent": self.args.service}
-                 for v in self.defaults]
-        return {"object": "list", "data": data}
+        if level == auth.ADMIN:  # variants are for pinning, which takes the admin key
+            data += [{"id": v, "object": "model", "created": created, "owned_by": "anneal",
+                      "parent": self.args.service} for v in self.defaults]
+        return JSONResponse({"object": "list", "data": data})
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "service": self.args.service, "weights": self.weights}
 
     @api.get("/-/stats")
-    async def stats(self, since: float | None = None, local: bool = False) -> Response:
+    async def stats(self, request: Request, since: str | None = None, local: bool = False) -> Response:
         """Contract 1: cumulative and windowed per-variant stats (all router replicas merged)."""
-        doc = self.local_stats(since)
+        try:
+            auth.check(self.keys, _headers(request), admin=True, what="GET /-/stats")
+            start = parse_since(since)
+        except protocol.ApiError as e:
+            return _error_response(e, None, "")
+        doc = self.local_stats(start)
         if not local and self.args.router_replicas > 1:
-            doc = await self._merged_stats(since, doc)
+            doc = await self._merged_stats(start, doc)
         return JSONResponse(doc)
 
     @api.get("/-/metrics")
-    async def prometheus(self) -> Response:
+    async def prometheus(self, request: Request) -> Response:
+        try:
+            auth.check(self.keys, _headers(request), admin=True, what="GET /-/metrics")
+        except protocol.ApiError as e:
+            return _error_response(e, None, "")
         return Response(self.metrics.prometheus_text(self.args.service, self.weights),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -470,20 +585,27 @@ class Router:
         rid = protocol.new_id(kind, request.headers.get("x-request-id"))
         decision: RouteDecision | None = None
         try:
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > self.args.max_request_bytes:
-                raise protocol.ApiError(413, f"request body is {length} bytes; the limit is "
-                                        f"{self.args.max_request_bytes}", code="request_too_large")
-            body = await request.body()
-            parsed = protocol.parse_request(protocol.parse_json(body, self.args.max_request_bytes), kind,
-                                            self.args.max_tokens_limit)
-            headers = {k.lower(): v for k, v in request.headers.items()}
+            headers = _headers(request)
+            level = auth.check(self.keys, headers, admin=False)
+            limit = self.args.max_request_bytes
+            length = headers.get("content-length", "")
+            if length.isdigit() and (len(length) > 18 or int(length) > limit):
+                raise protocol.too_large(length if len(length) <= 18 else f"over {limit}", limit)
+            # Piece by piece: a chunked body (no Content-Length) is cut off at the limit, not held whole.
+            body = await protocol.read_body(request.stream(), limit)
+            parsed = protocol.parse_request(protocol.parse_json(body, limit), kind, self.args.max_tokens_limit)
+            override = self.policy.override_header
+            if override in headers:
+                auth.check(self.keys, headers, admin=True, what="pinning a variant", param=override)
             if parsed.model and parsed.model != self.args.service:
                 if parsed.model not in self.defaults:
                     raise protocol.ApiError(
-                        404, f"model: {parsed.model!r} is not served here; use {self.args.service!r} "
-                        f"or a variant ({', '.join(self.defaults)})", param="model", code="model_not_found")
-                headers.setdefault(self.policy.override_header, parsed.model)
+                        404, f"model: {protocol.brief(parsed.model)} is not served here; use {self.args.service!r}"
+                        + (f" or a variant ({', '.join(self.defaults)})" if level == auth.ADMIN else ""),
+                        param="model", code="model_not_found")
+                # `model` naming a variant pins it, like the override header: that takes the admin key.
+                auth.check(self.keys, headers, admin=True, what="pinning a variant", param="model")
+                headers.setdefault(override, parsed.model)
             try:
                 decision = decide(self.policy, headers=headers, messages=parsed.messages, prompt=parsed.prompt,
                                   draw=self.rng.random(), shadow_draw=self.rng.random(), tracker=self.tracker)
@@ -519,13 +641,20 @@ class Router:
         return GenerateRequest(
             messages=messages,
             prompt=parsed.prompt,
-            max_tokens=cap_max_tokens(parsed.max_tokens, v.max_tokens, decision.reasoning, self.policy.reasoning),
+            max_tokens=self._max_tokens(parsed.max_tokens, v, decision),
             temperature=parsed.temperature if parsed.temperature is not None else v.temperature,
             top_p=parsed.top_p if parsed.top_p is not None else v.top_p,
             stop=parsed.stop,
             ignore_eos=parsed.ignore_eos,
             seed=parsed.seed,
         )
+
+    def _max_tokens(self, requested: int | None, v: VariantArgs, decision: RouteDecision) -> int:
+        try:
+            return cap_max_tokens(requested, v.max_tokens, decision.reasoning, self.policy.reasoning,
+                                  over=v.max_tokens_over)
+        except RoutingError as e:
+            raise protocol.ApiError(400, str(e), param=e.param, code="invalid_value") from None
 
     async def _call(self, variant: str, req: GenerateRequest) -> GenerateResult:
         response = self.handles[variant].generate.remote(req)

@@ -21,6 +21,11 @@ def _url(endpoint: str, path: str) -> str:
     return endpoint.rstrip("/") + path
 
 
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """`Authorization: Bearer <key>` when there is a key (a service with `spec.auth`)."""
+    return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def _error_text(r: httpx.Response) -> str:
     try:
         err = r.json().get("error") or {}
@@ -39,6 +44,7 @@ def call(
     user: str | None = None,
     sticky_header: str = "x-user-id",
     timeout: float = 120.0,
+    api_key: str | None = None,
 ) -> dict[str, Any]:
     """Send one chat message to a ModelService and say who answered.
 
@@ -50,6 +56,7 @@ def call(
         max_tokens: cap on the answer.
         user: a sticky key, sent in `sticky_header`.
         timeout: seconds.
+        api_key: the service's API key (the admin key to pin a `variant`), when it has `spec.auth`.
 
     Returns:
         `{"text", "variant", "reason", "reasoning", "usage", "id"}`.
@@ -57,7 +64,7 @@ def call(
     Raises:
         ServeClientError: an error answer (with its status) or a connection failure.
     """
-    headers = {}
+    headers = auth_headers(api_key)
     if reasoning is not None:
         if reasoning not in ("on", "off"):
             raise ServeClientError(f"--reasoning {reasoning!r}: use on or off")
@@ -87,7 +94,7 @@ def call(
 
 
 def stats(endpoint: str, since: float | None = None, *, timeout: float = 30.0,
-          http: httpx.Client | None = None) -> dict[str, Any]:
+          http: httpx.Client | None = None, api_key: str | None = None) -> dict[str, Any]:
     """The service's `GET /-/stats` document (contract 1; see docs/serving.md).
 
     Args:
@@ -95,13 +102,15 @@ def stats(endpoint: str, since: float | None = None, *, timeout: float = 30.0,
         since: the window's start (unix seconds); None for the totals since start-up.
         timeout: seconds.
         http: a client to reuse (a controller asking every second keeps one connection pool).
+        api_key: the service's admin key, when it has `spec.auth`.
 
     Raises:
         ServeClientError: an error answer or a connection failure.
     """
     params = {"since": f"{since:.6f}"} if since is not None else None
     try:
-        r = (http or httpx).get(_url(endpoint, "/-/stats"), params=params, timeout=timeout)
+        r = (http or httpx).get(_url(endpoint, "/-/stats"), params=params, timeout=timeout,
+                                headers=auth_headers(api_key))
     except httpx.HTTPError as e:
         raise ServeClientError(f"cannot reach {endpoint}: {e}; is the service running?") from None
     if r.status_code != 200:

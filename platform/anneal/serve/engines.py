@@ -26,6 +26,12 @@ class GenerateRequest:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
+    #: Set by the variant replica (never sent): a `threading.Event` the engine checks between
+    #: tokens, so a request the router gave up on (timeout, client gone) frees the engine.
+    cancel: Any = field(default=None, compare=False, repr=False)
+
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
 
 
 @dataclass
@@ -48,6 +54,30 @@ class StreamPiece:
 
 class EngineError(RuntimeError):
     """The engine cannot be built (missing package, bad option); the message says what to do."""
+
+
+class ContextLengthExceeded(ValueError):
+    """The prompt does not fit the model's context; the router answers 400 `context_length_exceeded`.
+
+    Its args are exactly its constructor's, so it survives pickling across Ray.
+    """
+
+    def __init__(self, prompt_tokens: int, max_context: int):
+        super().__init__(prompt_tokens, max_context)
+        self.prompt_tokens, self.max_context = prompt_tokens, max_context
+
+    def __str__(self) -> str:
+        return (f"the prompt is {self.prompt_tokens} tokens; this model's maximum context length is "
+                f"{self.max_context} tokens, including the answer: shorten the prompt")
+
+
+def model_context_length(config: Any) -> int | None:
+    """The longest sequence a model takes (prompt and answer), from its Hugging Face config."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        n = getattr(config, name, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
 
 
 def _truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
@@ -88,6 +118,7 @@ class TransformersEngine:
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         ids = {i for i in ([eos] + (gen_eos if isinstance(gen_eos, list) else [gen_eos])) if i is not None}
         self.eos_ids = ids
+        self.max_context = model_context_length(getattr(self.model, "config", None))
 
     def render(self, req: GenerateRequest) -> str:
         """The prompt text, rendered as in training and evaluation (`anneal.modeling.chat.render_prompt`)."""
@@ -111,7 +142,9 @@ class TransformersEngine:
         with torch.inference_mode():
             ids = torch.tensor([prompt_ids], device=self.device)
             out = self.model(input_ids=ids, use_cache=True)
-            for _ in range(req.max_tokens):
+            for _ in range(self._budget(req, prompt_ids)):
+                if req.cancelled():
+                    return
                 logits = out.logits[0, -1].float()
                 if req.ignore_eos:
                     for e in self.eos_ids:
@@ -122,6 +155,17 @@ class TransformersEngine:
                 yield token
                 out = self.model(input_ids=torch.tensor([[token]], device=self.device),
                                  past_key_values=out.past_key_values, use_cache=True)
+
+    def _budget(self, req: GenerateRequest, prompt_ids: list[int]) -> int:
+        """Tokens the answer may have: `max_tokens`, or what is left of the model's context."""
+        if self.max_context is None:
+            return req.max_tokens
+        return min(req.max_tokens, self.max_context - len(prompt_ids))
+
+    def check_context(self, prompt_ids: list[int]) -> None:
+        """Raises ContextLengthExceeded when no answer token fits after the prompt."""
+        if self.max_context is not None and len(prompt_ids) >= self.max_context:
+            raise ContextLengthExceeded(len(prompt_ids), self.max_context)
 
     def _pick(self, logits: Any, req: GenerateRequest, gen: Any) -> int:
         torch = self.torch
@@ -143,6 +187,7 @@ class TransformersEngine:
 
     def stream(self, req: GenerateRequest) -> Iterator[StreamPiece]:
         prompt_ids = self._encode(req)
+        self.check_context(prompt_ids)
         out_ids: list[int] = []
         sent = ""
         finish = "stop"
@@ -162,7 +207,7 @@ class TransformersEngine:
                 yield StreamPiece(text[len(sent):])
                 sent = text
         else:
-            if len(out_ids) >= req.max_tokens:
+            if len(out_ids) >= self._budget(req, prompt_ids):
                 finish = "length"
         yield StreamPiece("", finish, len(prompt_ids), len(out_ids))
 
@@ -222,7 +267,10 @@ class EchoEngine:
 
     def generate(self, req: GenerateRequest) -> GenerateResult:
         if self.delay_s:
-            time.sleep(self.delay_s)
+            if req.cancel is not None:
+                req.cancel.wait(self.delay_s)  # a cancelled request stops waiting at once
+            else:
+                time.sleep(self.delay_s)
         prompt = self.render(req)
         words = prompt.split()
         return GenerateResult(prompt, len(words), min(len(words), req.max_tokens), "stop")

@@ -241,8 +241,22 @@ def apply_reasoning(
     return [{"role": "system", "content": prompt}, *out]
 
 
-def cap_max_tokens(requested: int | None, default: int, mode: ReasoningMode, policy: ReasoningPolicy) -> int:
-    """The max tokens of a request: asked for (or the variant default), capped by the mode's limit."""
+def cap_max_tokens(requested: int | None, default: int, mode: ReasoningMode, policy: ReasoningPolicy,
+                   over: Literal["clamp", "reject"] = "clamp") -> int:
+    """The max tokens of a request: asked for (or the variant default), capped by the mode's limit.
+
+    The variant's `default` (`generation.maxTokens`) is also its cap: a request asking for more
+    gets `default` (`over="clamp"`; the answer ends with `finish_reason: length`) or is refused
+    (`over="reject"`).
+
+    Raises:
+        RoutingError: `over="reject"` and more than `default` tokens asked for (param `max_tokens`).
+    """
+    if requested is not None and requested > default:
+        if over == "reject":
+            raise RoutingError(f"max_tokens: {requested} is over this service's limit of {default} tokens; "
+                               f"ask for at most {default}", param="max_tokens")
+        requested = default
     n = requested if requested is not None else default
     cap = policy.max_tokens_on if mode == "on" else policy.max_tokens_off
     return min(n, cap) if cap is not None else n
