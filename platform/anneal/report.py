@@ -30,6 +30,12 @@ LABELS = {
     "sizeBytes": "size",
     "sizeRatio": "size ratio (to the source)",
     "retention": "retention (accuracy / the reference's)",
+    "attentionLayers": "blocks with attention",
+    "sequentialDepth": "sequential depth (attention + FFN sub-layers)",
+    "sequentialDepthRatio": "sequential depth ratio (to the source)",
+    "fusedRuns": "FFN runs fused",
+    "fusionGapKl": "fusion gap, KL to the unfused model (nats/token)",
+    "fusionGapTop1": "fusion gap, top-1 agreement with the unfused model",
 }
 #: Figures that compare two models, shown in their own group.
 COMPARISONS = {
