@@ -293,3 +293,13 @@ def test_prune_with_attention_applies_depth_first_then_attention(model, batches)
     assert report["config"]["intermediateSizes"] == [64, 64, 128, 64]
     assert report["sequentialDepthBefore"] == 12 and report["attention"]["sequentialDepthAfter"] == 7
     assert report["paramsAfter"] == count_parameters(pruned) < report["paramsBefore"]
+
+
+def test_the_report_names_the_fusion_figures() -> None:
+    from anneal.report import figures
+
+    shown = {f.key: (f.group, f.label) for f in figures(
+        {"prunedSequentialDepth": 5.0, "prunedFusionGapKl": 0.03, "prunedAttentionLayers": 2.0}, "CompressionJob")}
+    assert shown["prunedSequentialDepth"] == ("after pruning", "sequential depth (attention + FFN sub-layers)")
+    assert shown["prunedFusionGapKl"][1].startswith("fusion gap, KL")
+    assert shown["prunedAttentionLayers"][1] == "blocks with attention"
