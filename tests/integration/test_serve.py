@@ -57,8 +57,9 @@ def service(models):
     args = AppArgs(
         service=SERVICE,
         variants=[
-            VariantArgs(name="a", model_uri=paths["small"], max_tokens=4, **light),
-            VariantArgs(name="b", model_uri=paths["large"], max_tokens=4, **light),
+            # maxTokens is a cap too: above the reasoning caps, so those are what the tests see.
+            VariantArgs(name="a", model_uri=paths["small"], max_tokens=8, **light),
+            VariantArgs(name="b", model_uri=paths["large"], max_tokens=8, **light),
             VariantArgs(name="echo", engine="echo", **light),
             VariantArgs(name="broken", engine="faulty", **light),
         ],
@@ -206,6 +207,28 @@ def test_malformed_requests_get_openai_errors_naming_the_field(service, path, co
     assert error["param"] == param
     if param:
         assert param in error["message"]
+
+
+@pytest.mark.parametrize("method,path,content,status,param,code", [
+    ("POST", "/v1/completions", '{"prompt": "x", "temperature": NaN}', 400, "body", "invalid_json"),
+    ("POST", "/v1/completions", '{"prompt": "x", "top_p": 1e999}', 400, "top_p", "invalid_value"),
+    ("POST", "/v1/completions", '{"prompt": "x", "max_tokens": ' + "9" * 5000 + "}", 400, "body", "invalid_json"),
+    ("POST", "/v1/completions", '{"prompt": ' + "[" * 30_000 + "]" * 30_000 + "}", 400, "body", "invalid_json"),
+    ("POST", "/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}', 400,
+     "messages[0].content", "invalid_value"),
+    ("POST", "/v1/completions", iter([b'{"prompt": "'] + [b"x" * 1024] * 200 + [b'"}']), 413, None,
+     "request_too_large"),  # chunked, no Content-Length
+    ("POST", "/v1/completions", json.dumps({"prompt": "Ana has 3 apples and buys 4 more. " * 200,
+                                            "model": "a"}), 400, None, "context_length_exceeded"),
+    ("GET", "/v1/nothing", None, 404, None, "not_found"),
+    ("GET", "/v1/chat/completions", None, 405, None, "method_not_allowed"),
+    ("GET", "/-/stats?since=nan", None, 400, "since", "invalid_value"),
+])
+def test_bad_input_gets_a_clean_4xx_through_serve(service, method, path, content, status, param, code):
+    """Through Serve's proxy: the router's own checks and FastAPI's errors, all in OpenAI's shape."""
+    r = service["http"].request(method, path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["code"] == code
 
 
 def test_a_failing_variant_gets_502_while_the_other_keeps_serving(service):
@@ -433,3 +456,48 @@ def test_changing_one_variants_model_updates_that_variant_only(service, models):
     after = replicas()
     assert {k: v for k, v in after.items() if k != "variant-b"} == {k: v for k, v in before.items() if k != "variant-b"}
     assert codes and set(codes) == {200}
+
+
+def test_api_keys_on_a_served_app_with_the_openai_sdk_and_the_rollout_clients(service):
+    """A second app on the same Serve, with keys given as the operator gives them on a shared cluster."""
+    import openai
+
+    from anneal.rollout.probes import LabelledQuestion, ProbeSender
+    from anneal.serve.app import AppArgs, VariantArgs, build_serve_config
+    from anneal.serve.client import ServeClientError, stats
+    from anneal.serve.deploy import deploy_entries
+
+    light = {"num_cpus": 0.05}
+    args = AppArgs(service="test-auth", route_prefix="/secured",
+                   variants=[VariantArgs(name="stable", engine="echo", **light),
+                             VariantArgs(name="candidate", engine="echo", **light)],
+                   weights={"stable": 100, "candidate": 0}, router_num_cpus=0.05,
+                   api_keys_env=["T_API_KEYS"], admin_key_env="T_ADMIN_KEY")
+    entry = build_serve_config(args)
+    assert "k-live" not in json.dumps(entry)  # the config names the variables only
+    entry["runtime_env"] = {"env_vars": {"T_API_KEYS": "k-old,k-live", "T_ADMIN_KEY": "adm"}}
+    deploy_entries([entry], wait_s=300)
+    base = service["base"] + "/secured"
+    client = openai.OpenAI(base_url=base + "/v1", api_key="k-live", max_retries=0)
+    out = client.chat.completions.create(model="test-auth", messages=[{"role": "user", "content": "hi"}])
+    assert out.choices[0].message.content.endswith("hi<|end|><|assistant|>")
+    with pytest.raises(openai.AuthenticationError) as e:
+        openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).completions.create(
+            model="test-auth", prompt="x")
+    assert e.value.code == "invalid_api_key"
+    with pytest.raises(openai.PermissionDeniedError):  # pinning takes the admin key
+        client.completions.create(model="candidate", prompt="x")
+    with pytest.raises(ServeClientError) as stats_error:
+        stats(base, api_key="k-live")
+    assert stats_error.value.status == 403
+    sender = ProbeSender(base, [LabelledQuestion([{"role": "user", "content": "1 + 1?"}], "2")], api_key="adm")
+    try:
+        assert sender.send("candidate", 2).total == 2
+    finally:
+        sender.close()
+    doc = stats(base, api_key="adm")
+    assert doc["pinned"]["candidate"]["requests"] == 2 and doc["variants"]["candidate"]["total"]["requests"] == 0
+    assert doc["variants"]["stable"]["total"]["requests"] == 1
+    from ray import serve
+
+    serve.delete("test-auth")
