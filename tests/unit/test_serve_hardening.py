@@ -463,3 +463,52 @@ def test_the_operator_passes_keys_by_secret_reference(monkeypatch):
         service_auth(_Op({"svc-admin": {"token": "adm-1"}}), spec, "team")
     with pytest.raises(AuthWaiting, match="no key token"):
         service_auth(_Op({"svc-keys": {"a": "b"}, "svc-admin": {}}), spec, "team")
+
+
+class _Endless:
+    """Streams a piece every 10 ms until its request is cancelled."""
+
+    def stream(self, req):
+        while not req.cancelled():
+            time.sleep(0.01)
+            yield types.SimpleNamespace(text="t ", finish_reason=None)
+
+
+def test_a_client_leaving_a_stream_cancels_the_variant_call(monkeypatch):
+    router, servers, _ = make_router(monkeypatch)
+    servers["echo"].engine = _Endless()
+    streams = []
+    handle = router.handles["echo"]
+    make = handle.stream.remote
+    handle.stream = types.SimpleNamespace(remote=lambda req: streams.append(make(req)) or streams[-1])
+    cancelled = []
+    monkeypatch.setattr(_Stream, "cancel", lambda self: cancelled.append(self))
+    body = json.dumps({"prompt": "x", "stream": True}).encode()
+
+    async def client_leaves_after_two_chunks():
+        chunks, left = [], asyncio.Event()
+        sent_body = False
+
+        async def receive():
+            nonlocal sent_body
+            if not sent_body:
+                sent_body = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                chunks.append(message["body"])
+                if len(chunks) == 2:
+                    left.set()
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+                 "root_path": "", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+        await asyncio.wait_for(api(scope, receive, send), timeout=10)
+        return chunks
+
+    chunks = asyncio.run(client_leaves_after_two_chunks())
+    assert len(chunks) >= 2 and streams and cancelled == streams  # the router gave the call up

@@ -709,6 +709,9 @@ class Router:
                     usage = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
                              "total_tokens": last.prompt_tokens + last.completion_tokens}
                     yield protocol.sse(protocol.chunk_body(kind, rid, model, None, None, usage=usage))
+            except (asyncio.CancelledError, GeneratorExit):  # the client went away: stop the variant's engine too
+                gen.cancel()
+                raise
             except Exception as e:  # the status is sent: report in the stream, then end it
                 error = True
                 gen.cancel()
