@@ -54,6 +54,11 @@ class OperatorMetrics:
             "anneal_operator_rollout_gate_value", "A gate's figure at the last analysis that could judge it.",
             [*svc, "gate"], registry=self.registry,
         )
+        self.rollout_gate_interval = Gauge(
+            "anneal_operator_rollout_gate_interval",
+            "Ends of a rate gate's confidence interval at the last analysis that measured it.",
+            [*svc, "gate", "end"], registry=self.registry,
+        )
         self.rollout_gate_threshold = Gauge(
             "anneal_operator_rollout_gate_threshold", "A gate's threshold.", [*svc, "gate", "bound"],
             registry=self.registry,
@@ -79,19 +84,28 @@ class OperatorMetrics:
             if not analysis:
                 continue
             self.rollout_analyses.labels(namespace, name, analysis.get("verdict", "wait")).inc()
-            figures, failed = analysis.get("figures") or {}, set(analysis.get("failedGates") or [])
+            figures = analysis.get("figures") or {}
+            checks = {c.get("metric"): c for c in analysis.get("gates") or []}
             for g in gates:
                 value = figures.get(g.metric)
                 if value is None:
                     continue
                 self.rollout_gate_value.labels(namespace, name, g.metric).set(value)
-                if analysis.get("verdict") != "wait" or g.metric in failed:  # a wait judged nothing
-                    self.rollout_gate_passing.labels(namespace, name, g.metric).set(0 if g.metric in failed else 1)
+                check = checks.get(g.metric) or {}
+                for end in ("low", "high"):
+                    if check.get(end) is not None:
+                        self.rollout_gate_interval.labels(namespace, name, g.metric, end).set(check[end])
+                verdict = check.get("verdict")
+                if not checks:  # an analysis without per-gate checks: its failed gates and verdict tell
+                    verdict = "fail" if g.metric in (analysis.get("failedGates") or []) else (
+                        "pass" if analysis.get("verdict") != "wait" else None)
+                if verdict in ("pass", "fail"):  # a gate that waits judged nothing
+                    self.rollout_gate_passing.labels(namespace, name, g.metric).set(verdict == "pass")
 
     def forget_rollout(self, namespace: str, name: str) -> None:
         """Drop a deleted service's series."""
         for metric in (self.rollout_step, self.rollout_weight, self.rollout_analyses, self.rollout_gate_value,
-                       self.rollout_gate_threshold, self.rollout_gate_passing):
+                       self.rollout_gate_interval, self.rollout_gate_threshold, self.rollout_gate_passing):
             for labels in list(metric._metrics):  # noqa: SLF001 - prometheus_client has no public "remove matching"
                 if labels[:2] == (namespace, name):
                     metric.remove(*labels)

@@ -132,13 +132,23 @@ def test_operator_rollout_metrics_follow_the_analyses():
     assert get("anneal_operator_rollout_gate_passing", {**labels, "gate": "latencyP95Ms"}) == 0
     assert get("anneal_operator_rollout_gate_passing", {**labels, "gate": "errorRate"}) == 1  # the default gate
     assert get("anneal_operator_rollout_gate_threshold", {**labels, "gate": "latencyP95Ms", "bound": "max"}) == 500
+    # Per-gate checks (a rate gate's interval included) decide each gate on its own.
+    checks = [{"metric": "errorRate", "bound": "max", "threshold": 0.05, "value": 0.0, "low": 0.0, "high": 0.04,
+               "samples": 90, "verdict": "pass"},
+              {"metric": "latencyP95Ms", "bound": "max", "threshold": 500, "value": 100.0, "verdict": "wait"}]
+    ev = _analysis("wait", {"errorRate": 0.0, "latencyP95Ms": 100.0})
+    ev.data["analysis"]["gates"] = checks
+    m.observe_rollout("ns", "svc", spec, _Status(1, {"stable": 50, "canary": 50}), [ev])
+    assert get("anneal_operator_rollout_gate_interval", {**labels, "gate": "errorRate", "end": "high"}) == 0.04
+    assert get("anneal_operator_rollout_gate_passing", {**labels, "gate": "errorRate"}) == 1
+    assert get("anneal_operator_rollout_gate_passing", {**labels, "gate": "latencyP95Ms"}) == 0  # waited: unchanged
     # A wait judges nothing: the figure moves, the verdict stays.
     m.observe_rollout("ns", "svc", spec, _Status(1, {"stable": 50, "canary": 50}),
                       [_analysis("wait", {"latencyP95Ms": 100.0})])
     assert get("anneal_operator_rollout_gate_value", {**labels, "gate": "latencyP95Ms"}) == 100.0
     assert get("anneal_operator_rollout_gate_passing", {**labels, "gate": "latencyP95Ms"}) == 0
     assert get("anneal_operator_rollout_analyses_total", {**labels, "verdict": "fail"}) == 1
-    assert get("anneal_operator_rollout_analyses_total", {**labels, "verdict": "wait"}) == 1
+    assert get("anneal_operator_rollout_analyses_total", {**labels, "verdict": "wait"}) == 2
     # Finished: no step; deleted: no series.
     m.observe_rollout("ns", "svc", spec, _Status(2, {"stable": 100, "canary": 0}, outcome="RolledBack"), [])
     assert get("anneal_operator_rollout_step", labels) == -1

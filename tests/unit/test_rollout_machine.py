@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from anneal.api.service import ModelServiceSpec, ModelServiceStatus
-from anneal.rollout.analysis import ProbeResults, StatsWindow, VariantWindow, evaluate
+from anneal.rollout.analysis import PairWindow, ProbeResults, StatsWindow, VariantWindow, evaluate
 from anneal.rollout.machine import HISTORY_LIMIT, Command, Reason, Transition, step
 
 T0 = 1_700_000_000.0
@@ -30,6 +30,7 @@ def make_spec(
     interval: str = "10s",
     extra_variants: list[dict[str, Any]] | None = None,
     rollout: bool = True,
+    shadow: bool = False,
 ) -> ModelServiceSpec:
     variants = [
         {"name": "stable", "model": {"uri": "models:/tiny/1"}, "weight": 100},
@@ -39,6 +40,8 @@ def make_spec(
         variants[0]["weight"] = 100 - sum(v["weight"] for v in extra_variants)
         variants += extra_variants
     body: dict[str, Any] = {"variants": variants}
+    if shadow:
+        body["routing"] = {"shadow": {"variant": "canary", "percent": 100, "compare": "answer"}}
     if rollout:
         body["rollout"] = {
             "stable": "stable",
@@ -65,12 +68,21 @@ def window(
     stable_p95: float = 50.0,
     probes: tuple[int, int] | None = None,
     stable_probes: tuple[int, int] | None = None,
+    pairs: tuple[int, int] | None = None,
+    shadow_errors: int = 0,
+    ratio: float | None = 1.0,
 ) -> StatsWindow:
+    """A stats window; `pairs` = (answered pairs, agreements) of the canary mirrored behind stable."""
     pr = {}
     if probes is not None:
         pr["canary"] = ProbeResults(*probes)
     if stable_probes is not None:
         pr["stable"] = ProbeResults(*stable_probes)
+    shadow, pair_windows = {}, {}
+    if pairs is not None:
+        mirrored = pairs[0] + shadow_errors
+        shadow["canary"] = VariantWindow(mirrored, shadow_errors, 20.0, p95, p95)
+        pair_windows[("canary", "stable")] = PairWindow(mirrored, shadow_errors, pairs[0], pairs[1], ratio)
     return StatsWindow(
         time=T0,
         since=T0,
@@ -79,6 +91,8 @@ def window(
             "stable": VariantWindow(stable_requests, stable_errors, 20.0, stable_p95, stable_p95),
         },
         probes=pr,
+        shadow=shadow,
+        pairs=pair_windows,
     )
 
 
@@ -296,25 +310,51 @@ def test_history_is_bounded_and_records_every_analysis():
 @pytest.mark.parametrize(
     "gate, win, verdict, failed",
     [
-        ({"metric": "errorRate", "max": 0.05}, window(errors=4), "pass", []),
+        # Rate gates are decided on a 95% Wilson interval: 0/100 errors → [0, 0.037], wholly <= 0.05.
+        ({"metric": "errorRate", "max": 0.05}, window(errors=0), "pass", []),
+        # 4/100 → [0.016, 0.098]: the point estimate holds, the interval straddles 0.05: wait.
+        ({"metric": "errorRate", "max": 0.05}, window(errors=4), "wait", []),
+        # 20/100 → [0.133, 0.289]: wholly above.
         ({"metric": "errorRate", "max": 0.05}, window(errors=20), "fail", ["errorRate"]),
+        # Never pass on a few lucky requests: 0/20 → [0, 0.161].
+        ({"metric": "errorRate", "max": 0.05}, window(requests=20, errors=0), "wait", []),
         ({"metric": "latencyP95Ms", "max": 200}, window(p95=150), "pass", []),
         ({"metric": "latencyP95Ms", "max": 200}, window(p95=1000), "fail", ["latencyP95Ms"]),
-        ({"metric": "errorRateVsStable", "max": 0.02}, window(errors=10, stable_errors=9), "pass", []),
+        # Newcombe's interval of the difference: equal rates over many requests pass...
+        ({"metric": "errorRateVsStable", "max": 0.02},
+         window(requests=10000, errors=100, stable_requests=10000, stable_errors=100), "pass", []),
+        # ... over 100 requests each the difference is not known to 0.02 yet.
+        ({"metric": "errorRateVsStable", "max": 0.02}, window(errors=10, stable_errors=9), "wait", []),
         ({"metric": "errorRateVsStable", "max": 0.02}, window(errors=10, stable_errors=0), "fail",
          ["errorRateVsStable"]),
         # No stable traffic: compared with a perfect stable.
-        ({"metric": "errorRateVsStable", "max": 0.02}, window(errors=1, stable_requests=0), "pass", []),
+        ({"metric": "errorRateVsStable", "max": 0.02}, window(requests=200, errors=0, stable_requests=0), "pass", []),
         ({"metric": "accuracy", "min": 0.5}, window(probes=(4, 4)), "pass", []),
         ({"metric": "accuracy", "min": 0.5}, window(probes=(0, 4)), "fail", ["accuracy"]),
         # Fewer labelled answers than perInterval (4): cannot judge quality yet.
         ({"metric": "accuracy", "min": 0.5}, window(probes=(0, 2)), "wait", []),
         ({"metric": "accuracy", "min": 0.5}, window(), "wait", []),
         ({"metric": "errorRate", "max": 0.05}, window(requests=5, errors=5), "wait", []),
+        # Shadow agreement: all of 40 pairs agree → [0.912, 1]: pass; 5 of 5 → [0.57, 1]: wait.
+        ({"metric": "shadowAgreement", "min": 0.9}, window(pairs=(40, 40)), "pass", []),
+        ({"metric": "shadowAgreement", "min": 0.9}, window(pairs=(5, 5)), "wait", []),
+        # A known-bad rate: 28 of 40 agree (70%) → [0.546, 0.819]: fail.
+        ({"metric": "shadowAgreement", "min": 0.9}, window(pairs=(40, 28)), "fail", ["shadowAgreement"]),
+        # No pairs (nothing mirrored yet): cannot tell.
+        ({"metric": "shadowAgreement", "min": 0.9}, window(), "wait", []),
+        # Failed mirrored calls are not pairs to agree on, but count for shadowErrorRate.
+        ({"metric": "shadowErrorRate", "max": 0.1}, window(pairs=(20, 20), shadow_errors=20), "fail",
+         ["shadowErrorRate"]),
+        ({"metric": "shadowErrorRate", "max": 0.1}, window(pairs=(60, 60)), "pass", []),
+        # The latency ratio is a figure, not a rate: decided on its value.
+        ({"metric": "shadowLatencyRatio", "max": 1.5}, window(pairs=(10, 10), ratio=1.2), "pass", []),
+        ({"metric": "shadowLatencyRatio", "max": 1.5}, window(pairs=(10, 10), ratio=3.0), "fail",
+         ["shadowLatencyRatio"]),
     ],
 )
 def test_gates(gate, win, verdict, failed):
-    spec = make_spec(gates=[gate])
+    shadow = gate["metric"].startswith("shadow")
+    spec = make_spec(gates=[gate] if not shadow else [gate, {"metric": "errorRate", "max": 0.5}], shadow=shadow)
     outcome = evaluate(spec.rollout.analysis, win, "stable", "canary")
     assert outcome.verdict == verdict, outcome.reason
     assert outcome.failed_gates == failed

@@ -154,7 +154,8 @@ def test_stats_document_totals_and_window():
     # Totals come from log-spaced buckets (upper bound, within 25 %): p50 of 1..100 and 10 × 500 ms.
     assert 55 <= a["total"]["latencyP50Ms"] <= 70
     assert doc["variants"]["b"]["window"]["errorRate"] == 1.0
-    assert doc["shadow"] == {"b": {"requests": 1, "errors": 0, "latencyP95Ms": pytest.approx(7.0, rel=0.25)}}
+    assert doc["shadow"] == {"b": {"requests": 1, "errors": 0, "latencyP95Ms": pytest.approx(7.0, rel=0.25),
+                                   "window": {"requests": 1, "errors": 0, "latencyP95Ms": 7.0}}}
     assert doc["routes"] == {"weighted": 1} and doc["weights"] == {"a": 90, "b": 10}
     assert doc["since"] == 1500.0 and doc["time"] == 2000.0
 

@@ -86,8 +86,39 @@ class StickyRouting(ApiModel):
 
 
 class ShadowRouting(ApiModel):
+    """Mirror a share of live requests to a variant; its answers are compared, never returned."""
+
     variant: Name = Field(description="Variant that receives mirrored traffic.")
     percent: float = Field(default=10, ge=0, le=100, description="Share of requests mirrored.")
+    compare: Literal["exact", "answer"] = Field(
+        default="exact",
+        description="How a mirrored answer is compared with the one the user got: `exact` (the same "
+        "text after normalisation: case, white space, a leading <think> block), `answer` (the same final "
+        "answer, taken by answerPattern; by default the built-in task's `Answer: N` or GSM8K's `#### N`).",
+    )
+    answer_pattern: str | None = Field(
+        default=None, max_length=512,
+        description="With compare: answer, a regular expression whose last match (its first group, or "
+        "the whole match) is the final answer.",
+    )
+    record_pairs: int = Field(
+        default=20, ge=0, le=200,
+        description="Compared pairs (disagreements first) each analysis logs to the rollout's MLflow "
+        "run, prompts and answers included; 0 logs none.",
+    )
+
+    @model_validator(mode="after")
+    def _pattern(self) -> "ShadowRouting":
+        if self.answer_pattern is not None:
+            import re
+
+            try:
+                re.compile(self.answer_pattern)
+            except re.error as e:
+                raise cross_field("answerPattern", self.answer_pattern, f"not a regular expression: {e}") from None
+            if self.compare != "answer":
+                raise cross_field("answerPattern", self.answer_pattern, "applies only with compare: answer")
+        return self
 
 
 class ReasoningRouting(ApiModel):
@@ -115,7 +146,14 @@ class Routing(ApiModel):
     dynamic: DynamicRouting | None = None
 
 
-Metric = Literal["errorRate", "latencyP95Ms", "accuracy", "errorRateVsStable"]
+Metric = Literal[
+    "errorRate", "latencyP95Ms", "accuracy", "errorRateVsStable",
+    "shadowAgreement", "shadowErrorRate", "shadowLatencyRatio",
+]
+#: Gates on a share of samples: decided on a confidence interval (`anneal.rollout.statistics`).
+RATE_METRICS = ("errorRate", "errorRateVsStable", "accuracy", "shadowAgreement", "shadowErrorRate")
+#: Gates on pairs of live answers: they need `routing.shadow` mirroring to the candidate.
+SHADOW_METRICS = ("shadowAgreement", "shadowErrorRate", "shadowLatencyRatio")
 
 
 class Gate(ApiModel):
@@ -168,8 +206,18 @@ DEFAULT_ERROR_GATE = {"metric": "errorRate", "max": 0.05}
 
 class Analysis(ApiModel):
     interval: Duration = "30s"
-    min_requests: int = Field(default=20, ge=0)
+    min_requests: int = Field(
+        default=20, ge=0,
+        description="A floor: fewer candidate requests (routed and mirrored) in the window make the "
+        "analysis wait, whatever the gates say.",
+    )
     failure_limit: int = Field(default=2, ge=0, le=100)
+    confidence: float = Field(
+        default=0.95, ge=0.5, le=0.999,
+        description="Level of the interval every rate gate (errorRate, errorRateVsStable, accuracy, "
+        "shadowAgreement, shadowErrorRate) is decided on: pass when the whole interval is on the right "
+        "side of the threshold, fail when it is wholly on the wrong side, wait otherwise.",
+    )
     gates: list[Gate] = Field(
         default_factory=list, max_length=16,
         description="Thresholds on the candidate's figures. Without an errorRate or errorRateVsStable "
@@ -350,6 +398,13 @@ class ModelServiceSpec(ApiModel):
                     raise cross_field(
                         f"rollout.{field}", getattr(self.rollout, field), f"must name a variant ({sorted(known)})"
                     )
+            for i, gate in enumerate(self.rollout.analysis.gates):
+                if gate.metric in SHADOW_METRICS and (r.shadow is None or r.shadow.variant != self.rollout.candidate):
+                    raise cross_field(
+                        f"rollout.analysis.gates[{i}].metric", gate.metric,
+                        f"a shadow gate compares the candidate's mirrored answers: set routing.shadow.variant "
+                        f"to the candidate ({self.rollout.candidate!r})",
+                    )
         return self
 
     def weights(self) -> dict[str, int]:
@@ -375,6 +430,19 @@ class ServicePhase(str, enum.Enum):
     FAILED = "Failed"
 
 
+class GateCheck(ApiModel):
+    """One gate of one analysis: the figure, its interval (rate gates) and the gate's verdict."""
+
+    metric: str
+    bound: Literal["max", "min"]
+    threshold: float
+    value: float | None = None
+    low: float | None = Field(default=None, description="Lower end of the confidence interval (rate gates).")
+    high: float | None = Field(default=None, description="Upper end of the confidence interval (rate gates).")
+    samples: int | None = Field(default=None, description="Observations the figure is computed over.")
+    verdict: Literal["pass", "fail", "wait"]
+
+
 class AnalysisResult(ApiModel):
     """One analysis of a rollout: its verdict, the figures it saw and why."""
 
@@ -386,6 +454,8 @@ class AnalysisResult(ApiModel):
     reason: str = ""
     consecutive_failures: int | None = None
     candidate_weight: int | None = None
+    gates: list[GateCheck] = Field(default_factory=list)
+    confidence: float | None = None
 
 
 class RolloutStatus(ApiModel):

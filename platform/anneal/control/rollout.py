@@ -51,6 +51,8 @@ class RegistryAction:
     reason: str = ""
     #: for ``started``: the gates every analysis checks, ``{"metric", "bound", "threshold"}``
     gates: tuple[dict[str, Any], ...] = ()
+    #: for ``analysed``: the window's compared shadow pairs (`anneal.serve.shadow.Pair.sample`)
+    pairs: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,8 @@ def registry_actions(events: list[Event], status: ModelServiceStatus) -> list[Re
             out.append(RegistryAction("started", d.get("candidate_model"), d.get("stable_model"),
                                       int(d.get("attempt") or 1), gates=tuple(d.get("gates") or ())))
         elif ev.reason in (Reason.ANALYSIS_PASSED, Reason.ANALYSIS_FAILED, Reason.ANALYSIS_WAITING):
-            out.append(RegistryAction("analysed", analysis=dict(d.get("analysis") or {})))
+            out.append(RegistryAction("analysed", analysis=dict(d.get("analysis") or {}),
+                                      pairs=tuple(d.get("pairs") or ())))
         elif ev.reason == Reason.PROMOTED:
             out.append(RegistryAction("promoted", d.get("candidate_model"),
                                       reason=str(rs.reason or "") if rs is not None else ""))

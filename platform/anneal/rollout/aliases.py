@@ -10,8 +10,10 @@ paths, ``hf://``, ``s3://`` — is left alone.
 * rolled back → the champion stays; the candidate version is tagged ``rolled-back`` with the
   reason and loses the challenger alias;
 * every analysis → metrics of one MLflow run per rollout attempt, tagged with both versions
-  (and the versions are tagged with that run's id); every weight change → metrics
-  ``rollout.weight.<variant>``; the gates → params ``gate.<metric>``;
+  (and the versions are tagged with that run's id), each rate gate's interval included;
+  every weight change → metrics ``rollout.weight.<variant>``; the gates → params
+  ``gate.<metric>``; each gate's verdict → a row of the table ``rollout/analyses.json``;
+  the compared shadow pairs (disagreements first) → rows of ``rollout/shadow_pairs.json``;
 * the rollout ends (promoted or rolled back) → its report, weights and gate figures over
   time, logged to the run as ``rollout/report.png`` and ``rollout/report.html``
   (`anneal.rollout.report`).
@@ -31,6 +33,13 @@ log = logging.getLogger(__name__)
 ROLLED_BACK_TAG = "rolled-back"
 TAG_RUN = "anneal.rollout.run_id"
 TAG_OUTCOME = "anneal.rollout.outcome"
+#: Table artifacts of a rollout run (JSON, appended to as analyses come).
+ANALYSES_TABLE = "rollout/analyses.json"
+PAIRS_TABLE = "rollout/shadow_pairs.json"
+#: Compared pairs one rollout run keeps at most (prompts and answers are ~2 KB a row).
+PAIRS_PER_RUN = 500
+#: Rows held before a table is appended to MLflow (each append rewrites the artifact).
+TABLE_FLUSH_ROWS = 50
 _REGISTRY_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[0-9]+)|@(?P<alias>[A-Za-z0-9_-]+))$")
 
 
@@ -99,6 +108,8 @@ class RolloutTracker:
         self._weights: dict[str, int] | None = None  # last logged to the run
         self._weight_changes = 0
         self._reports: list[threading.Thread] = []
+        self._pairs_logged: set[str] = set()
+        self._pending: dict[str, list[dict[str, Any]]] = {}
 
     # --------------------------------------------------------------------- events
 
@@ -113,6 +124,7 @@ class RolloutTracker:
         self.candidate = self._resolve(candidate_uri)
         self.stable = self._resolve(stable_uri)
         self._analyses = 0
+        self._pairs_logged = set()
         if self.candidate is not None and self.candidate == self.stable:
             # Same version on both sides (a config-only candidate): its aliases and tags
             # belong to the stable model; moving them would mislabel the champion.
@@ -144,8 +156,17 @@ class RolloutTracker:
         self._safe(self.client.log_batch, self.run_id,
                    metrics=[Metric(f"rollout.weight.{v}", float(w), ts, n) for v, w in sorted(weights.items())])
 
-    def analysed(self, figures: Mapping[str, float | None], verdict: str, step: int, weight: int) -> None:
-        """Log one analysis as metrics of the rollout run."""
+    def analysed(self, figures: Mapping[str, float | None], verdict: str, step: int, weight: int,
+                 gates: list[Mapping[str, Any]] | tuple[Mapping[str, Any], ...] = (),
+                 pairs: tuple[Mapping[str, Any], ...] = (), reason: str = "") -> None:
+        """Log one analysis to the rollout run.
+
+        Metrics: every figure, each rate gate's interval (``analysis.<gate>.low|high``), the
+        verdict, step and weight. Tables (JSON artifacts, appended to): ``rollout/analyses.json``
+        one row per gate per analysis (estimate, interval, samples, verdict), and
+        ``rollout/shadow_pairs.json`` the compared pairs not logged before (capped per run), so
+        a person can read the disagreements behind a verdict.
+        """
         if self.run_id is None:
             return
         from mlflow.entities import Metric
@@ -154,12 +175,43 @@ class RolloutTracker:
         n = self._analyses
         self._analyses += 1
         metrics = [Metric(f"analysis.{k}", float(v), ts, n) for k, v in figures.items() if v is not None]
+        for g in gates:
+            for end in ("low", "high"):
+                if g.get(end) is not None:
+                    metrics.append(Metric(f"analysis.{g['metric']}.{end}", float(g[end]), ts, n))
         metrics += [
             Metric("analysis.verdict", {"pass": 1.0, "wait": 0.0, "fail": -1.0}[verdict], ts, n),
             Metric("rollout.step", float(step), ts, n),
             Metric("rollout.candidateWeight", float(weight), ts, n),
         ]
         self._safe(self.client.log_batch, self.run_id, metrics=metrics)
+        if gates:
+            rows = [{"analysis": n, "time": ts / 1000, "step": step, "candidateWeight": weight,
+                     "verdict": verdict, "reason": reason[:1000], "gate": g.get("metric"), "bound": g.get("bound"),
+                     "threshold": g.get("threshold"), "value": g.get("value"), "low": g.get("low"),
+                     "high": g.get("high"), "samples": g.get("samples"), "gateVerdict": g.get("verdict")}
+                    for g in gates]
+            self._pending.setdefault(ANALYSES_TABLE, []).extend(rows)
+        new = [dict(p, analysis=n) for p in pairs if p.get("requestId") not in self._pairs_logged]
+        room = PAIRS_PER_RUN - len(self._pairs_logged)
+        if new and room > 0:
+            new = new[:room]
+            self._pairs_logged.update(str(p.get("requestId")) for p in new)
+            self._pending.setdefault(PAIRS_TABLE, []).extend(new)
+        # A verdict that decides something is readable at once; waits are batched.
+        self.flush_tables(force=verdict != "wait")
+
+    def flush_tables(self, force: bool = True) -> None:
+        """Append the held table rows to the run's artifacts (all of them, or those over the batch size)."""
+        if self.run_id is None:
+            return
+        for artifact_file, rows in list(self._pending.items()):
+            if not rows or (not force and len(rows) < TABLE_FLUSH_ROWS):
+                continue
+            self._pending[artifact_file] = []
+            columns = sorted({k for r in rows for k in r})
+            data = {c: [r.get(c) for r in rows] for c in columns}
+            self._safe(self.client.log_table, self.run_id, data=data, artifact_file=artifact_file)
 
     def promoted(self, reason: str = "", candidate_uri: str | None = None) -> None:
         """The candidate becomes champion and stops being challenger.
@@ -209,7 +261,8 @@ class RolloutTracker:
                 self.weighted(status.weights or {})  # the rollout's first weights, before any analysis
             elif a.kind == "analysed":
                 self.analysed(a.analysis.get("figures") or {}, a.analysis.get("verdict", "wait"),
-                              int(a.analysis.get("step", 0)), int(a.analysis.get("candidateWeight", 0)))
+                              int(a.analysis.get("step", 0)), int(a.analysis.get("candidateWeight", 0)),
+                              a.analysis.get("gates") or (), a.pairs, str(a.analysis.get("reason") or ""))
             elif a.kind == "promoted":
                 self.weighted(status.weights or {})  # the final split goes in before the run closes
                 self.promoted(a.reason, a.candidate_model)
@@ -274,7 +327,9 @@ class RolloutTracker:
     def _close_run(self, outcome: str, reason: str = "") -> None:
         if self.run_id is None:
             return
+        self.flush_tables()
         run_id, self.run_id = self.run_id, None
+        self._pending = {}
         self._safe(self.client.set_tag, run_id, TAG_OUTCOME, outcome)
         if reason:
             self._safe(self.client.set_tag, run_id, "anneal.rollout.reason", reason[:5000])

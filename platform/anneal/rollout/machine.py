@@ -44,6 +44,7 @@ from typing import Any, Literal, Mapping
 from anneal.api.common import parse_duration
 from anneal.api.service import (
     AnalysisResult,
+    GateCheck,
     ModelServiceSpec,
     ModelServiceStatus,
     RolloutStatus,
@@ -576,13 +577,15 @@ def _analyse(p: _Pass, window: StatsWindow, current: RolloutStep) -> bool:
     result = AnalysisResult(
         time=_iso(p.now), step=rs.step, verdict=outcome.verdict, figures=outcome.figures,
         failed_gates=outcome.failed_gates, reason=outcome.reason,
+        gates=[GateCheck.model_validate(g.to_check()) for g in outcome.gates], confidence=r.analysis.confidence,
     )
     result.consecutive_failures = rs.consecutive_failures
     result.candidate_weight = p.weights.get(r.candidate, 0)
     rs.last_analysis = result
     rs.history = (rs.history + [result])[-HISTORY_LIMIT:]
     limit = r.analysis.failure_limit
-    data = {"analysis": result.to_dict()}
+    # The compared pairs go to MLflow with the analysis, never into status (prompts, answers, size).
+    data = {"analysis": result.to_dict(), "pairs": list(outcome.pair_samples)}
     if outcome.verdict == "pass":
         p.event("Normal", Reason.ANALYSIS_PASSED, f"step {rs.step}: analysis passed: {outcome.reason}", **data)
     elif outcome.verdict == "wait":

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -31,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from anneal.serve import auth, protocol
 from anneal.serve.engines import ContextLengthExceeded, GenerateRequest, GenerateResult, StreamPiece
 from anneal.serve.metrics import ServiceMetrics, merge_stats
+from anneal.serve.shadow import make_pair
 from anneal.serve.routing import (
     REASON_OVERRIDE,
     DynamicPolicy,
@@ -98,6 +100,9 @@ class AppArgs(BaseModel):
     override_header: str = "x-anneal-variant"
     shadow_variant: str | None = None
     shadow_percent: float = 0.0
+    shadow_compare: Literal["exact", "answer"] = "exact"
+    shadow_answer_pattern: str | None = None
+    shadow_record_pairs: int = 20
     reasoning: dict[str, Any] = Field(default_factory=dict)
     dynamic: dict[str, Any] | None = None
     router_replicas: int = 1
@@ -184,6 +189,9 @@ def args_from_spec(
         override_header=routing.override_header.lower(),
         shadow_variant=routing.shadow.variant if routing.shadow else None,
         shadow_percent=routing.shadow.percent if routing.shadow else 0.0,
+        shadow_compare=routing.shadow.compare if routing.shadow else "exact",
+        shadow_answer_pattern=routing.shadow.answer_pattern if routing.shadow else None,
+        shadow_record_pairs=routing.shadow.record_pairs if routing.shadow else 20,
         reasoning=routing.reasoning.model_dump(),
         dynamic=routing.dynamic.model_dump() if routing.policy == "dynamic" and routing.dynamic else None,
         router_num_cpus=round(0.5 * cpu_scale, 4),
@@ -440,6 +448,22 @@ def write_decisions_to_mlflow(tracking_uri: str, experiment: str, service: str, 
     return run_id
 
 
+_UNSET: Any = object()
+
+
+class _PairSlot:
+    """The two halves of one mirrored request while they come in (see `Router._pair_done`)."""
+
+    __slots__ = ("rid", "primary_variant", "shadow_variant", "prompt", "primary", "shadow",
+                 "primary_set", "shadow_set")
+
+    def __init__(self, rid: str, primary_variant: str, shadow_variant: str, prompt: str):
+        self.rid, self.primary_variant, self.shadow_variant, self.prompt = rid, primary_variant, shadow_variant, prompt
+        self.primary: tuple[str, float] | None = None
+        self.shadow: tuple[str | None, float] | None = None
+        self.primary_set = self.shadow_set = False
+
+
 # No `from __future__ import annotations` here: FastAPI must see real types on the routes
 # (`request: Request`), and the snapshot holds no globals for string annotations.
 api = FastAPI(title="Anneal ModelService", docs_url=None, redoc_url=None)
@@ -488,6 +512,7 @@ class Router:
         self.defaults = {v.name: v for v in self.args.variants}
         self._shadow_tasks: set[asyncio.Task] = set()
         self.shadow_dropped = 0
+        self._answer_pattern = re.compile(self.args.shadow_answer_pattern) if self.args.shadow_answer_pattern else None
         self._decisions: list[dict[str, Any]] = []
         self._flusher: asyncio.Task | None = None
         self._mlflow_run_id: str | None = None
@@ -559,7 +584,7 @@ class Router:
         return dict(self.weights)
 
     def local_stats(self, since: float | None = None) -> dict[str, Any]:
-        doc = self.metrics.stats(since, self.weights)
+        doc = self.metrics.stats(since, self.weights, self.args.shadow_record_pairs)
         doc["replica"] = self.replica
         doc["shadow_dropped"] = self.shadow_dropped
         return doc
@@ -584,6 +609,7 @@ class Router:
         # Serve's proxy gives every request an id (and echoes it in the `x-request-id` response header).
         rid = protocol.new_id(kind, request.headers.get("x-request-id"))
         decision: RouteDecision | None = None
+        pair: _PairSlot | None = None
         try:
             headers = _headers(request)
             level = auth.check(self.keys, headers, admin=False)
@@ -615,18 +641,22 @@ class Router:
             self._log_decision(rid, decision)
             req = self._engine_request(parsed, decision)
             if decision.shadow:
-                self._mirror(decision.shadow, req)
+                pair = self._mirror(decision.shadow, req, rid, decision.variant, parsed)
             route_headers = {"x-anneal-variant": decision.variant, "x-anneal-route-reason": decision.reason,
                              "x-anneal-reasoning": decision.reasoning}
             if parsed.stream:
-                return await self._stream(parsed, decision, req, rid, start, route_headers)
+                return await self._stream(parsed, decision, req, rid, start, route_headers, pair)
             result = await self._call(decision.variant, req)
         except protocol.ApiError as e:
+            if pair is not None:
+                self._pair_done(pair, primary=None)
             if decision is not None and e.status >= 500:
                 self.metrics.record(decision.variant, (time.perf_counter() - start) * 1000, True,
                                     pinned=decision.reason == REASON_OVERRIDE)
             return _error_response(e, decision, rid)
         latency = (time.perf_counter() - start) * 1000
+        if pair is not None:
+            self._pair_done(pair, primary=(result.text, latency))
         self.metrics.record(decision.variant, latency, False, result.prompt_tokens, result.completion_tokens,
                             pinned=decision.reason == REASON_OVERRIDE)
         body = protocol.completion_body(kind, rid, decision.variant, result.text, result.finish_reason,
@@ -670,7 +700,7 @@ class Router:
             raise _upstream_error(variant, e) from None
 
     async def _stream(self, parsed: protocol.ParsedRequest, decision: RouteDecision, req: GenerateRequest,
-                      rid: str, start: float, headers: dict[str, str]) -> Response:
+                      rid: str, start: float, headers: dict[str, str], pair: "_PairSlot | None" = None) -> Response:
         gen = self.handles[decision.variant].options(stream=True).stream.remote(req)
         timeout = self.args.request_timeout_s
         try:
@@ -691,8 +721,10 @@ class Router:
             error = False
             last = StreamPiece("", "stop")
             is_first = True
+            texts: list[str] = []
             try:
                 while piece is not None:
+                    texts.append(piece.text)
                     if piece.finish_reason is not None:
                         last = piece
                         if piece.text:
@@ -718,7 +750,10 @@ class Router:
                 err = e if isinstance(e, protocol.ApiError) else _upstream_error(decision.variant, e)
                 yield protocol.sse(err.body())
             finally:
-                self.metrics.record(decision.variant, (time.perf_counter() - start) * 1000, error,
+                latency = (time.perf_counter() - start) * 1000
+                if pair is not None:
+                    self._pair_done(pair, primary=None if error else ("".join(texts), latency))
+                self.metrics.record(decision.variant, latency, error,
                                     last.prompt_tokens, last.completion_tokens,
                                     pinned=decision.reason == REASON_OVERRIDE)
             yield protocol.sse("[DONE]")
@@ -727,23 +762,53 @@ class Router:
                                  headers={**headers, "cache-control": "no-cache"})
 
     # ---- shadow
-    def _mirror(self, variant: str, req: GenerateRequest) -> None:
+    def _mirror(self, variant: str, req: GenerateRequest, rid: str, primary: str,
+                parsed: protocol.ParsedRequest) -> "_PairSlot | None":
+        """Send a copy of `req` to `variant` in the background; the slot its answer is paired in."""
         if len(self._shadow_tasks) >= self.args.max_shadow_in_flight:
             self.shadow_dropped += 1  # shadow traffic must never queue up behind the caller's
-            return
-        task = asyncio.get_running_loop().create_task(self._shadow(variant, req))
+            return None
+        prompt = parsed.prompt if parsed.messages is None else (parsed.messages[-1].get("content") or "")
+        slot = _PairSlot(rid, primary, variant, prompt or "")
+        task = asyncio.get_running_loop().create_task(self._shadow(variant, req, slot))
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
+        return slot
 
-    async def _shadow(self, variant: str, req: GenerateRequest) -> None:
+    async def _shadow(self, variant: str, req: GenerateRequest, slot: "_PairSlot | None" = None) -> None:
         start = time.perf_counter()
         try:
             result = await self._call(variant, req)
         except Exception:
-            self.metrics.record(variant, (time.perf_counter() - start) * 1000, True, shadow=True)
+            latency = (time.perf_counter() - start) * 1000
+            self.metrics.record(variant, latency, True, shadow=True)
+            if slot is not None:
+                self._pair_done(slot, shadow=(None, latency))
             return
-        self.metrics.record(variant, (time.perf_counter() - start) * 1000, False, result.prompt_tokens,
-                            result.completion_tokens, shadow=True)
+        latency = (time.perf_counter() - start) * 1000
+        self.metrics.record(variant, latency, False, result.prompt_tokens, result.completion_tokens, shadow=True)
+        if slot is not None:
+            self._pair_done(slot, shadow=(result.text, latency))
+
+    def _pair_done(self, slot: "_PairSlot", *, primary: Any = _UNSET, shadow: Any = _UNSET) -> None:
+        """One side of a mirrored request finished; with both, the pair is compared and kept.
+
+        `primary` is ``(text, ms)`` or None when the user's call failed (no reference: no pair);
+        `shadow` is ``(text, ms)``, text None when the mirrored call failed.
+        """
+        if primary is not _UNSET:
+            slot.primary, slot.primary_set = primary, True
+        if shadow is not _UNSET:
+            slot.shadow, slot.shadow_set = shadow, True
+        if not (slot.primary_set and slot.shadow_set) or slot.primary is None:
+            return
+        (primary_text, primary_ms), (shadow_text, shadow_ms) = slot.primary, slot.shadow
+        self.metrics.record_pair(make_pair(
+            time=self.metrics.clock(), request_id=slot.rid, primary=slot.primary_variant,
+            shadow=slot.shadow_variant, prompt=slot.prompt, primary_answer=primary_text,
+            shadow_answer=shadow_text, primary_ms=primary_ms, shadow_ms=shadow_ms,
+            compare=self.args.shadow_compare, pattern=self._answer_pattern,
+        ))
 
     # ---- decision log
     def _log_decision(self, rid: str, d: RouteDecision) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from anneal.serve.routing import percentile
+from anneal.serve.shadow import Pair, merge_summaries, summarise
 
 #: Latency histogram bucket upper bounds in ms: 0.25 ms · 1.25^k up to ~10 min (≈ 12% resolution).
 LATENCY_BUCKETS_MS: tuple[float, ...] = tuple(round(0.25 * 1.25**k, 4) for k in range(80))
@@ -105,7 +106,24 @@ class ServiceMetrics:
         self.routes: Counter[str] = Counter()
         self.ring: deque[RequestRecord] = deque(maxlen=ring_size)
         self.shadow_ring: deque[RequestRecord] = deque(maxlen=max(1024, ring_size // 8))
+        #: Mirrored answers paired with the answer the user got (`anneal.serve.shadow`).
+        self.pair_ring: deque[Pair] = deque(maxlen=max(1024, ring_size // 16))
         self.started = clock()
+
+    def record_pair(self, pair: Pair) -> None:
+        self.pair_ring.append(pair)
+
+    def pairs(self, since: float | None, samples: int = 20) -> dict[str, dict[str, Any]]:
+        """Pair figures since `since` (the whole ring when None): ``{shadow: {primary: summary}}``."""
+        groups: dict[tuple[str, str], list[Pair]] = {}
+        for p in reversed(self.pair_ring):
+            if since is not None and p.time < since:
+                break
+            groups.setdefault((p.shadow, p.primary), []).append(p)
+        out: dict[str, dict[str, Any]] = {}
+        for (shadow, primary), group in sorted(groups.items()):
+            out.setdefault(shadow, {})[primary] = summarise(group, samples)
+        return out
 
     def record_route(self, reason_prefix: str) -> None:
         self.routes[reason_prefix] += 1
@@ -133,10 +151,11 @@ class ServiceMetrics:
             out.setdefault(r.variant, []).append(r)
         return out
 
-    def stats(self, since: float | None, weights: Mapping[str, int]) -> dict[str, Any]:
+    def stats(self, since: float | None, weights: Mapping[str, int], pair_samples: int = 20) -> dict[str, Any]:
         """The `GET /-/stats` document (contract 1)."""
         now = self.clock()
         recent = self.window(since) if since is not None else {}
+        recent_shadow = self.window(since, shadow=True) if since is not None else {}
         variants: dict[str, Any] = {}
         for name in sorted(set(self.variants) | set(self.totals)):
             t = self.totals.get(name, _Totals())
@@ -150,10 +169,15 @@ class ServiceMetrics:
             else:
                 entry["window"] = entry["total"]
             variants[name] = entry
-        shadow = {
-            name: {"requests": t.requests, "errors": t.errors, "latencyP95Ms": _round(t.quantile(95))}
-            for name, t in sorted(self.shadow_totals.items())
-        }
+        shadow: dict[str, Any] = {}
+        for name, t in sorted(self.shadow_totals.items()):
+            shadow[name] = {"requests": t.requests, "errors": t.errors, "latencyP95Ms": _round(t.quantile(95))}
+            if since is not None:
+                rs = recent_shadow.get(name, [])
+                shadow[name]["window"] = {
+                    "requests": len(rs), "errors": sum(r.error for r in rs),
+                    "latencyP95Ms": _round(percentile(sorted(r.latency_ms for r in rs), 95)),
+                }
         pinned = {
             name: {"requests": t.requests, "errors": t.errors,
                    "errorRate": t.errors / t.requests if t.requests else 0.0,
@@ -166,6 +190,7 @@ class ServiceMetrics:
             "weights": dict(weights),
             "variants": variants,
             "shadow": shadow,
+            "pairs": self.pairs(since, pair_samples),
             "pinned": pinned,
             "routes": dict(sorted(self.routes.items())),
         }
@@ -234,7 +259,8 @@ def merge_stats(docs: list[dict[str, Any]]) -> dict[str, Any]:
     if len(docs) == 1:
         return docs[0]
     out = {"time": max(d["time"] for d in docs), "since": docs[0].get("since"), "weights": docs[0]["weights"],
-           "variants": {}, "shadow": {}, "pinned": {}, "routes": {}}
+           "variants": {}, "shadow": {}, "pairs": {}, "pinned": {}, "routes": {}}
+    pair_parts: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for d in docs:
         for name, entry in d["variants"].items():
             target = out["variants"].setdefault(name, {})
@@ -246,8 +272,19 @@ def merge_stats(docs: list[dict[str, Any]]) -> dict[str, Any]:
                 target["requests"] += s["requests"]
                 target["errors"] += s["errors"]
                 target["latencyP95Ms"] = _max(target["latencyP95Ms"], s["latencyP95Ms"])
+                if "window" in s:
+                    w = target.setdefault("window", {"requests": 0, "errors": 0, "latencyP95Ms": None})
+                    w["requests"] += s["window"]["requests"]
+                    w["errors"] += s["window"]["errors"]
+                    w["latencyP95Ms"] = _max(w["latencyP95Ms"], s["window"]["latencyP95Ms"])
+        for shadow_name, by_primary in (d.get("pairs") or {}).items():
+            for primary, summary in by_primary.items():
+                pair_parts.setdefault((shadow_name, primary), []).append(summary)
         for reason, n in d["routes"].items():
             out["routes"][reason] = out["routes"].get(reason, 0) + n
+    samples = max((len(p.get("samples") or []) for parts in pair_parts.values() for p in parts), default=0)
+    for (shadow_name, primary), parts in sorted(pair_parts.items()):
+        out["pairs"].setdefault(shadow_name, {})[primary] = merge_summaries(parts, samples)
     return out
 
 
