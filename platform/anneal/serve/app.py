@@ -594,7 +594,7 @@ class Router:
             me = serve.get_deployment_handle(ROUTER_DEPLOYMENT, self.args.service)
             results = await asyncio.wait_for(me.broadcast("local_stats", since).results_async(), timeout=10)
             docs = [r for r in results if isinstance(r, dict)]
-            merged = merge_stats(docs or [own])
+            merged = merge_stats(docs or [own], self.args.shadow_record_pairs)
             merged["replicas"] = len(docs)
             return merged
         except Exception as e:  # a partial answer beats none: say so

@@ -248,11 +248,12 @@ def _cumulative(buckets: list[int]) -> list[tuple[str, int]]:
     return out
 
 
-def merge_stats(docs: list[dict[str, Any]]) -> dict[str, Any]:
+def merge_stats(docs: list[dict[str, Any]], pair_samples: int = 20) -> dict[str, Any]:
     """Combine the `/-/stats` documents of several router replicas into one.
 
     Counts and tokens add up; error rates are recomputed; latency percentiles take the
-    maximum over replicas (an upper bound, which is what a latency gate needs).
+    maximum over replicas (an upper bound, which is what a latency gate needs); shadow pairs
+    add up per direction, with up to `pair_samples` sample pairs pooled, disagreements first.
     """
     if not docs:
         raise ValueError("no stats to merge")
@@ -282,9 +283,8 @@ def merge_stats(docs: list[dict[str, Any]]) -> dict[str, Any]:
                 pair_parts.setdefault((shadow_name, primary), []).append(summary)
         for reason, n in d["routes"].items():
             out["routes"][reason] = out["routes"].get(reason, 0) + n
-    samples = max((len(p.get("samples") or []) for parts in pair_parts.values() for p in parts), default=0)
     for (shadow_name, primary), parts in sorted(pair_parts.items()):
-        out["pairs"].setdefault(shadow_name, {})[primary] = merge_summaries(parts, samples)
+        out["pairs"].setdefault(shadow_name, {})[primary] = merge_summaries(parts, pair_samples)
     return out
 
 

@@ -1,0 +1,127 @@
+"""Shadow comparison: answer extraction, pairing (missing or failed mirrors), window figures, merging."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from anneal.serve.metrics import ServiceMetrics, merge_stats
+from anneal.serve.shadow import agree, extract, make_pair, merge_summaries, normalise, summarise
+
+
+@pytest.mark.parametrize(
+    "text, pattern, want",
+    [
+        ("<think>\n5 + 3 = 8\n</think>\nAnswer: 8", None, "8"),
+        ("Answer: 7. No wait. Answer: 9", None, "9"),  # the last one counts
+        ("so #### 1,234", None, "1234"),
+        ("I think it is eight", None, None),
+        ("The capital is Paris.", r"capital is (\w+)", "paris"),
+        ("B is better", r"\b[AB]\b", "b"),  # no group: the whole match
+        ("nothing here", r"capital is (\w+)", None),
+    ],
+)
+def test_extract(text, pattern, want):
+    assert extract(text, re.compile(pattern) if pattern else None) == want
+
+
+@pytest.mark.parametrize(
+    "a, b, compare, want",
+    [
+        ("Answer: 8", "  answer:   8. ", "exact", True),
+        ("<think>steps</think> Answer: 8", "Answer: 8", "exact", True),
+        ("Answer: 8", "Answer: 9", "exact", False),
+        ("<think>5+3</think>\nAnswer: 8", "Answer: 8", "answer", True),
+        ("Long way round... Answer: 8", "Answer: 8", "answer", True),
+        ("Answer: 8", "Answer: 7", "answer", False),
+        ("Answer: 8", "no idea", "answer", False),  # one side without an answer disagrees
+        ("hello there", "Hello there", "answer", True),  # neither has one: the texts decide
+    ],
+)
+def test_agree(a, b, compare, want):
+    assert agree(a, b, compare) is want
+
+
+def test_normalise():
+    assert normalise("<think>x</think>\n  The  Answer\tIS 8. ") == "the answer is 8"
+
+
+def _pair(t, agree_, *, failed=False, primary_ms=10.0, shadow_ms=20.0, rid=None):
+    return make_pair(time=t, request_id=rid or f"r{t}", primary="stable", shadow="canary", prompt="q" * 2000,
+                     primary_answer="Answer: 7", shadow_answer=None if failed else ("Answer: 7" if agree_ else "Answer: 8"),
+                     primary_ms=primary_ms, shadow_ms=shadow_ms, compare="answer")
+
+
+def test_a_failed_mirror_is_an_error_not_a_disagreement_sample():
+    p = _pair(1.0, True, failed=True)
+    assert p.shadow_error and not p.agree and p.shadow_answer == "" and p.shadow_final is None
+    assert len(p.prompt) == 600  # the end of a long prompt is kept (the question is last)
+
+
+def test_summarise_counts_orders_samples_and_takes_the_median_ratio():
+    pairs = [_pair(1, True, shadow_ms=10), _pair(2, False, shadow_ms=30), _pair(3, True, shadow_ms=20),
+             _pair(4, True, failed=True), _pair(5, False, shadow_ms=40)]
+    s = summarise(pairs, samples=3)
+    assert (s["mirrored"], s["shadowErrors"], s["pairs"], s["agreements"]) == (5, 1, 4, 2)
+    assert s["latencyRatioP50"] == 2.0  # ratios 1, 3, 2, 4 → nearest-rank median 2
+    # Disagreements (the failure included) first, newest first; then agreements.
+    assert [r["requestId"] for r in s["samples"]] == ["r5", "r4", "r2"]
+    assert s["samples"][0]["stableFinal"] == "7" and s["samples"][0]["candidateFinal"] == "8"
+    assert summarise(pairs, samples=0)["samples"] == []
+
+
+def test_metrics_window_pairs_by_direction_and_since():
+    now = [100.0]
+    m = ServiceMetrics(["stable", "canary"], clock=lambda: now[0])
+    m.record_pair(_pair(90, True))
+    m.record_pair(_pair(101, False))
+    m.record_pair(make_pair(time=102, request_id="x", primary="canary", shadow="stable", prompt="", primary_answer="a",
+                            shadow_answer="a", primary_ms=1, shadow_ms=1))
+    doc = m.stats(100.0, {"stable": 100, "canary": 0})
+    assert doc["pairs"]["canary"]["stable"]["pairs"] == 1 and doc["pairs"]["canary"]["stable"]["agreements"] == 0
+    assert doc["pairs"]["stable"]["canary"]["agreements"] == 1
+    assert m.stats(None, {})["pairs"]["canary"]["stable"]["pairs"] == 2  # no since: the whole ring
+
+
+def test_merge_stats_adds_pair_counts_of_router_replicas():
+    docs = []
+    for agree_ in (True, False):
+        m = ServiceMetrics(["stable", "canary"], clock=lambda: 5.0)
+        m.record("canary", 3.0, False, shadow=True)
+        m.record_pair(_pair(5.0, agree_, rid=f"r{agree_}"))
+        docs.append(m.stats(0.0, {"stable": 100, "canary": 0}))
+    merged = merge_stats(docs)
+    p = merged["pairs"]["canary"]["stable"]
+    assert (p["pairs"], p["agreements"], len(p["samples"])) == (2, 1, 2)
+    assert p["samples"][0]["agree"] is False
+    assert merged["shadow"]["canary"]["window"]["requests"] == 2
+    assert merge_summaries([{"pairs": 3, "latencyRatioP50": 1.5}, {"pairs": 9, "latencyRatioP50": 2.5}])[
+        "latencyRatioP50"] == 2.5  # the replica with the most pairs
+
+
+def test_a_shadow_only_stage_is_judged_on_mirrored_requests():
+    """Weight 0: no routed request, yet minRequests, errorRate and shadowAgreement are measured."""
+    from anneal.api.service import ModelServiceSpec
+    from anneal.rollout.analysis import StatsWindow, evaluate
+
+    spec = ModelServiceSpec.model_validate({
+        "variants": [{"name": "stable", "model": {"uri": "/m/1"}, "weight": 100},
+                     {"name": "canary", "model": {"uri": "/m/2"}, "weight": 0}],
+        "routing": {"shadow": {"variant": "canary", "percent": 100, "compare": "answer"}},
+        "rollout": {"stable": "stable", "candidate": "canary", "steps": [{"setWeight": 0}, {"analysis": {}}],
+                    "analysis": {"minRequests": 10, "gates": [{"metric": "shadowAgreement", "min": 0.9}]}},
+    })
+    m = ServiceMetrics(["stable", "canary"], clock=lambda: 10.0)
+    for i in range(80):
+        m.record("stable", 5.0, False)
+        m.record("canary", 4.0, False, shadow=True)
+        m.record_pair(_pair(10.0, True, rid=f"r{i}"))
+    window = StatsWindow.from_stats(m.stats(0.0, {"stable": 100, "canary": 0}))
+    out = evaluate(spec.rollout.analysis, window, "stable", "canary")
+    assert out.verdict == "pass", out.reason
+    assert out.figures["requests"] == 0 and out.figures["shadowRequests"] == 80
+    assert out.figures["errorRate"] == 0.0 and out.figures["latencyP95Ms"] == 4.0
+    checks = {g.metric: g for g in out.gates}
+    assert checks["shadowAgreement"].samples == 80 and checks["errorRate"].samples == 80  # default error gate
+    assert len(out.pair_samples) == 20
