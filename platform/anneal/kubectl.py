@@ -56,17 +56,26 @@ def _step_text(step: Any) -> str:
 
 
 def _gate_rows(gates: list[Any], analysis: Mapping[str, Any] | None) -> list[str]:
-    """Each gate of the analysis with the figure it saw, its threshold and whether it held."""
+    """Each gate of the analysis: the figure it saw, for a rate gate the confidence interval it
+    was decided on (and over how many samples), its threshold, and its verdict."""
     figures = (analysis or {}).get("figures") or {}
     failed = set((analysis or {}).get("failedGates") or [])
+    checks = {c.get("metric"): c for c in (analysis or {}).get("gates") or []}
     rows = []
     for g in gates:
         value = figures.get(g.metric)
         bound = " and ".join(x for x in (f">= {g.min:g}" if g.min is not None else "",
                                           f"<= {g.max:g}" if g.max is not None else "") if x)
-        verdict = "fail" if g.metric in failed else ("-" if value is None else "ok")
+        check = checks.get(g.metric) or {}
+        if check:
+            verdict = {"pass": "ok", "fail": "fail"}.get(check.get("verdict"), "wait" if value is not None else "-")
+        else:  # an analysis written before per-gate checks
+            verdict = "fail" if g.metric in failed else ("-" if value is None else "ok")
         shown = "n/a" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
-        rows.append(f"  {g.metric:<20} {shown:>10}  {bound:<16} {verdict}")
+        interval = ""
+        if check.get("low") is not None and check.get("high") is not None:
+            interval = f"[{check['low']:.3g}, {check['high']:.3g}] n={check.get('samples')}"
+        rows.append(f"  {g.metric:<20} {shown:>10}  {interval:<22} {bound:<16} {verdict}")
     return rows
 
 
@@ -110,7 +119,9 @@ def rollout_view(obj: Mapping[str, Any], history: int = 5) -> str:
     if last:
         lines.append(f"Last analysis: {last.get('verdict')} at {last.get('time')} (step {last.get('step')}, "
                      f"candidate at {last.get('candidateWeight')}%)" + (f": {last['reason']}" if last.get("reason") else ""))
-        lines.append(f"  {'gate':<20} {'figure':>10}  {'threshold':<16} verdict")
+        confidence = last.get("confidence")
+        lines.append(f"  {'gate':<20} {'figure':>10}  {'interval' + (f' ({confidence:.0%})' if confidence else ''):<22} "
+                     f"{'threshold':<16} verdict")
         lines.extend(_gate_rows(parsed.analysis.effective_gates() if parsed is not None else [], last))
         extra = {k: v for k, v in (last.get("figures") or {}).items() if v is not None}
         if extra:

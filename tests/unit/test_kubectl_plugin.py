@@ -71,3 +71,20 @@ def test_lineage_walks_from_the_deployed_version_back_to_the_teacher():
     assert "  └─ source: models:/math-student/1  DistillationJob (kd)  DistillationJob/team/math-student" in text
     assert "    └─ teacher: models:/math-teacher/1  DistillationJob (sft)" in text
     assert "deployed as teacher (50%): /local/teacher  [not a registered model]" in text
+
+
+def test_each_gate_shows_its_interval_samples_and_verdict():
+    checks = [{"metric": "accuracy", "bound": "min", "threshold": 0.8, "value": 0.9, "low": 0.74, "high": 0.97,
+               "samples": 40, "verdict": "wait"},
+              {"metric": "errorRate", "bound": "max", "threshold": 0.05, "value": 0.0, "low": 0.0, "high": 0.0456,
+               "samples": 80, "verdict": "pass"}]
+    svc = {**SERVICE, "status": {**SERVICE["status"], "rollout": {
+        **SERVICE["status"]["rollout"], "lastAnalysis": {**SERVICE["status"]["rollout"]["lastAnalysis"],
+                                                         "verdict": "wait", "gates": checks, "confidence": 0.95}}}}
+    text = rollout_view(svc)
+    assert "interval (95%)" in text
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()
+            if line.startswith(("  accuracy ", "  errorRate "))}
+    # The point estimate 0.9 is above 0.8, but its interval reaches below it: the gate waits.
+    assert rows["accuracy"] == ["0.9", "[0.74,", "0.97]", "n=40", ">=", "0.8", "wait"]
+    assert rows["errorRate"] == ["0", "[0,", "0.0456]", "n=80", "<=", "0.05", "ok"]
