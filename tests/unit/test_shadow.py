@@ -125,3 +125,74 @@ def test_a_shadow_only_stage_is_judged_on_mirrored_requests():
     checks = {g.metric: g for g in out.gates}
     assert checks["shadowAgreement"].samples == 80 and checks["errorRate"].samples == 80  # default error gate
     assert len(out.pair_samples) == 20
+
+
+# ------------------------------------------------------- the router's pairing, in process
+
+def _router(monkeypatch, canary: dict):
+    """The real Router and FastAPI app (tests/unit/test_serve_hardening.py's harness), every
+    request mirrored to `canary`; each variant's engine requests are recorded."""
+    from anneal.serve.app import VariantArgs
+    from tests.unit.test_serve_hardening import make_router
+
+    variants = [VariantArgs(name="stable", engine="echo", max_tokens=32), VariantArgs(name="canary", **canary)]
+    router, _, client = make_router(monkeypatch, variants=variants, shadow_variant="canary", shadow_percent=100,
+                                    shadow_compare="exact")
+    seen: dict[str, list] = {"stable": [], "canary": []}
+    for name, handle in router.handles.items():
+        remote = handle.generate.remote
+
+        def record(req, _remote=remote, _name=name):
+            seen[_name].append(req)
+            return _remote(req)
+
+        handle.generate.remote = record
+    return router, client, seen
+
+
+def _pairs(router, n: int, timeout_s: float = 5.0) -> list:
+    import time
+
+    deadline = time.time() + timeout_s
+    while len(router.metrics.pair_ring) < n and time.time() < deadline:
+        time.sleep(0.02)
+    return list(router.metrics.pair_ring)
+
+
+CHAT = {"messages": [{"role": "user", "content": "Ana has 5 apples and buys 3. How many?"}]}
+
+
+def test_the_router_pairs_a_mirrored_answer_with_the_users_and_asks_with_the_candidates_settings(monkeypatch):
+    router, client, seen = _router(monkeypatch, {"engine": "echo", "temperature": 1.5, "max_tokens": 7})
+    with client:
+        r = client.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200 and r.headers["x-anneal-variant"] == "stable"
+        (pair,) = _pairs(router, 1)
+        assert (pair.primary, pair.shadow, pair.agree, pair.shadow_error) == ("stable", "canary", True, False)
+        assert pair.prompt == CHAT["messages"][0]["content"] and pair.request_id.startswith("chatcmpl")
+        # The mirror is asked as the candidate would be: its temperature, its cap.
+        assert seen["stable"][0].temperature == 0.0 and seen["canary"][0].temperature == 1.5
+        assert seen["canary"][0].max_tokens == 7 and seen["stable"][0].max_tokens == 32
+        # A streamed answer is paired on its whole text.
+        r = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        assert r.status_code == 200 and "[DONE]" in r.text
+        pairs = _pairs(router, 2)
+        assert len(pairs) == 2 and pairs[1].agree, pairs[1]
+        doc = client.get("/-/stats", params={"since": 0}).json()
+    summary = doc["pairs"]["canary"]["stable"]
+    assert (summary["mirrored"], summary["pairs"], summary["agreements"]) == (2, 2, 2)
+    assert doc["shadow"]["canary"]["window"]["requests"] == 2
+    assert doc["variants"]["canary"]["total"]["requests"] == 0  # mirrors are not routed requests
+
+
+def test_a_failed_mirror_is_a_shadow_error_and_a_failed_user_call_makes_no_pair(monkeypatch):
+    router, client, _ = _router(monkeypatch, {"engine": "faulty", "engine_options": {"fail_rate": 1.0}})
+    with client:
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200  # the user never sees it
+        (pair,) = _pairs(router, 1)
+        assert pair.shadow_error and not pair.agree
+        # Now the stable fails too: no reference answer, so no pair (and no agreement sample).
+        router.handles["stable"].server.reconfigure({"engine": "faulty", "model_uri": None,
+                                                     "engine_options": {"fail_rate": 1.0}})
+        assert client.post("/v1/chat/completions", json=CHAT).status_code >= 500
+        assert len(_pairs(router, 2, timeout_s=1.0)) == 1

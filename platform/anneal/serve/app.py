@@ -641,7 +641,7 @@ class Router:
             self._log_decision(rid, decision)
             req = self._engine_request(parsed, decision)
             if decision.shadow:
-                pair = self._mirror(decision.shadow, req, rid, decision.variant, parsed)
+                pair = self._mirror(decision, parsed, rid)
             route_headers = {"x-anneal-variant": decision.variant, "x-anneal-route-reason": decision.reason,
                              "x-anneal-reasoning": decision.reasoning}
             if parsed.stream:
@@ -663,8 +663,11 @@ class Router:
                                         result.prompt_tokens, result.completion_tokens)
         return JSONResponse(body, headers=route_headers)
 
-    def _engine_request(self, parsed: protocol.ParsedRequest, decision: RouteDecision) -> GenerateRequest:
-        v = self.defaults[decision.variant]
+    def _engine_request(self, parsed: protocol.ParsedRequest, decision: RouteDecision,
+                        variant: str | None = None) -> GenerateRequest:
+        """What `variant` (default the decision's) is asked: the request with that variant's
+        generation defaults and cap, so a mirror answers as the candidate would answer the user."""
+        v = self.defaults[variant or decision.variant]
         messages = parsed.messages
         if messages is not None:
             messages = apply_reasoning(messages, decision.reasoning, self.policy.reasoning)
@@ -762,14 +765,21 @@ class Router:
                                  headers={**headers, "cache-control": "no-cache"})
 
     # ---- shadow
-    def _mirror(self, variant: str, req: GenerateRequest, rid: str, primary: str,
-                parsed: protocol.ParsedRequest) -> "_PairSlot | None":
-        """Send a copy of `req` to `variant` in the background; the slot its answer is paired in."""
+    def _mirror(self, decision: RouteDecision, parsed: protocol.ParsedRequest, rid: str) -> "_PairSlot | None":
+        """Send a copy of the request to the shadow variant in the background (with that variant's
+        own generation settings); returns the slot its answer is paired in, None when not sent."""
+        variant = decision.shadow
+        assert variant is not None
         if len(self._shadow_tasks) >= self.args.max_shadow_in_flight:
             self.shadow_dropped += 1  # shadow traffic must never queue up behind the caller's
             return None
+        try:
+            req = self._engine_request(parsed, decision, variant)
+        except protocol.ApiError:  # over the shadow variant's cap (maxTokensOver: reject): the user is not refused
+            self.shadow_dropped += 1
+            return None
         prompt = parsed.prompt if parsed.messages is None else (parsed.messages[-1].get("content") or "")
-        slot = _PairSlot(rid, primary, variant, prompt or "")
+        slot = _PairSlot(rid, decision.variant, variant, prompt or "")
         task = asyncio.get_running_loop().create_task(self._shadow(variant, req, slot))
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
