@@ -149,8 +149,8 @@ def evaluate_dir(model_dir: str | Path, plan: EvalPlan, *, cache_dir: Path | Non
     from anneal.modeling.layerwise_llama import register as register_anneal_llama
 
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     register_anneal_llama()  # model_type anneal_llama (attention removal, FFN fusion)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(device).eval()
     metrics, _ = evaluate(model, tokenizer, plan, cache_dir=cache_dir)
     return metrics

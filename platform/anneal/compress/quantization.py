@@ -149,8 +149,8 @@ def quantize(model_dir: Path, out_dir: Path, plan: QuantPlan, calibration: Seque
 
     from anneal.modeling.layerwise_llama import register as register_anneal_llama
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     register_anneal_llama()  # model_type anneal_llama (attention removal, FFN fusion)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto")
     kwargs: dict[str, Any] = {}
     n = 0

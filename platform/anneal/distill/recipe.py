@@ -276,8 +276,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
     spec, rank, device = worker.spec, worker.rank, worker.device
     t = spec.training
 
-    tokenizer = AutoTokenizer.from_pretrained(worker.student_init)
     register_anneal_llama()  # model_type anneal_llama (attention removal, FFN fusion)
+    tokenizer = AutoTokenizer.from_pretrained(worker.student_init)
     model = AutoModelForCausalLM.from_pretrained(worker.student_init, dtype=torch.float32)
     teacher = None
     if spec.method in ("kd", "lora-kd"):

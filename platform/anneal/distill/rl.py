@@ -275,8 +275,8 @@ def rl_loop(cfg: dict[str, Any]) -> None:
     spec, rank, device = worker.spec, worker.rank, worker.device
     t, rl = spec.training, spec.rl
 
-    tokenizer = AutoTokenizer.from_pretrained(worker.student_init)
     register_anneal_llama()  # model_type anneal_llama (attention removal, FFN fusion)
+    tokenizer = AutoTokenizer.from_pretrained(worker.student_init)
     policy = AutoModelForCausalLM.from_pretrained(worker.student_init, dtype=torch.float32)
     reference = None
     if rl.kl_coef > 0:

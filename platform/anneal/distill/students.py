@@ -41,8 +41,8 @@ def derive_student(teacher_dir: str | Path, plan: FromTeacher, cache_dir: str | 
     from anneal.compress.pruning import PruningPlan, prune
     from anneal.modeling.layerwise_llama import register as register_anneal_llama
 
-    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
     register_anneal_llama()  # model_type anneal_llama (attention removal, FFN fusion)
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
     pruning_plan = PruningPlan.from_spec(plan.to_dict(), field_prefix="student.fromTeacher")
     batches = list(calibration_batches(tokenizer, plan.calibration, cache_dir))

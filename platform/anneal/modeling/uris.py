@@ -304,6 +304,9 @@ def load_tokenizer(
 
     path = resolve_model_dir(uri, cache_dir=cache_dir, tracking_uri=tracking_uri,
                              s3_endpoint_url=s3_endpoint_url)
+    from anneal.modeling.layerwise_llama import register
+
+    register()  # an anneal_llama's config.json names its model_type, which AutoTokenizer reads
     return AutoTokenizer.from_pretrained(str(path))
 
 
