@@ -512,3 +512,96 @@ def test_a_client_leaving_a_stream_cancels_the_variant_call(monkeypatch):
 
     chunks = asyncio.run(client_leaves_after_two_chunks())
     assert len(chunks) >= 2 and streams and cancelled == streams  # the router gave the call up
+
+
+# ------------------------------------------------------------------- the operator's pass
+
+
+class _CustomObjects:
+    """The custom-objects calls of a ModelService pass: no RayService yet; what is created; status patches."""
+
+    def __init__(self, body):
+        self.body, self.created = body, []
+
+    def get_namespaced_custom_object(self, *args, **kwargs):
+        from kubernetes.client.exceptions import ApiException
+
+        raise ApiException(status=404)
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body, **_):
+        self.created.append(body)
+        return body
+
+    def patch_namespaced_custom_object_status(self, group, version, namespace, plural, name, doc):
+        self.body["status"] = {**(self.body.get("status") or {}), **doc["status"]}
+        return self.body
+
+
+SECURED_SPEC = {"variants": [{"name": "a", "model": {"uri": "file:///m/a"}}],
+                "auth": {"apiKeysSecret": "svc-keys", "adminKeySecret": {"name": "svc-admin", "key": "token"}}}
+
+
+def _service_pass(monkeypatch, secrets, ray_address=None, seen=None):
+    from kubernetes import client
+
+    from anneal_operator import service
+    from anneal_operator.context import OperatorContext
+    from anneal_operator.settings import OperatorSettings
+
+    encoded = {name: {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+               for name, data in secrets.items()}
+    body = {"metadata": {"namespace": "team", "name": "svc", "uid": "u1", "generation": 1, "resourceVersion": "1"},
+            "spec": json.loads(json.dumps(SECURED_SPEC)), "status": {}}
+    if seen is not None:
+        seen.append(body)
+    op = OperatorContext(settings=OperatorSettings(ray_address=ray_address), api_client=client.ApiClient(),
+                         secret_reader=lambda ns, name: encoded.get(name) if ns == "team" else None)
+    op.custom = _CustomObjects(body)
+    monkeypatch.setattr(service, "event", lambda *args: None)
+    deployed = []
+    if ray_address:
+        import anneal.serve.deploy
+
+        monkeypatch.setattr(service, "_serve_details", lambda address: {"applications": {}})
+        monkeypatch.setattr(service, "_capacity_problem", lambda *args: None)
+        monkeypatch.setattr(anneal.serve.deploy, "deploy_entries", lambda entries, **kw: deployed.extend(entries))
+    snap = json.loads(json.dumps(body))
+    service.reconcile(op, snap, snap["metadata"])
+    return body, op.custom.created, deployed
+
+
+def test_an_operator_rayservice_reads_the_keys_from_the_secrets_itself(monkeypatch):
+    _, created, _ = _service_pass(monkeypatch, {"svc-keys": {"alice": "k-alice", "bob": "k-bob"},
+                                                "svc-admin": {"token": "adm-1"}})
+    (rayservice,) = created
+    text = json.dumps(rayservice)
+    assert "k-alice" not in text and "k-bob" not in text and "adm-1" not in text
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in head["env"] if "valueFrom" in e}
+    assert refs["ANNEAL_SERVE_API_KEY_1"] == {"name": "svc-keys", "key": "bob"}
+    assert refs["ANNEAL_SERVE_ADMIN_KEY"] == {"name": "svc-admin", "key": "token"}
+    import yaml
+
+    (app,) = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]
+    assert app["args"]["api_keys_env"] == ["ANNEAL_SERVE_API_KEY_0", "ANNEAL_SERVE_API_KEY_1"]
+    assert app["args"]["admin_key_env"] == "ANNEAL_SERVE_ADMIN_KEY"
+
+
+def test_an_operator_app_on_a_shared_cluster_gets_the_keys_in_its_runtime_env(monkeypatch):
+    _, created, deployed = _service_pass(monkeypatch, {"svc-keys": {"alice": "k-alice"},
+                                                       "svc-admin": {"token": "adm-1"}}, "http://ray-head:8265")
+    (entry,) = deployed
+    assert not created
+    assert entry["runtime_env"] == {"env_vars": {"ANNEAL_SERVE_API_KEY_0": "k-alice", "ANNEAL_SERVE_ADMIN_KEY": "adm-1"}}
+    assert "k-alice" not in json.dumps(entry["args"])
+
+
+def test_an_operator_pass_waits_for_a_missing_key_secret(monkeypatch):
+    import kopf
+
+    seen = []
+    with pytest.raises(kopf.TemporaryError, match="svc-admin"):
+        _service_pass(monkeypatch, {"svc-keys": {"alice": "k-alice"}}, seen=seen)
+    status = seen[0]["status"]
+    assert "spec.auth: Secret svc-admin does not exist" in status["message"]
+    assert any(c["reason"] == "WaitingForInput" for c in status["conditions"])
