@@ -303,3 +303,12 @@ def test_the_report_names_the_fusion_figures() -> None:
     assert shown["prunedSequentialDepth"] == ("after pruning", "sequential depth (attention + FFN sub-layers)")
     assert shown["prunedFusionGapKl"][1].startswith("fusion gap, KL")
     assert shown["prunedAttentionLayers"][1] == "blocks with attention"
+
+
+@pytest.mark.parametrize("attention", [{"dropLayers": [1, 2, 4]}, {"ratio": 0.5}, {"dropLayers": 2}])
+def test_preflight_predicts_the_parameters_attention_removal_leaves(model, batches, attention) -> None:
+    from anneal.compress.preflight import check_model
+
+    pruned, _ = remove_attention(model, batches, attention.get("dropLayers"), attention.get("ratio"))
+    found = check_model(_spec({"attention": attention}), model.config.to_dict())
+    assert found.figures["predictedPrunedParams"] == count_parameters(pruned)

@@ -113,6 +113,7 @@ class ModelShape:
     vocab_size: int
     tied_embeddings: bool = False
     no_attention: tuple[int, ...] | None = None  # an anneal_llama's blocks without attention
+    attention_free: int = 0  # blocks without attention (counted in params())
 
     @classmethod
     def from_config(cls, c: dict[str, Any]) -> "ModelShape":
@@ -128,6 +129,7 @@ class ModelShape:
             tied_embeddings=bool(c.get("tie_word_embeddings", False)),
             no_attention=(tuple(c.get("no_attention_layers") or ()) if c.get("model_type") == "anneal_llama"
                           else None),
+            attention_free=len(c.get("no_attention_layers") or ()) if c.get("model_type") == "anneal_llama" else 0,
         )
 
     def linear_in_features(self) -> dict[str, int]:
@@ -144,7 +146,8 @@ class ModelShape:
         h, q, kv = self.hidden_size, self.heads * self.head_dim, self.kv_heads * self.head_dim
         per_layer = 2 * h * q + 2 * h * kv + 3 * h * self.intermediate_size + 2 * h
         embeddings = self.vocab_size * h * (1 if self.tied_embeddings else 2)
-        return self.layers * per_layer + embeddings + h
+        attention = 2 * h * q + 2 * h * kv + h  # projections and input norm of one block
+        return self.layers * per_layer - self.attention_free * attention + embeddings + h
 
 
 def pruned_shape(shape: ModelShape, pruning: dict[str, Any], field_prefix: str = "spec.pruning") -> ModelShape:
@@ -162,14 +165,17 @@ def pruned_shape(shape: ModelShape, pruning: dict[str, Any], field_prefix: str =
         from anneal.compress.ffn_fusion import resolve_attention
 
         # block indices count the blocks left after depth pruning; at least one keeps attention
-        resolve_attention(layers, (shape.no_attention or ()) if layers == shape.layers else (), plan.attention_drop,
-                          plan.attention_ratio, f"{field_prefix}.attention")
+        without = (shape.no_attention or ()) if layers == shape.layers else ()
+        plan_ = resolve_attention(layers, without, plan.attention_drop, plan.attention_ratio,
+                                  f"{field_prefix}.attention")
+        kept = plan_ if isinstance(plan_, int) else layers - len(set(without) | set(plan_))
+        out_free = layers - kept
     if shape.no_attention is not None and (plan.prunes_depth or plan.prunes_width):
         raise P.PruningError(f"{field_prefix}.{'depth' if plan.prunes_depth else 'width'}", "set",
                              "the model has blocks without attention or of different FFN widths (model_type "
                              "anneal_llama); depth and width pruning take a uniform Llama: prune them in the same "
                              "job as the attention removal, or before it")
-    out = replace(shape, layers=layers)
+    out = replace(shape, layers=layers, attention_free=out_free if plan.removes_attention else shape.attention_free)
     if plan.prunes_width:
         w = f"{field_prefix}.width"
         ffn = P._count(shape.intermediate_size, plan.ffn_ratio, f"{w}.ffnRatio")
