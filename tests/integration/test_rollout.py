@@ -279,7 +279,8 @@ def test_faulty_candidate_is_rolled_back_within_the_bound(env, registry, app, ca
 
 SHADOW_APP = "shadow"
 SHADOW_MODEL = "shadow-answers"
-SHADOW_VARIANTS = {"stable": ("@champion", "right"), "same": ("/2", "right"), "wrong": ("/3", "wrong")}
+SHADOW_VARIANTS = {"stable": ("@champion", "right"), "same": ("/2", "right"), "wrong": ("/3", "wrong"),
+                   "judge": ("/1", "right")}
 
 
 @pytest.fixture(scope="module")
@@ -300,8 +301,11 @@ def shadow_app(env, registry, tmp_path_factory):
     m = _shadow_manifest("same")
     args = args_from_spec(SHADOW_APP, m.spec, {}, cache_dir=str(env["home"] / "cache"),
                           tracking_uri=env["settings"].tracking_uri, cpu_scale=0.25, route_prefix=f"/{SHADOW_APP}")
+    # The judge is the deterministic rule-based stand-in for a judge model (engine judge-rule,
+    # tests only): "yes" when B's final answer is A's. No model this small can judge.
     args = args.model_copy(update={"variants": [
-        v.model_copy(update={"model_uri": models[SHADOW_VARIANTS[v.name][1]]}) for v in args.variants]})
+        v.model_copy(update={"model_uri": models[SHADOW_VARIANTS[v.name][1]]}
+                     | ({"engine": "judge-rule"} if v.name == "judge" else {})) for v in args.variants]})
     deploy_entries([build_serve_config(args)], wait_s=300)
     endpoint = f"http://127.0.0.1:{env['port']}/{SHADOW_APP}"
     _wait_healthy(endpoint)
@@ -311,7 +315,7 @@ def shadow_app(env, registry, tmp_path_factory):
     serve.delete(SHADOW_APP)
 
 
-def _shadow_manifest(candidate: str) -> Any:
+def _shadow_manifest(candidate: str, gates: list[dict[str, Any]] | None = None) -> Any:
     from anneal.api import parse_manifest
 
     return parse_manifest({
@@ -321,18 +325,19 @@ def _shadow_manifest(candidate: str) -> Any:
                           "weight": 100 if name == "stable" else 0, "generation": {"maxTokens": 16}}
                          for name, (ref, _) in SHADOW_VARIANTS.items()],
             # Every request is mirrored to the candidate; answers are compared on their final answer.
-            "routing": {"shadow": {"variant": candidate, "percent": 100, "compare": "answer"}},
+            "routing": {"shadow": {"variant": candidate, "percent": 100, "compare": "answer",
+                                   "judge": {"variant": "judge", "share": 1.0, "maxPerMinute": 6000}}},
             "rollout": {"stable": "stable", "candidate": candidate,
                         # A shadow-only stage first: the candidate is judged before it answers any user.
                         "steps": [{"setWeight": 0}, {"analysis": {}}, {"setWeight": 100}],
                         "analysis": {"interval": f"{INTERVAL_S:g}s", "minRequests": 10, "failureLimit": FAILURE_LIMIT,
-                                     "gates": [{"metric": "shadowAgreement", "min": 0.9}]}},
+                                     "gates": gates or [{"metric": "shadowAgreement", "min": 0.9}]}},
             "mlflow": {"experiment": "shadow-rollouts"},
         },
     })
 
 
-def _drive_shadow(env, shadow_app, candidate: str) -> tuple[Any, list[Any]]:
+def _drive_shadow(env, shadow_app, candidate: str, gates: list[dict[str, Any]] | None = None) -> tuple[Any, list[Any]]:
     from anneal.local.rollout import drive
 
     def apply(app_name: str, args: Any, weights: dict[str, int]) -> Any:
@@ -341,7 +346,7 @@ def _drive_shadow(env, shadow_app, candidate: str) -> tuple[Any, list[Any]]:
                                    routing={"shadow": {"variant": candidate, "percent": 100}})
 
     updates: list[Any] = []
-    status = drive(_shadow_manifest(candidate), endpoint=shadow_app["endpoint"], app_name=SHADOW_APP,
+    status = drive(_shadow_manifest(candidate, gates), endpoint=shadow_app["endpoint"], app_name=SHADOW_APP,
                    args=shadow_app["args"], settings=env["settings"], traffic_rps=8, on_update=updates.append,
                    tick_s=0.25, timeout_s=150, apply=apply, traffic_options={"max_tokens": 16, "max_in_flight": 16})
     return status, updates
@@ -404,3 +409,16 @@ def test_a_candidate_that_answers_like_the_stable_passes_a_shadow_only_stage_and
     waits = [h for h in status.rollout.history if h.verdict == "wait" and h.figures.get("shadowPairs")]
     assert all(h.figures["shadowAgreement"] == 1.0 for h in waits)
     assert str(registry.get_model_version_by_alias(SHADOW_MODEL, "champion").version) == "2"
+
+
+def test_a_judge_variant_drives_judge_win_rate_and_rolls_the_wrong_candidate_back(env, registry, shadow_app):
+    status, updates = _drive_shadow(env, shadow_app, "wrong", gates=[{"metric": "judgeWinRate", "min": 0.8}])
+    assert status.phase == "RolledBack", (status.message, status.rollout.last_analysis)
+    last = status.rollout.last_analysis
+    assert last.failed_gates == ["judgeWinRate"], last
+    assert last.figures["judged"] >= 5 and last.figures["judgeWinRate"] == 0.0, last.figures
+    gate = next(g for g in last.gates if g.metric == "judgeWinRate")
+    assert gate.verdict == "fail" and gate.high < 0.8 and gate.samples == last.figures["judged"], gate
+    assert all(u.status.weights.get("wrong", 0) == 0 for u in updates)
+    stats = httpx.get(shadow_app["endpoint"] + "/-/stats", timeout=30).json()
+    assert stats["variants"]["judge"]["total"]["requests"] == 0  # the judge took no user traffic

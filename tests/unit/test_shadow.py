@@ -196,3 +196,90 @@ def test_a_failed_mirror_is_a_shadow_error_and_a_failed_user_call_makes_no_pair(
                                                      "engine_options": {"fail_rate": 1.0}})
         assert client.post("/v1/chat/completions", json=CHAT).status_code >= 500
         assert len(_pairs(router, 2, timeout_s=1.0)) == 1
+
+
+# ------------------------------------------------------------------------------ the judge
+
+@pytest.mark.parametrize(
+    "said, verdict",
+    [("yes", "win"), ("Yes, B is as good.", "win"), ("no", "loss"), ("<think>yes or no?</think> No.", "loss"),
+     ("B is better", "error"), ("", "error")],
+)
+def test_judge_verdict(said, verdict):
+    from anneal.serve.shadow import judge_verdict
+
+    assert judge_verdict(said) == verdict
+
+
+@pytest.mark.parametrize(
+    "stable, candidate, said",
+    [("Answer: 7", "Answer: 7", "yes"), ("Answer: 7", "Answer: 8", "no"), ("no idea", "Answer: 3", "yes"),
+     ("Answer: 7", "no idea", "no")],
+)
+def test_the_rule_judge_stand_in(stable, candidate, said):
+    """The deterministic stand-in for a judge model (tests only) reads the default template."""
+    from anneal.api.service import DEFAULT_JUDGE_TEMPLATE
+    from anneal.serve.engines import GenerateRequest, RuleJudgeEngine
+    from anneal.serve.shadow import judge_prompt
+
+    pair = make_pair(time=0, request_id="r", primary="stable", shadow="canary", prompt="What is 3 + 4?",
+                     primary_answer=stable, shadow_answer=candidate, primary_ms=1, shadow_ms=1)
+    prompt = judge_prompt(DEFAULT_JUDGE_TEMPLATE, pair)
+    assert "Question: What is 3 + 4?" in prompt and f"Answer B: {candidate}" in prompt
+    got = RuleJudgeEngine().generate(GenerateRequest(messages=[{"role": "user", "content": prompt}])).text
+    assert got == said
+
+
+def test_the_router_judges_a_capped_share_of_pairs_after_the_user_is_answered(monkeypatch):
+    from anneal.serve.app import VariantArgs
+    from tests.unit.test_serve_hardening import make_router
+
+    variants = [VariantArgs(name="stable", engine="echo"), VariantArgs(name="canary", engine="echo"),
+                # a slow judge: the user's answer must not wait for it
+                VariantArgs(name="judge", engine="judge-rule", engine_options={"delay_ms": 300})]
+    router, _, client = make_router(monkeypatch, variants=variants, shadow_variant="canary", shadow_percent=100,
+                                    judge_variant="judge", judge_share=1.0, judge_max_per_minute=2)
+    body = {"messages": [{"role": "user", "content": "Say it. Answer: 7"}]}
+    import time
+
+    with client:
+        started = time.perf_counter()
+        for _ in range(4):
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+        assert time.perf_counter() - started < 1.2  # 4 answers, no 300 ms judge in their way
+        deadline = time.time() + 5
+        while time.time() < deadline and any(p.judge == "pending" for p in router.metrics.pair_ring):
+            time.sleep(0.05)
+        doc = client.get("/-/stats", params={"since": 0}).json()
+    summary = doc["pairs"]["canary"]["stable"]
+    # Echoed answers carry the same "Answer: 7": the rule judge finds B as good; only 2 a minute.
+    assert (summary["pairs"], summary["judged"], summary["wins"], summary["judgeErrors"]) == (4, 2, 2, 0)
+    assert doc["judge_skipped"] == 2
+    assert doc["variants"]["judge"]["total"]["requests"] == 0  # judge calls are not user traffic
+
+
+def test_judge_win_rate_is_a_rate_gate_on_judged_pairs():
+    from anneal.api.service import ModelServiceSpec
+    from anneal.rollout.analysis import PairWindow, StatsWindow, VariantWindow, evaluate
+
+    spec = ModelServiceSpec.model_validate({
+        "variants": [{"name": "stable", "model": {"uri": "/m/1"}, "weight": 100},
+                     {"name": "canary", "model": {"uri": "/m/2"}, "weight": 0},
+                     {"name": "judge", "model": {"uri": "/m/j"}, "weight": 0}],
+        "routing": {"shadow": {"variant": "canary", "percent": 100, "judge": {"variant": "judge"}}},
+        "rollout": {"stable": "stable", "candidate": "canary",
+                    "analysis": {"minRequests": 10, "gates": [{"metric": "judgeWinRate", "min": 0.5},
+                                                              {"metric": "errorRate", "max": 0.5}]}},
+    })
+
+    def window(judged: int, wins: int) -> StatsWindow:
+        return StatsWindow(time=1, since=0, variants={"stable": VariantWindow(100)},
+                           shadow={"canary": VariantWindow(100)},
+                           pairs={("canary", "stable"): PairWindow(100, 0, 100, 50, 1.0, (), judged, wins)})
+
+    verdicts = [evaluate(spec.rollout.analysis, window(j, w), "stable", "canary") for j, w in
+                ((0, 0), (6, 4), (40, 30), (40, 8))]
+    assert [v.verdict for v in verdicts] == ["wait", "wait", "pass", "fail"]
+    assert verdicts[3].failed_gates == ["judgeWinRate"]
+    gate = next(g for g in verdicts[2].gates if g.metric == "judgeWinRate")
+    assert gate.samples == 40 and gate.value == 0.75 and gate.low > 0.5

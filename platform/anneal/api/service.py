@@ -85,6 +85,38 @@ class StickyRouting(ApiModel):
     header: str = Field(default="x-user-id", max_length=128, description="Header whose value keeps a variant.")
 
 
+DEFAULT_JUDGE_TEMPLATE = (
+    "You compare two answers to the same question.\n"
+    "Question: {question}\n"
+    "Answer A: {stable}\n"
+    "Answer B: {candidate}\n"
+    "Is answer B at least as good as answer A? Reply with yes or no."
+)
+
+
+class ShadowJudge(ApiModel):
+    """A variant of this service that scores compared pairs: is the candidate's answer at least as good?"""
+
+    variant: Name = Field(description="The judge: a variant with weight 0 (it takes no user traffic).")
+    template: str = Field(
+        default=DEFAULT_JUDGE_TEMPLATE, max_length=8192,
+        description="The judge's prompt; {question}, {stable} and {candidate} are filled in. Its answer's "
+        "first `yes` or `no` is the verdict (anything else is a judge error, not a sample).",
+    )
+    share: float = Field(default=0.25, gt=0, le=1, description="Share of compared pairs sent to the judge.")
+    max_per_minute: int = Field(default=60, ge=1, le=100000,
+                                description="Cap on judge calls per router replica and minute.")
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> "ShadowJudge":
+        try:
+            self.template.format(question="", stable="", candidate="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise cross_field("template", self.template[:80], f"placeholders are {{question}}, {{stable}}, "
+                              f"{{candidate}} (literal braces doubled): {e!r}") from None
+        return self
+
+
 class ShadowRouting(ApiModel):
     """Mirror a share of live requests to a variant; its answers are compared, never returned."""
 
@@ -106,6 +138,8 @@ class ShadowRouting(ApiModel):
         description="Compared pairs (disagreements first) each analysis logs to the rollout's MLflow "
         "run, prompts and answers included; 0 logs none.",
     )
+    judge: ShadowJudge | None = Field(
+        default=None, description="Score a share of the compared pairs with a judge variant (judgeWinRate).")
 
     @model_validator(mode="after")
     def _pattern(self) -> "ShadowRouting":
@@ -148,12 +182,12 @@ class Routing(ApiModel):
 
 Metric = Literal[
     "errorRate", "latencyP95Ms", "accuracy", "errorRateVsStable",
-    "shadowAgreement", "shadowErrorRate", "shadowLatencyRatio",
+    "shadowAgreement", "shadowErrorRate", "shadowLatencyRatio", "judgeWinRate",
 ]
 #: Gates on a share of samples: decided on a confidence interval (`anneal.rollout.statistics`).
-RATE_METRICS = ("errorRate", "errorRateVsStable", "accuracy", "shadowAgreement", "shadowErrorRate")
+RATE_METRICS = ("errorRate", "errorRateVsStable", "accuracy", "shadowAgreement", "shadowErrorRate", "judgeWinRate")
 #: Gates on pairs of live answers: they need `routing.shadow` mirroring to the candidate.
-SHADOW_METRICS = ("shadowAgreement", "shadowErrorRate", "shadowLatencyRatio")
+SHADOW_METRICS = ("shadowAgreement", "shadowErrorRate", "shadowLatencyRatio", "judgeWinRate")
 
 
 class Gate(ApiModel):
@@ -215,7 +249,7 @@ class Analysis(ApiModel):
     confidence: float = Field(
         default=0.95, ge=0.5, le=0.999,
         description="Level of the interval every rate gate (errorRate, errorRateVsStable, accuracy, "
-        "shadowAgreement, shadowErrorRate) is decided on: pass when the whole interval is on the right "
+        "shadowAgreement, shadowErrorRate, judgeWinRate) is decided on: pass when the whole interval is on the right "
         "side of the threshold, fail when it is wholly on the wrong side, wait otherwise.",
     )
     gates: list[Gate] = Field(
@@ -384,6 +418,15 @@ class ModelServiceSpec(ApiModel):
         r = self.routing
         if r.shadow is not None and r.shadow.variant not in known:
             raise cross_field("routing.shadow.variant", r.shadow.variant, f"must name a variant ({sorted(known)})")
+        judge = r.shadow.judge if r.shadow is not None else None
+        if judge is not None:
+            if judge.variant not in known:
+                raise cross_field("routing.shadow.judge.variant", judge.variant, f"must name a variant ({sorted(known)})")
+            if judge.variant == r.shadow.variant:
+                raise cross_field("routing.shadow.judge.variant", judge.variant, "the judge cannot be the mirrored variant")
+            if self.variant(judge.variant).weight:
+                raise cross_field("routing.shadow.judge.variant", judge.variant,
+                                  "a judge takes no user traffic: give it weight 0")
         if r.policy == "dynamic":
             if r.dynamic is None:
                 raise cross_field("routing.dynamic", None, "policy dynamic needs routing.dynamic {small, large}")
@@ -399,6 +442,9 @@ class ModelServiceSpec(ApiModel):
                         f"rollout.{field}", getattr(self.rollout, field), f"must name a variant ({sorted(known)})"
                     )
             for i, gate in enumerate(self.rollout.analysis.gates):
+                if gate.metric == "judgeWinRate" and judge is None:
+                    raise cross_field(f"rollout.analysis.gates[{i}].metric", gate.metric,
+                                      "judgeWinRate needs a judge: set routing.shadow.judge")
                 if gate.metric in SHADOW_METRICS and (r.shadow is None or r.shadow.variant != self.rollout.candidate):
                     raise cross_field(
                         f"rollout.analysis.gates[{i}].metric", gate.metric,

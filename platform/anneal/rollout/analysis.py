@@ -63,6 +63,8 @@ class PairWindow:
     agreements: int = 0
     latency_ratio_p50: float | None = None
     samples: tuple[dict[str, Any], ...] = ()
+    judged: int = 0
+    wins: int = 0
 
     @classmethod
     def from_stats(cls, figures: Mapping[str, Any] | None) -> "PairWindow":
@@ -75,6 +77,8 @@ class PairWindow:
             agreements=int(figures.get("agreements") or 0),
             latency_ratio_p50=float(ratio) if isinstance(ratio, (int, float)) else None,
             samples=tuple(figures.get("samples") or ()),
+            judged=int(figures.get("judged") or 0),
+            wins=int(figures.get("wins") or 0),
         )
 
 
@@ -250,6 +254,8 @@ def figures_of(window: StatsWindow, stable: str, candidate: str) -> dict[str, fl
         "shadowAgreement": pairs.agreements / pairs.pairs if pairs.pairs else None,
         "shadowErrorRate": pairs.shadow_errors / pairs.mirrored if pairs.mirrored else None,
         "shadowLatencyRatio": pairs.latency_ratio_p50,
+        "judgeWinRate": pairs.wins / pairs.judged if pairs.judged else None,
+        "judged": float(pairs.judged),
         "stableRequests": float(stab.requests),
         "stableErrorRate": stable_rate,
         "stableLatencyP95Ms": stab.latency_p95_ms,
@@ -276,6 +282,8 @@ def rate_interval(metric: str, window: StatsWindow, stable: str, candidate: str,
         return wilson(pairs.agreements, pairs.pairs, confidence) if pairs.pairs else None
     if metric == "shadowErrorRate":
         return wilson(pairs.shadow_errors, pairs.mirrored, confidence) if pairs.mirrored else None
+    if metric == "judgeWinRate":
+        return wilson(pairs.wins, pairs.judged, confidence) if pairs.judged else None
     raise ValueError(f"{metric} is not a rate gate")
 
 

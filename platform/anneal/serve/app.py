@@ -17,6 +17,7 @@ import random
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -32,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from anneal.serve import auth, protocol
 from anneal.serve.engines import ContextLengthExceeded, GenerateRequest, GenerateResult, StreamPiece
 from anneal.serve.metrics import ServiceMetrics, merge_stats
-from anneal.serve.shadow import make_pair
+from anneal.serve.shadow import judge_prompt, judge_verdict, make_pair
 from anneal.serve.routing import (
     REASON_OVERRIDE,
     DynamicPolicy,
@@ -69,7 +70,7 @@ class VariantArgs(BaseModel):
 
     name: str
     model_uri: str | None = Field(default=None, description="Resolved model URI (path, models:/, hf://, s3://).")
-    engine: Literal["transformers", "vllm", "echo", "faulty"] = "transformers"
+    engine: Literal["transformers", "vllm", "echo", "faulty", "judge-rule"] = "transformers"
     engine_options: dict[str, Any] = Field(default_factory=dict)
     replicas: int = 1
     autoscaling: dict[str, Any] | None = None
@@ -103,6 +104,10 @@ class AppArgs(BaseModel):
     shadow_compare: Literal["exact", "answer"] = "exact"
     shadow_answer_pattern: str | None = None
     shadow_record_pairs: int = 20
+    judge_variant: str | None = None
+    judge_template: str | None = None
+    judge_share: float = 0.25
+    judge_max_per_minute: int = 60
     reasoning: dict[str, Any] = Field(default_factory=dict)
     dynamic: dict[str, Any] | None = None
     router_replicas: int = 1
@@ -192,6 +197,7 @@ def args_from_spec(
         shadow_compare=routing.shadow.compare if routing.shadow else "exact",
         shadow_answer_pattern=routing.shadow.answer_pattern if routing.shadow else None,
         shadow_record_pairs=routing.shadow.record_pairs if routing.shadow else 20,
+        **_judge_args(routing.shadow.judge if routing.shadow else None),
         reasoning=routing.reasoning.model_dump(),
         dynamic=routing.dynamic.model_dump() if routing.policy == "dynamic" and routing.dynamic else None,
         router_num_cpus=round(0.5 * cpu_scale, 4),
@@ -219,6 +225,13 @@ def auth_env(spec: Any) -> dict[str, Any]:
     api = a.api_keys_env or (DEFAULT_API_KEYS_ENV if a.api_keys_secret else None)
     return {"api_keys_env": [api] if api else [],
             "admin_key_env": a.admin_key_env or (DEFAULT_ADMIN_KEY_ENV if a.admin_key_secret else None)}
+
+
+def _judge_args(judge: Any) -> dict[str, Any]:
+    if judge is None:
+        return {}
+    return {"judge_variant": judge.variant, "judge_template": judge.template, "judge_share": judge.share,
+            "judge_max_per_minute": judge.max_per_minute}
 
 
 def _memory(quantity: str | None) -> int | None:
@@ -513,6 +526,9 @@ class Router:
         self._shadow_tasks: set[asyncio.Task] = set()
         self.shadow_dropped = 0
         self._answer_pattern = re.compile(self.args.shadow_answer_pattern) if self.args.shadow_answer_pattern else None
+        self._judge_tasks: set[asyncio.Task] = set()
+        self._judge_calls: deque[float] = deque()  # monotonic times of the last minute's judge calls
+        self.judge_skipped = 0
         self._decisions: list[dict[str, Any]] = []
         self._flusher: asyncio.Task | None = None
         self._mlflow_run_id: str | None = None
@@ -587,6 +603,7 @@ class Router:
         doc = self.metrics.stats(since, self.weights, self.args.shadow_record_pairs)
         doc["replica"] = self.replica
         doc["shadow_dropped"] = self.shadow_dropped
+        doc["judge_skipped"] = self.judge_skipped
         return doc
 
     async def _merged_stats(self, since: float | None, own: dict[str, Any]) -> dict[str, Any]:
@@ -813,12 +830,47 @@ class Router:
         if not (slot.primary_set and slot.shadow_set) or slot.primary is None:
             return
         (primary_text, primary_ms), (shadow_text, shadow_ms) = slot.primary, slot.shadow
-        self.metrics.record_pair(make_pair(
+        pair = make_pair(
             time=self.metrics.clock(), request_id=slot.rid, primary=slot.primary_variant,
             shadow=slot.shadow_variant, prompt=slot.prompt, primary_answer=primary_text,
             shadow_answer=shadow_text, primary_ms=primary_ms, shadow_ms=shadow_ms,
             compare=self.args.shadow_compare, pattern=self._answer_pattern,
-        ))
+        )
+        self.metrics.record_pair(pair)
+        if self.args.judge_variant and not pair.shadow_error and self._judge_allowed():
+            pair.judge = "pending"
+            task = asyncio.get_running_loop().create_task(self._judge(pair))
+            self._judge_tasks.add(task)
+            task.add_done_callback(self._judge_tasks.discard)
+
+    def _judge_allowed(self) -> bool:
+        """A share of the pairs, at most `judge_max_per_minute` a minute and never piling up."""
+        if self.rng.random() >= self.args.judge_share:
+            return False
+        now = time.monotonic()
+        while self._judge_calls and now - self._judge_calls[0] > 60.0:
+            self._judge_calls.popleft()
+        if len(self._judge_calls) >= self.args.judge_max_per_minute or \
+                len(self._judge_tasks) >= self.args.max_shadow_in_flight:
+            self.judge_skipped += 1
+            return False
+        self._judge_calls.append(now)
+        return True
+
+    async def _judge(self, pair: Any) -> None:
+        """Ask the judge variant about one pair (after the user had the answer: nobody waits)."""
+        from anneal.api.service import DEFAULT_JUDGE_TEMPLATE
+
+        template = self.args.judge_template or DEFAULT_JUDGE_TEMPLATE
+        req = GenerateRequest(messages=[{"role": "user", "content": judge_prompt(template, pair)}],
+                              max_tokens=min(64, self.defaults[self.args.judge_variant].max_tokens), temperature=0.0)
+        try:
+            result = await self._call(self.args.judge_variant, req)
+        except Exception as e:  # noqa: BLE001 - a judge that fails scores nothing
+            log.info("judge %s failed on %s: %s", self.args.judge_variant, pair.request_id, e)
+            pair.judge = "error"
+            return
+        pair.judge = judge_verdict(result.text)
 
     # ---- decision log
     def _log_decision(self, rid: str, d: RouteDecision) -> None:

@@ -8,6 +8,7 @@ request at a time and Serve spreads concurrency over replicas.
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -308,7 +309,38 @@ class FaultyEngine:
         yield  # pragma: no cover  (makes this a generator)
 
 
-ENGINES = ("transformers", "vllm", "echo", "faulty")
+class RuleJudgeEngine:
+    """A deterministic stand-in for a judge model, labelled as such: for tests and demos with no
+    model able to judge. It reads the default judge template's ``Answer A:`` / ``Answer B:``
+    parts and says ``yes`` when B states a final answer (``Answer: N`` / ``#### N``) and A states
+    none or the same one, ``no`` otherwise — a rule, not a judgement of quality.
+
+    Only for tests (a ModelService spec cannot select it); a real judge is a model variant.
+    """
+
+    _PARTS = re.compile(r"Answer A:(.*?)\nAnswer B:(.*?)\nIs answer B", re.DOTALL)
+
+    def __init__(self, delay_ms: float = 0.0, **_: Any):
+        self.delay_s = delay_ms / 1000.0
+
+    def generate(self, req: GenerateRequest) -> GenerateResult:
+        from anneal.data.reasoning import extract_answer
+
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        text = (req.messages[-1].get("content") or "") if req.messages else (req.prompt or "")
+        m = self._PARTS.search(text)
+        verdict = "no"
+        if m is not None:
+            a, b = extract_answer(m.group(1)), extract_answer(m.group(2))
+            verdict = "yes" if b is not None and a in (None, b) else "no"
+        return GenerateResult(verdict, len(text.split()), 1, "stop")
+
+    def stream(self, req: GenerateRequest) -> Iterator[StreamPiece]:
+        yield StreamPiece(self.generate(req).text, "stop")
+
+
+ENGINES = ("transformers", "vllm", "echo", "faulty", "judge-rule")
 
 
 def make_engine(engine: str, model_uri: str | None, *, cache_dir: str, tracking_uri: str | None,
@@ -328,4 +360,6 @@ def make_engine(engine: str, model_uri: str | None, *, cache_dir: str, tracking_
         return EchoEngine(**options)
     if engine == "faulty":
         return FaultyEngine(**options)
+    if engine == "judge-rule":
+        return RuleJudgeEngine(**options)
     raise EngineError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")

@@ -1,4 +1,4 @@
-"""Shadow comparison: pair each mirrored answer with the answer the user got, and summarise the pairs.
+"""Shadow comparison: pair each mirrored answer with the answer the user got, judge some, summarise them.
 
 With `routing.shadow`, the router sends a copy of a share of live requests to a variant (in a
 rollout, the candidate) and drops its answer. Here the two answers of one request become a
@@ -6,7 +6,9 @@ rollout, the candidate) and drops its answer. Here the two answers of one reques
 answer` — the same final answer), how long each took, whether the mirrored call failed.
 `summarise` turns the pairs of a stats window into the figures the rollout's shadow gates read
 (`shadowAgreement`, `shadowErrorRate`, `shadowLatencyRatio`) plus a capped sample of pairs,
-disagreements first, for a person to read in MLflow. Pure functions; the router keeps the ring.
+disagreements first, for a person to read in MLflow. With a judge, `judge_prompt` and
+`judge_verdict` turn a pair into the judge's question and its answer into a verdict
+(`judgeWinRate`). Pure functions; the router keeps the ring and calls the judge.
 """
 
 from __future__ import annotations
@@ -87,6 +89,9 @@ class Pair:
     agree: bool
     primary_final: str | None = None
     shadow_final: str | None = None
+    #: the judge's verdict: None (not asked), "pending", "win" (the mirror's answer is at least
+    #: as good), "loss", or "error" (the judge failed or said neither yes nor no)
+    judge: str | None = None
 
     def sample(self) -> dict[str, Any]:
         """The pair as a table row (what the rollout's MLflow run records)."""
@@ -96,6 +101,7 @@ class Pair:
             "prompt": self.prompt, "stableAnswer": self.primary_answer, "candidateAnswer": self.shadow_answer,
             "stableFinal": self.primary_final, "candidateFinal": self.shadow_final,
             "stableMs": round(self.primary_ms, 1), "candidateMs": round(self.shadow_ms, 1),
+            "judge": self.judge,
         }
 
 
@@ -121,9 +127,10 @@ def summarise(pairs: Iterable[Pair], samples: int = 20) -> dict[str, Any]:
     """The figures of some pairs (one primary → shadow direction), as `/-/stats` reports them.
 
     Returns:
-        ``{"mirrored", "shadowErrors", "pairs", "agreements", "latencyRatioP50", "samples"}``:
-        mirrored = every pair; pairs = those the mirror answered (the agreement sample);
-        latencyRatioP50 = the median of shadow / primary latency over answered pairs;
+        ``{"mirrored", "shadowErrors", "pairs", "agreements", "latencyRatioP50", "judged", "wins",
+        "judgeErrors", "samples"}``: mirrored = every pair; pairs = those the mirror answered
+        (the agreement sample); latencyRatioP50 = the median of shadow / primary latency over
+        answered pairs; judged / wins = pairs the judge scored / found the mirror at least as good;
         samples = up to `samples` pairs as rows, disagreements (failures included) first,
         newest first within each kind.
     """
@@ -141,6 +148,9 @@ def summarise(pairs: Iterable[Pair], samples: int = 20) -> dict[str, Any]:
         "pairs": len(answered),
         "agreements": sum(p.agree for p in answered),
         "latencyRatioP50": None if not ratios else round(percentile(ratios, 50), 4),
+        "judged": sum(p.judge in ("win", "loss") for p in pairs),
+        "wins": sum(p.judge == "win" for p in pairs),
+        "judgeErrors": sum(p.judge == "error" for p in pairs),
         "samples": [p.sample() for p in chosen],
     }
 
@@ -151,11 +161,11 @@ def merge_summaries(parts: list[dict[str, Any]], samples: int = 20) -> dict[str,
     Counts add up; the latency ratio is the one of the replica with the most answered pairs
     (medians do not add); samples are pooled, disagreements first, and capped again.
     """
-    out: dict[str, Any] = {"mirrored": 0, "shadowErrors": 0, "pairs": 0, "agreements": 0,
-                           "latencyRatioP50": None, "samples": []}
+    counts = ("mirrored", "shadowErrors", "pairs", "agreements", "judged", "wins", "judgeErrors")
+    out: dict[str, Any] = {**{key: 0 for key in counts}, "latencyRatioP50": None, "samples": []}
     most = -1
     for part in parts:
-        for key in ("mirrored", "shadowErrors", "pairs", "agreements"):
+        for key in counts:
             out[key] += int(part.get(key) or 0)
         if part.get("latencyRatioP50") is not None and int(part.get("pairs") or 0) > most:
             most = int(part.get("pairs") or 0)
@@ -164,3 +174,20 @@ def merge_summaries(parts: list[dict[str, Any]], samples: int = 20) -> dict[str,
     rows = sorted(out["samples"], key=lambda r: r.get("time") or 0, reverse=True)
     out["samples"] = ([r for r in rows if not r.get("agree")] + [r for r in rows if r.get("agree")])[:samples]
     return out
+
+
+_VERDICT = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+
+def judge_prompt(template: str, pair: Pair) -> str:
+    """The judge's question about one pair (A: the answer the user got, B: the mirror's)."""
+    return template.format(question=pair.prompt, stable=pair.primary_answer, candidate=pair.shadow_answer)
+
+
+def judge_verdict(text: str) -> str:
+    """``win`` when the judge's first yes/no (after any ``<think>`` block) is yes, ``loss`` when
+    no, ``error`` when it says neither."""
+    m = _VERDICT.search(_THINK.sub("", text))
+    if m is None:
+        return "error"
+    return "win" if m.group(1).lower() == "yes" else "loss"
