@@ -18,6 +18,7 @@ from anneal.compress.ffn_fusion import (
 )
 from anneal.compress.pruning import PruningError, count_parameters
 from anneal.modeling.layerwise_llama import AnnealLlamaForCausalLM, register
+from tests.unit.test_pruning import _batches  # the same calibration batches as depth pruning's tests
 
 VOCAB = 97
 HIDDEN = 32
@@ -34,16 +35,6 @@ def _model(layers: int = 6, seed: int = 0) -> LlamaForCausalLM:
             layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
             layer.input_layernorm.weight.uniform_(0.5, 1.5)
     return model
-
-
-def _batches(n: int = 2, b: int = 2, t: int = 12, seed: int = 1) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        mask = torch.ones(b, t, dtype=torch.long)
-        mask[0, -3:] = 0
-        out.append({"input_ids": torch.randint(1, VOCAB, (b, t), generator=g), "attention_mask": mask})
-    return out
 
 
 @pytest.fixture(scope="module")
