@@ -11,7 +11,22 @@ Latency: sequential requests, alternating apps, p50 / p99. Throughput: closed lo
 concurrency for a fixed time, apps alternating in rounds. Then tokens/s of a tiny Llama model
 through the router (`--tiny-tokens`).
 
+`--mode shadow` (issue 15) measures shadow pairing instead: three ModelService apps, each with
+a `stable` echo variant (`--primary-delay-ms`, 5) taking all user traffic and a `candidate`
+echo variant at weight 0, take the same requests in turn:
+
+- `off`: no shadow;
+- `on`: `routing.shadow` at percent 100 to a candidate much slower than the stable
+  (`--shadow-delay-ms`, 200): a user request that waited for its mirror would take ≥ 200 ms;
+- `on-fast`: shadow at percent 100 to a candidate as fast as the stable, so every request's
+  mirror comes back and is paired (the router's pairing work at full rate).
+
+User-facing latency (sequential, p50/p95/p99, and how many requests took as long as the slow
+mirror), closed-loop throughput and its latency, then each app's `/-/stats` (mirrored calls,
+pairs, agreements, mirrors dropped at the in-flight cap) once the mirrors have drained.
+
     .venv/bin/python benchmarks/bench_router.py [--requests 400] [--seconds 8] [--concurrency 16]
+    .venv/bin/python benchmarks/bench_router.py --mode shadow [--requests 400] [--seconds 5]
 """
 
 # No `from __future__ import annotations`: the FastAPI routes below need real types.
@@ -24,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -78,11 +94,39 @@ def router_app(variant_engine: str = "echo", model_uri: str | None = None, servi
     return build_app(args)
 
 
+def shadow_app(service: str, shadow: bool, primary_delay_ms: float, candidate_delay_ms: float):
+    """A ModelService app: `stable` takes every user request; `candidate` (weight 0) gets a copy
+    of each when `shadow` is on (`routing.shadow` at percent 100)."""
+    from anneal.serve.app import AppArgs, VariantArgs, build_app
+
+    args = AppArgs(
+        service=service,
+        variants=[VariantArgs(name=name, engine="echo", engine_options={"delay_ms": delay}, num_cpus=0.1,
+                              max_ongoing_requests=64)
+                  for name, delay in (("stable", primary_delay_ms), ("candidate", candidate_delay_ms))],
+        weights={"stable": 100, "candidate": 0},
+        shadow_variant="candidate" if shadow else None,
+        shadow_percent=100.0 if shadow else 0.0,
+        router_num_cpus=0.1,
+        decision_log_rate=0.0,
+    )
+    return build_app(args)
+
+
 BODY = {"prompt": "ping", "max_tokens": 1}
 
 
-def latency(base: str, prefixes: list[str], n: int) -> dict[str, dict[str, float]]:
-    samples: dict[str, list[float]] = {p: [] for p in prefixes}
+def _percentiles(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    return {"p50Ms": round(statistics.median(xs), 2), "p95Ms": round(xs[int(0.95 * (len(xs) - 1))], 2),
+            "p99Ms": round(xs[int(0.99 * (len(xs) - 1))], 2)}
+
+
+def latency(base: str, prefixes: list[str], n: int, samples: dict[str, list[float]] | None = None
+            ) -> dict[str, dict[str, float]]:
+    samples = samples if samples is not None else {}
+    for p in prefixes:
+        samples.setdefault(p, [])
     with httpx.Client(base_url=base, timeout=30) as c:
         for p in prefixes:  # warm up
             for _ in range(20):
@@ -92,14 +136,11 @@ def latency(base: str, prefixes: list[str], n: int) -> dict[str, dict[str, float
                 t = time.perf_counter()
                 c.post(p + "/v1/completions", json=BODY).raise_for_status()
                 samples[p].append((time.perf_counter() - t) * 1000)
-    out = {}
-    for p, xs in samples.items():
-        xs.sort()
-        out[p] = {"p50Ms": round(statistics.median(xs), 2), "p99Ms": round(xs[int(0.99 * (len(xs) - 1))], 2)}
-    return out
+    return {p: _percentiles(xs) for p, xs in samples.items()}
 
 
-async def _closed_loop(base: str, prefix: str, concurrency: int, seconds: float) -> tuple[int, int]:
+async def _closed_loop(base: str, prefix: str, concurrency: int, seconds: float,
+                       latencies: list[float] | None = None) -> tuple[int, int]:
     ok = errors = 0
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -107,7 +148,10 @@ async def _closed_loop(base: str, prefix: str, concurrency: int, seconds: float)
         async def worker():
             nonlocal ok, errors
             while time.perf_counter() < deadline:
+                t = time.perf_counter()
                 r = await c.post(prefix + "/v1/completions", json=BODY)
+                if latencies is not None:
+                    latencies.append((time.perf_counter() - t) * 1000)
                 if r.status_code == 200:
                     ok += 1
                 else:
@@ -117,12 +161,14 @@ async def _closed_loop(base: str, prefix: str, concurrency: int, seconds: float)
     return ok, errors
 
 
-def throughput(base: str, prefixes: list[str], concurrency: int, seconds: float, rounds: int) -> dict[str, float]:
+def throughput(base: str, prefixes: list[str], concurrency: int, seconds: float, rounds: int,
+               latencies: dict[str, list[float]] | None = None) -> dict[str, float]:
     totals = {p: 0 for p in prefixes}
     errors = {p: 0 for p in prefixes}
     for _ in range(rounds):
         for p in prefixes:
-            ok, err = asyncio.run(_closed_loop(base, p, concurrency, seconds))
+            lat = latencies.setdefault(p, []) if latencies is not None else None
+            ok, err = asyncio.run(_closed_loop(base, p, concurrency, seconds, lat))
             totals[p] += ok
             errors[p] += err
     return {p: round(totals[p] / (seconds * rounds), 1) for p in prefixes} | {"errors": sum(errors.values())}
@@ -149,6 +195,66 @@ def tiny_tokens_per_second(base: str, prefix: str, concurrency: int, seconds: fl
     return round(tokens / (time.perf_counter() - start), 1)
 
 
+def shadow_figures(base: str, prefix: str, wait_s: float) -> dict[str, Any]:
+    """The app's shadow figures from `/-/stats`, once its mirrored calls stopped coming back
+    (or after `wait_s`)."""
+    deadline = time.perf_counter() + wait_s
+    last = None
+    with httpx.Client(base_url=base, timeout=30) as c:
+        while True:
+            doc = c.get(prefix + "/-/stats").raise_for_status().json()
+            mirrored = (doc.get("shadow", {}).get("candidate") or {}).get("requests", 0)
+            if mirrored == last or time.perf_counter() > deadline:
+                break
+            last = mirrored
+            time.sleep(1.0)
+    pairs = (doc.get("pairs", {}).get("candidate") or {}).get("stable") or {}
+    shadow = doc.get("shadow", {}).get("candidate") or {}
+    return {
+        "userRequests": doc["variants"]["stable"]["total"]["requests"],
+        "mirrored": shadow.get("requests", 0), "mirrorErrors": shadow.get("errors", 0),
+        "mirrorP95Ms": shadow.get("latencyP95Ms"), "dropped": doc.get("shadow_dropped", 0),
+        "pairs": pairs.get("pairs", 0), "agreements": pairs.get("agreements", 0),
+        "latencyRatioP50": pairs.get("latencyRatioP50"),
+    }
+
+
+def shadow_main(opts: argparse.Namespace, base: str) -> dict:
+    """`--mode shadow`: user-facing latency and throughput with shadow pairing off / on / on-fast."""
+    from ray import serve
+
+    slow, fast = opts.shadow_delay_ms, opts.primary_delay_ms
+    serve.run(shadow_app("bench-shadow-off", False, fast, slow), name="bench-shadow-off", route_prefix="/off")
+    serve.run(shadow_app("bench-shadow-on", True, fast, slow), name="bench-shadow-on", route_prefix="/on")
+    serve.run(shadow_app("bench-shadow-fast", True, fast, fast), name="bench-shadow-fast", route_prefix="/on-fast")
+    prefixes = ["/off", "/on", "/on-fast"]
+    seq: dict[str, list[float]] = {}
+    lat = latency(base, prefixes, opts.requests, seq)
+    # Mirrors still queued at the slow candidate (at most the router's in-flight cap) drain at
+    # one per shadow delay: wait for them before reading the pair counts. Read once after the
+    # sequential phase (the pair ring holds ≥ 1024 pairs: all of them) and once at the end.
+    wait_s = 64 * slow / 1000 + 10
+    after_sequential = {p: shadow_figures(base, p, wait_s) for p in ("/on", "/on-fast")}
+    loop_lat: dict[str, list[float]] = {}
+    thr = throughput(base, prefixes, opts.concurrency, opts.seconds, opts.rounds, loop_lat)
+    off = lat["/off"]
+    result = {
+        "latency": lat,
+        "atLeastShadowDelay": {p: sum(x >= slow for x in xs) for p, xs in seq.items()},
+        "sequentialRequests": {p: len(xs) for p, xs in seq.items()},
+        "addedMs": {p: {"p50": round(lat[p]["p50Ms"] - off["p50Ms"], 2),
+                        "p95": round(lat[p]["p95Ms"] - off["p95Ms"], 2)} for p in ("/on", "/on-fast")},
+        "throughputRps": thr,
+        "throughputRatio": {p: round(thr[p] / thr["/off"], 3) if thr["/off"] else None for p in ("/on", "/on-fast")},
+        "closedLoopLatency": {p: _percentiles(xs) for p, xs in loop_lat.items()},
+        "closedLoopAtLeastShadowDelay": {p: sum(x >= slow for x in xs) for p, xs in loop_lat.items()},
+        "shadowAfterSequential": after_sequential,
+        "shadowAtEnd": {p: shadow_figures(base, p, wait_s) for p in ("/on", "/on-fast")},
+        "config": vars(opts),
+    }
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=400, help="sequential requests per app for latency")
@@ -157,6 +263,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--tiny-tokens", type=int, default=32, help="max_tokens for the tiny-model tokens/s run (0: skip)")
+    ap.add_argument("--mode", choices=["direct", "shadow"], default="direct",
+                    help="direct: router vs a single deployment; shadow: shadow pairing off / on (issue 15)")
+    ap.add_argument("--primary-delay-ms", type=float, default=5.0, help="shadow mode: the stable echo's delay")
+    ap.add_argument("--shadow-delay-ms", type=float, default=200.0, help="shadow mode: the slow candidate's delay")
+    ap.add_argument("--json", help="also write the results here")
     opts = ap.parse_args(argv)
 
     import ray
@@ -166,6 +277,12 @@ def main(argv: list[str] | None = None) -> dict:
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
+    if opts.mode == "shadow":
+        result = shadow_main(opts, base)
+        serve.shutdown()
+        ray.shutdown()
+        _report(result, opts.json)
+        return result
     serve.run(router_app(), name="bench-router", route_prefix="/router")
     serve.run(direct_app(), name="bench-direct", route_prefix="/direct")
     prefixes = ["/router", "/direct"]
@@ -191,8 +308,14 @@ def main(argv: list[str] | None = None) -> dict:
         result["tinyTokensPerSecond"] = tiny_tokens_per_second(base, "/tiny", 4, opts.seconds, opts.tiny_tokens)
     serve.shutdown()
     ray.shutdown()
-    print(json.dumps(result, indent=2))
+    _report(result, opts.json)
     return result
+
+
+def _report(result: dict, path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
