@@ -16,7 +16,7 @@ from typing import Any, Mapping
 MODEL_PREFIXES = (
     ("student", "student"),
     ("teacher", "teacher"),
-    ("start", "student before RL"),
+    ("start", "student before training (kd-rl, cpt)"),
     ("source", "source model"),
     ("pruned", "after pruning"),
     ("quantized", "after quantization"),
@@ -27,6 +27,7 @@ LABELS = {
     "accuracyOn": "accuracy, thinking on",
     "accuracyOff": "accuracy, thinking off",
     "perplexity": "perplexity",
+    "heldoutTokens": "held-out tokens (cpt perplexity averages over them)",
     "sizeBytes": "size",
     "sizeRatio": "size ratio (to the source)",
     "retention": "retention (accuracy / the reference's)",
@@ -44,7 +45,7 @@ COMPARISONS = {
     "sizeRatio": "size ratio (to the source)",
 }
 COMPRESSION_RETENTION = "retention (compressed / source accuracy)"
-TRAINING = {"loggingShare": "time spent logging (share of the loop)"}
+TRAINING = {"loggingShare": "time spent logging (share of the loop)", "trainLoss": "training loss (last step)"}
 
 
 @dataclass(frozen=True)

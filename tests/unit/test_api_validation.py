@@ -12,6 +12,8 @@ from anneal.api.resources import parse_spec
 STUDENT = {"config": {"hiddenSize": 64, "layers": 2, "heads": 4, "kvHeads": 2}}
 SFT = {"method": "sft", "student": STUDENT}
 KD = {"method": "kd", "teacher": {"uri": "models:/teacher/1"}, "student": STUDENT}
+CPT = {"method": "cpt", "student": {"uri": "models:/pruned/1"},
+       "dataset": {"uri": "/data/corpus.jsonl", "format": "text", "maxSeqLength": 512}}
 CJ = {"model": {"uri": "models:/teacher@champion"}, "quantization": {"scheme": "W4A16", "groupSize": 32}}
 SVC = {
     "variants": [
@@ -60,6 +62,11 @@ GOOD = [
     ("DistillationJob", {**SFT, "training": {"epochs": 2}, "resources": {"memory": "16Gi", "gpusPerWorker": 1}}),
     ("DistillationJob", {**KD, "training": {"strategy": "fsdp", "precision": "bf16", "gradientCheckpointing": True},
                          "resources": {"workers": 8, "gpusPerWorker": 1}}),
+    ("DistillationJob", CPT),
+    ("DistillationJob", {**CPT, "teacher": {"uri": "models:/teacher/1"}, "kd": {"alpha": 0.3}}),
+    ("DistillationJob", {**CPT, "evalDataset": {"uri": "/data/heldout.jsonl", "format": "text"},
+                         "evaluation": {"dataset": {"uri": "builtin://reasoning", "split": "eval"}},
+                         "training": {"strategy": "fsdp", "epochs": 1}, "resources": {"workers": 2}}),
     ("CompressionJob", CJ),
     ("CompressionJob", {"model": {"uri": "/abs/model"}, "pruning": {"depth": {"ratio": 0.5}, "recovery": {"steps": 10}}}),
     ("CompressionJob", {"model": {"uri": "hf://org/name@main"}, "quantization": {"scheme": "FP8", "algorithm": "rtn"}}),
@@ -80,8 +87,18 @@ def test_good_specs_parse(kind, spec):
 
 BAD = [
     # (kind, spec, field path in the message, a fragment of the rule)
-    ("DistillationJob", with_(SFT, "method", "distil"), "spec.method", "'sft', 'kd', 'lora-kd' or 'kd-rl'"),
+    ("DistillationJob", with_(SFT, "method", "distil"), "spec.method", "'sft', 'cpt', 'kd', 'lora-kd' or 'kd-rl'"),
     ("DistillationJob", with_(KD, "teacher", None), "spec.teacher", "teacher is required"),
+    # cpt trains on raw text: a chat data set (the default format) is the user's mistake, named
+    ("DistillationJob", with_(CPT, "dataset.format", None), "spec.dataset.format", "set format: text"),
+    ("DistillationJob", with_(CPT, "dataset.format", "chat"), "spec.dataset.format", "method cpt trains on raw text"),
+    ("DistillationJob", with_(CPT, "dataset", None), "spec.dataset.format", "set format: text"),
+    ("DistillationJob", with_(CPT, "evalDataset", {"uri": "builtin://reasoning"}), "spec.evalDataset.format",
+     "held-out raw text"),
+    ("DistillationJob", with_(CPT, "evaluation.dataset", {"uri": "/d.jsonl", "format": "text"}),
+     "spec.evaluation.dataset.format", "checkable answers"),
+    ("DistillationJob", with_(CPT, "student", {"fromTeacher": {"depth": {"keepLayers": 1}}}),
+     "spec.student.fromTeacher", "needs spec.teacher"),
     ("DistillationJob", with_(SFT, "student", {}), "spec.student", "exactly one of uri"),
     ("DistillationJob", with_(SFT, "student.uri", "models:/x/1"), "spec.student", "exactly one of"),
     ("DistillationJob", with_(SFT, "student.config.heads", 5), "spec.student.config.hiddenSize", "divisible by heads"),
@@ -96,7 +113,7 @@ BAD = [
     ("DistillationJob", with_(SFT, "training", {"precision": "int8"}), "spec.training.precision", "fp32"),
     ("DistillationJob", with_(SFT, "training", {"strategy": "zero3"}), "spec.training.strategy", "'ddp' or 'fsdp'"),
     ("DistillationJob", with_({**KD, "method": "lora-kd"}, "training", {"strategy": "fsdp"}), "spec.training.strategy",
-     "supported for methods sft and kd"),
+     "supported for methods sft, cpt and kd"),
     ("DistillationJob", with_({**KD, "method": "kd-rl"}, "training", {"strategy": "fsdp"}), "spec.training.strategy",
      "use ddp for lora-kd and kd-rl"),
     ("DistillationJob", with_(SFT, "resources", {"workers": 0}), "spec.resources.workers", "greater than or equal to 1"),

@@ -168,7 +168,7 @@ def test_crd_carries_rules():
     weight = svc["properties"]["variants"]["items"]["properties"]["weight"]
     assert (weight["minimum"], weight["maximum"], weight["type"]) == (0, 100, "integer")
     dj = build_crd(KINDS["DistillationJob"])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    assert dj["properties"]["method"]["enum"] == ["sft", "kd", "lora-kd", "kd-rl"]
+    assert dj["properties"]["method"]["enum"] == ["sft", "cpt", "kd", "lora-kd", "kd-rl"]
     assert dj["required"] == ["method", "student"]
     assert "description" in dj["properties"]["backoffLimit"]
 

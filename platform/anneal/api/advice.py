@@ -68,6 +68,11 @@ def distillation_advice(spec: DistillationJobSpec, base_dir: Path | None = None)
         out.append(f"spec.lora: set, but only method 'lora-kd' uses it (method is {spec.method!r})")
     if spec.method != "kd-rl" and "rl" in spec.model_fields_set:
         out.append(f"spec.rl: set, but only method 'kd-rl' uses it (method is {spec.method!r})")
+    if spec.method == "cpt" and spec.teacher is None and "kd" in spec.model_fields_set:
+        out.append("spec.kd: set, but method 'cpt' without spec.teacher trains on next-token loss alone and ignores it")
+    if spec.method == "cpt" and spec.dataset.reasoning != "both" and not spec.dataset.uri.startswith("builtin://"):
+        out.append(f"spec.dataset.reasoning: {spec.dataset.reasoning!r}: method 'cpt' reads raw text; only the built-in "
+                   "task is filtered by reasoning mode")
     if spec.training.precision == "fp16" and spec.resources.gpus_per_worker == 0:
         out.append("spec.training.precision: 'fp16' on CPU workers runs in fp32 (fp16 autocast needs a GPU)")
     return out

@@ -1,4 +1,4 @@
-"""DistillationJob: train a student from labels (sft) or from a teacher (kd, lora-kd, kd-rl)."""
+"""DistillationJob: train a student from labels (sft), on raw text (cpt) or from a teacher (kd, lora-kd, kd-rl)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ from anneal.api.common import (
     cross_field,
 )
 
-Method = Literal["sft", "kd", "lora-kd", "kd-rl"]
+Method = Literal["sft", "cpt", "kd", "lora-kd", "kd-rl"]
+
+#: Methods that train without a teacher (cpt mixes in the KD term when one is given).
+TEACHER_OPTIONAL = ("sft", "cpt")
 
 
 class StudentConfig(ApiModel):
@@ -209,8 +212,15 @@ class RLConfig(ApiModel):
 
 #: Methods FSDP can shard. lora-kd trains adapters small enough for DDP; kd-rl generates with the
 #: policy, and sharded generation would need every worker to decode in lockstep.
-FSDP_METHODS = ("sft", "kd")
-FSDP_METHODS_RULE = "strategy fsdp is supported for methods sft and kd; use ddp for lora-kd and kd-rl"
+FSDP_METHODS = ("sft", "cpt", "kd")
+FSDP_METHODS_RULE = "strategy fsdp is supported for methods sft, cpt and kd; use ddp for lora-kd and kd-rl"
+EVAL_ACCURACY_FORMAT_RULE = (
+    "accuracy is scored on questions with checkable answers: use format chat or prompt-completion"
+)
+CPT_FORMAT_RULE = (
+    "method cpt trains on raw text (next-token loss on every token, documents packed into maxSeqLength "
+    "blocks): set format: text (jsonl records with a 'text' field, or builtin://reasoning rendered as text)"
+)
 
 
 class TrainingConfig(ApiModel):
@@ -254,6 +264,12 @@ class EvaluationConfig(ApiModel):
         default_factory=lambda: ["accuracy", "perplexity"], max_length=2
     )
     max_new_tokens: int = Field(default=96, ge=1, le=32768, description="Generation cap when scoring answers.")
+    dataset: DatasetRef | None = Field(
+        default=None,
+        description="Where accuracy is scored (records with checkable answers). Default: evalDataset, or the "
+        "training data's eval split; for cpt (raw text): the built-in task's eval split in chat form when the "
+        "training data is built-in, else no accuracy unless set.",
+    )
 
 
 class DistillationJobSpec(ApiModel):
@@ -263,8 +279,8 @@ class DistillationJobSpec(ApiModel):
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "self.method == 'sft' || has(self.teacher)",
-                    "message": "teacher is required for every method but sft",
+                    "rule": "self.method == 'sft' || self.method == 'cpt' || has(self.teacher)",
+                    "message": "teacher is required for every method but sft and cpt",
                     "fieldPath": ".teacher",
                 },
                 {
@@ -274,23 +290,49 @@ class DistillationJobSpec(ApiModel):
                 },
                 {
                     "rule": "!has(self.training) || !has(self.training.strategy) || self.training.strategy != 'fsdp'"
-                    " || self.method == 'sft' || self.method == 'kd'",
+                    " || self.method == 'sft' || self.method == 'cpt' || self.method == 'kd'",
                     "message": FSDP_METHODS_RULE,
                     "fieldPath": ".training.strategy",
+                },
+                {
+                    "rule": "self.method != 'cpt' || (has(self.dataset) && has(self.dataset.format)"
+                    " && self.dataset.format == 'text')",
+                    "message": CPT_FORMAT_RULE,
+                    "fieldPath": ".dataset.format",
+                },
+                {
+                    "rule": "self.method != 'cpt' || !has(self.evalDataset) || !has(self.evalDataset.format)"
+                    " || self.evalDataset.format == 'text'",
+                    "message": "method cpt measures perplexity on held-out raw text: evalDataset.format must be "
+                    "text (score accuracy on another data set with evaluation.dataset)",
+                    "fieldPath": ".evalDataset.format",
+                },
+                {
+                    "rule": "!has(self.evaluation) || !has(self.evaluation.dataset) || "
+                    "!has(self.evaluation.dataset.format) || self.evaluation.dataset.format != 'text'",
+                    "message": EVAL_ACCURACY_FORMAT_RULE,
+                    "fieldPath": ".evaluation.dataset.format",
                 },
             ]
         }
     )
 
-    method: Method = Field(description="sft (labels only) | kd | lora-kd | kd-rl.")
-    teacher: ModelRef | None = Field(default=None, description="Required for every method but sft.")
+    method: Method = Field(
+        description="sft (labels only) | cpt (continued pretraining: next-token loss on raw text, plus the KD "
+        "term when a teacher is given) | kd | lora-kd | kd-rl."
+    )
+    teacher: ModelRef | None = Field(
+        default=None, description="Required for every method but sft and cpt (cpt with a teacher adds the KD term)."
+    )
     student: StudentSpec = Field(description="The model being trained.")
     kd: KDConfig = Field(default_factory=KDConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     dataset: DatasetRef = Field(default_factory=DatasetRef)
     eval_dataset: DatasetRef | None = Field(
-        default=None, description="Default: the training data set's `eval` split."
+        default=None,
+        description="Default: the training data set's `eval` split. For cpt: the held-out raw text perplexity is "
+        "measured on (default: the built-in task's eval split, or the last tenth of a file's documents).",
     )
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
@@ -302,8 +344,20 @@ class DistillationJobSpec(ApiModel):
 
     @model_validator(mode="after")
     def _rules(self) -> "DistillationJobSpec":
-        if self.method != "sft" and self.teacher is None:
+        if self.method not in TEACHER_OPTIONAL and self.teacher is None:
             raise cross_field("teacher", None, f"teacher is required for method {self.method!r}")
+        if self.method == "cpt":
+            if self.dataset.format != "text":
+                raise cross_field("dataset.format", self.dataset.format, CPT_FORMAT_RULE)
+            if self.eval_dataset is not None and self.eval_dataset.format != "text":
+                raise cross_field(
+                    "evalDataset.format", self.eval_dataset.format,
+                    "method cpt measures perplexity on held-out raw text: set format: text "
+                    "(score accuracy on another data set with evaluation.dataset)",
+                )
+        ev_data = self.evaluation.dataset
+        if ev_data is not None and ev_data.format == "text":
+            raise cross_field("evaluation.dataset.format", ev_data.format, EVAL_ACCURACY_FORMAT_RULE)
         if self.student.from_teacher is not None and self.teacher is None:
             raise cross_field("student.fromTeacher", "set", "a student derived from the teacher needs spec.teacher")
         if self.training.strategy == "fsdp" and self.method not in FSDP_METHODS:
@@ -315,6 +369,21 @@ class DistillationJobSpec(ApiModel):
         if self.eval_dataset is not None:
             return self.eval_dataset
         return self.dataset.model_copy(update={"split": "eval", "samples": None})
+
+    def accuracy_dataset_ref(self) -> DatasetRef | None:
+        """Where accuracy is scored: `evaluation.dataset`, else the evaluation data set.
+
+        A cpt job's data is raw text, with no questions to answer: its accuracy is scored on the
+        built-in task's eval split in chat form when it trains on the built-in task, else only
+        when `evaluation.dataset` is set (None: no accuracy).
+        """
+        if self.evaluation.dataset is not None:
+            return self.evaluation.dataset
+        if self.method != "cpt":
+            return self.eval_dataset_ref()
+        if self.dataset.uri.startswith("builtin://"):
+            return self.dataset.model_copy(update={"split": "eval", "samples": None, "format": "chat"})
+        return None
 
 
 class JobPhase(str, enum.Enum):

@@ -402,6 +402,106 @@ def load_samples(
     return out
 
 
+def load_texts(
+    uri: str,
+    *,
+    split: str = "train",
+    samples: int | None = None,
+    reasoning: str = "both",
+    cache_dir: Path | None = None,
+    s3_endpoint_url: str | None = None,
+) -> list[str]:
+    """Load a data set as raw-text documents, for continued pretraining.
+
+    Every record of a file, S3 object or Hugging Face data set (`load_from_disk` directory or
+    `hf://datasets/...`) must have a string `text` field: a chat or prompt/completion record is
+    an error here rather than silently flattened, since continued pretraining means "train on
+    this text". The built-in task is rendered as text: its system/user prompt lines followed by
+    the worked answer (what `format: text` gives every method).
+
+    Args:
+        uri: a dataset URI (see `parse_dataset_uri`).
+        split: for the built-in task and Hugging Face data sets: `train`, `eval` or `test`.
+        samples: cap on the number of documents.
+        reasoning: built-in task only: `both`, `on` or `off`.
+        cache_dir: cache for `hf://` downloads.
+        s3_endpoint_url: S3 endpoint; None reads `ANNEAL_S3_ENDPOINT_URL` / `AWS_ENDPOINT_URL`.
+
+    Returns:
+        The documents, at most `samples` of them, none empty.
+    """
+    if samples is not None and samples < 1:
+        raise DatasetError(f"{uri}: samples={samples} must be >= 1 (or omitted for all)")
+    parsed = parse_dataset_uri(uri)
+    if parsed.scheme == "builtin":
+        loaded = load_samples(uri, split=split, format="text", samples=samples, reasoning=reasoning)
+        return [s.completion for s in loaded]
+    if parsed.scheme == "hf":
+        records = _load_hf(parsed, split, cache_dir)
+    elif parsed.scheme == "s3":
+        records = _load_s3(parsed, s3_endpoint_url)
+    else:
+        path = parsed.path
+        if path.is_dir():
+            records = _load_hf_dir(path, split, uri, cache_dir)
+        elif not path.exists():
+            raise DatasetError(f"{uri}: no such file {path.resolve()}")
+        else:
+            with path.open(encoding="utf-8") as f:
+                records = _read_jsonl(f, uri)
+    texts = []
+    for i, record in enumerate(records):
+        text = record.get("text")
+        if "text" not in record:
+            raise DatasetError(
+                f"{uri}: record {i} has fields {sorted(record)}; continued pretraining (method cpt) reads "
+                "raw text from a 'text' field. Give records like {\"text\": \"...\"}, or train on chat "
+                "or prompt/completion records with method sft or kd"
+            )
+        if not isinstance(text, str):
+            raise DatasetError(f"{uri}: record {i}: text must be a string, got {type(text).__name__}")
+        if text.strip():
+            texts.append(text)
+        if samples is not None and len(texts) >= samples:
+            break
+    if not texts:
+        raise DatasetError(f"{uri}: no non-empty 'text' records (split {split!r})")
+    return texts
+
+
+def pack_texts(tokenizer: Any, texts: Sequence[str], block_size: int) -> list[dict[str, list[int]]]:
+    """Tokenize documents, join them with the tokenizer's eos, and cut the stream into blocks.
+
+    This is how continued pretraining reads text: no padding inside the data, every token a
+    label, a document boundary marked by eos (attention may cross it, as in GPT-style packing).
+    The last block keeps the remainder (shorter, padded by `collate`) rather than dropping it.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with an eos token.
+        texts: the documents.
+        block_size: tokens per block (`maxSeqLength`).
+
+    Returns:
+        Blocks with `input_ids`, `labels` (equal to `input_ids`: loss on every token) and
+        `attention_mask`; all but the last exactly `block_size` long.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token (e.g. '<|end|>')")
+    if block_size < 2:
+        raise ValueError(f"block_size={block_size}: a block needs at least 2 tokens to predict one")
+    stream: list[int] = []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        stream.append(tokenizer.eos_token_id)
+    blocks = []
+    for i in range(0, len(stream), block_size):
+        chunk = stream[i : i + block_size]
+        if len(chunk) < 2:  # a lone trailing token predicts nothing
+            break
+        blocks.append({"input_ids": chunk, "labels": list(chunk), "attention_mask": [1] * len(chunk)})
+    return blocks
+
+
 def tokenize_sample(tokenizer: Any, sample: Sample, max_seq_length: int) -> dict[str, list[int]]:
     """Tokenize a sample for causal-LM training with loss on the completion only.
 

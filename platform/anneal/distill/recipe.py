@@ -224,7 +224,8 @@ def build_objective(spec: DistillationJobSpec, teacher: Any | None) -> Callable[
     """The training loss of a method: (model, batch) → (loss, figures to log)."""
     import torch
 
-    if spec.method == "sft":
+    if spec.method == "sft" or (spec.method == "cpt" and teacher is None):
+        # sft: labels on the completion; cpt: labels on every token of a packed text block
 
         def sft(model: Any, batch: dict[str, Any]):
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -265,7 +266,7 @@ def build_objective(spec: DistillationJobSpec, teacher: Any | None) -> Callable[
 
 
 def train_loop(cfg: dict[str, Any]) -> None:
-    """Ray Train worker loop of sft, kd and lora-kd (runs on every worker)."""
+    """Ray Train worker loop of sft, cpt, kd and lora-kd (runs on every worker)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -280,6 +281,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(worker.student_init)
     model = AutoModelForCausalLM.from_pretrained(worker.student_init, dtype=torch.float32)
     teacher = None
+    if spec.method == "cpt" and worker.teacher_dir:  # cpt with a teacher: KD + next-token loss
+        teacher = load_teacher(worker.teacher_dir, t.precision, device)
     if spec.method in ("kd", "lora-kd"):
         if not worker.teacher_dir:
             raise ValueError(f"method {spec.method!r} needs spec.teacher")
@@ -292,7 +295,13 @@ def train_loop(cfg: dict[str, Any]) -> None:
     model, params, optimizer, start_step = parallel.prepare(model, t, device, worker.resume_dir)
 
     ds = spec.dataset
-    tokenized = [tokenize_sample(tokenizer, s, ds.max_seq_length) for s in dataset_samples(ds, worker.cache_dir)]
+    if spec.method == "cpt":
+        from anneal.data.datasets import pack_texts
+        from anneal.distill.cpt import documents
+
+        tokenized = pack_texts(tokenizer, documents(spec, worker.cache_dir).train, ds.max_seq_length)
+    else:
+        tokenized = [tokenize_sample(tokenizer, s, ds.max_seq_length) for s in dataset_samples(ds, worker.cache_dir)]
     steps = worker.total_steps
 
     objective = build_objective(spec, teacher)
@@ -369,11 +378,15 @@ def evaluate(
     """
     from anneal.compress.evaluation import EvalPlan, cached_evaluate_dir, evaluate_dir, model_key
 
-    ev, ds = spec.evaluation, spec.eval_dataset_ref()
+    ev, ds = spec.evaluation, spec.accuracy_dataset_ref()
+    if spec.method == "cpt" and (ds is None or "accuracy" not in ev.metrics):
+        return {}  # cpt's perplexity is on held-out text (`anneal.distill.cpt`); no questions to score
+    assert ds is not None
     plan = EvalPlan(
         dataset_uri=ds.uri, split=ds.split, format=ds.format, samples=ds.samples or ev.samples,
         modes=tuple(ev.reasoning_modes), max_new_tokens=ev.max_new_tokens, max_seq_length=ds.max_seq_length,
-        perplexity="perplexity" in ev.metrics,
+        # cpt reports the held-out text's perplexity under that name; the chat answers' would overwrite it
+        perplexity="perplexity" in ev.metrics and spec.method != "cpt",
     )
     cache = Path(ctx.cache_dir)
     if cache_key is not None:
@@ -423,7 +436,11 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
         if info:
             store.log_metrics(ctx.tracking_uri, run_id, {k: v for k, v in info.items() if isinstance(v, (int, float))})
         # Read the data once up front: a bad data set fails here, clearly, before any worker starts.
-        n_samples = len(dataset_samples(spec.dataset, ctx.cache_dir))
+        docs = None
+        if spec.method == "cpt":
+            docs, n_samples = _cpt_data(spec, ctx, student_init, run_id)
+        else:
+            n_samples = len(dataset_samples(spec.dataset, ctx.cache_dir))
         steps = total_steps(spec, n_samples, spec.resources.workers)
         result.progress = {"step": 0, "totalSteps": steps}
         if on_progress:
@@ -444,6 +461,12 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
         if on_progress:
             on_progress({**result.to_status(), "phase": "Running", "message": "evaluating"})
         metrics = evaluate(spec, ctx, final_dir, teacher_dir, teacher_uri)
+        if docs is not None:
+            from anneal.distill.cpt import heldout_metrics
+
+            metrics.update(heldout_metrics(spec, docs, final_dir, student_init, teacher_dir))
+            if final_metrics.get("train/loss") is not None:
+                metrics["trainLoss"] = final_metrics["train/loss"]
         for k, v in start_metrics.items():
             if k.startswith("student"):
                 metrics["start" + k[len("student"):]] = v
@@ -467,7 +490,8 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
         version_tags = {**ctx.lineage_tags(), **tags, "anneal.mlflow_run_id": run_id}
         result.model_uri = store.register_model(
             ctx.tracking_uri, ctx.registered_model_name, source, run_id, version_tags,
-            description=f"{spec.method} student of {teacher_uri or 'labels'} ({ctx.namespace}/{ctx.name})",
+            description=f"{spec.method} student of {teacher_uri or ('raw text' if spec.method == 'cpt' else 'labels')} "
+            f"({ctx.namespace}/{ctx.name})",
         )
         result.metrics = {k: round(float(v), 6) for k, v in metrics.items()}
         from anneal.report import comparison_notes, missing_figures
@@ -496,6 +520,25 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
         except Exception as exc:
             log.warning("could not record the result in MLflow: %s", exc)
     return result
+
+
+def _cpt_data(spec: DistillationJobSpec, ctx: JobContext, student_init: Path, run_id: str) -> tuple[Any, int]:
+    """A cpt job's documents and how many packed blocks they make (what `epochs` counts)."""
+    from transformers import AutoTokenizer
+
+    from anneal.data.datasets import pack_texts
+    from anneal.distill.cpt import documents
+
+    docs = documents(spec, ctx.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(student_init))
+    blocks = pack_texts(tokenizer, docs.train, spec.dataset.max_seq_length)
+    tokens = sum(len(b["input_ids"]) for b in blocks)
+    store.log_params(ctx.tracking_uri, run_id, {"cpt.heldout": docs.heldout_source[:500]})
+    store.log_metrics(ctx.tracking_uri, run_id, {
+        "cpt/documents": float(len(docs.train)), "cpt/heldout_documents": float(len(docs.heldout)),
+        "cpt/blocks": float(len(blocks)), "cpt/tokens": float(tokens),
+    })
+    return docs, len(blocks)
 
 
 def _registry_version(ctx: JobContext, uri: str) -> str | None:
