@@ -394,6 +394,66 @@ def rollout_report(
 
 
 @app.command()
+def explain(
+    model_uri: Annotated[str, typer.Argument(help="A model: a path, hf://org/name, s3://bucket/prefix, models:/Name/N.")],
+    question: Annotated[str, typer.Argument(help="The question to answer and explain.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for attention.png, attention.html and attention.json.")] = Path("explain"),
+    reasoning: Annotated[str, typer.Option("--reasoning", help="on | off: the \"detailed thinking\" system prompt.")] = "off",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="The answer's cap in tokens.", min=1)] = 96,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto (cuda when there is one).")] = "auto",
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="`json`: print the figures and paths as JSON.")] = None,
+) -> None:
+    """Answer a question greedily and map where the answer's tokens looked in the prompt (PNG and HTML)."""
+    import time
+
+    from anneal.settings import Settings
+
+    if output not in (None, "json"):
+        raise fail(f"--output {output!r}: only 'json' is supported")
+    if reasoning not in ("on", "off"):
+        raise fail(f"--reasoning {reasoning!r}: use on or off")
+    if device not in ("cpu", "cuda", "auto"):
+        raise fail(f"--device {device!r}: use cpu, cuda or auto")
+    if not question.strip():
+        raise fail("the question is empty: ask one")
+    settings = Settings()
+    logging.basicConfig(level=settings.anneal.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries(settings.anneal.log_level)
+    with _stdout_to_stderr(output == "json"):
+        import torch
+
+        from anneal.explain.attention import explain_prompt, question_prompt
+        from anneal.explain.render import write_map
+        from anneal.modeling.uris import ModelNotFoundError, load_model
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            model, tokenizer = load_model(model_uri, cache_dir=settings.anneal.cache_dir, tracking_uri=settings.tracking_uri,
+                                          device=device)
+        except (ValueError, ModelNotFoundError, OSError) as exc:
+            raise fail(f"cannot load {model_uri}: {exc}") from None
+        started = time.perf_counter()
+        m = explain_prompt(model, tokenizer, question_prompt(tokenizer, question, reasoning),
+                           max_new_tokens=max_new_tokens, question=question, model_name=model_uri)
+        mapped = time.perf_counter() - started
+        png, page, figures = write_map(m, out)
+        rendered = time.perf_counter() - started - mapped
+    doc = {**m.summary(), "png": str(png), "html": str(page), "json": str(figures),
+           "seconds": {"map": round(mapped, 3), "render": round(rendered, 3)}}
+    if output == "json":
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    na = m.number_attention
+    typer.echo(f"answer: {m.answer}")
+    typer.echo(f"numberAttention: {'n/a' if na is None else f'{na:.3f}'} "
+               f"(numeric tokens are {m.number_token_share:.3f} of the prompt)")
+    if m.skipped_layers:
+        typer.echo(f"skipped (no attention): layers {', '.join(map(str, m.skipped_layers))}")
+    typer.echo(f"wrote {page} and {png}")
+
+
+@app.command()
 def operator(
     namespace: Annotated[Optional[list[str]], typer.Option("--namespace", "-n", help="Namespaces to watch (default: all).")] = None,
 ) -> None:

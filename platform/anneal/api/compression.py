@@ -16,7 +16,13 @@ from anneal.api.common import (
     StatusBase,
     cross_field,
 )
-from anneal.api.distillation import KDConfig, StructuredPruning
+from anneal.api.distillation import (
+    ATTENTION_MAPS_DESCRIPTION,
+    ATTENTION_MAPS_VALIDATION,
+    KDConfig,
+    StructuredPruning,
+    check_attention_maps,
+)
 
 Scheme = Literal["W8A16", "W4A16", "W8A8", "FP8"]
 
@@ -141,13 +147,21 @@ class QuantizationConfig(ApiModel):
 class CompressionEvaluation(ApiModel):
     """Accuracy gate of a compression job."""
 
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [ATTENTION_MAPS_VALIDATION]})
+
     dataset: DatasetRef = Field(default_factory=lambda: DatasetRef(split="eval"))
     samples: int = Field(default=64, ge=1, le=100000)
+    attention_maps: int = Field(default=0, ge=0, le=1000, description=ATTENTION_MAPS_DESCRIPTION)
     reasoning_modes: list[Literal["on", "off"]] = Field(default_factory=lambda: ["on", "off"], max_length=2)
     min_retention: float | None = Field(
         default=None, ge=0, le=1, description="Required share of the source model's accuracy (0..1)."
     )
     max_new_tokens: int = Field(default=96, ge=1, le=32768)
+
+    @model_validator(mode="after")
+    def _maps(self) -> "CompressionEvaluation":
+        check_attention_maps(self.attention_maps, self.samples)
+        return self
 
 
 class CompressionJobSpec(ApiModel):

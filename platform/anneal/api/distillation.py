@@ -255,10 +255,32 @@ class TrainingConfig(ApiModel):
         return self
 
 
+#: The rule of `evaluation.attentionMaps`, shared by DistillationJob and CompressionJob.
+ATTENTION_MAPS_RULE = "attentionMaps must be at most evaluation.samples (it maps that many evaluated answers)"
+ATTENTION_MAPS_DESCRIPTION = (
+    "Render the attention of the answer tokens over the prompt for this many evaluation questions "
+    "(PNG + HTML, logged to the job's MLflow run under explain/, with the numberAttention figure); 0: off."
+)
+ATTENTION_MAPS_VALIDATION = {
+    "rule": "!has(self.attentionMaps) || self.attentionMaps <= (has(self.samples) ? self.samples : 64)",
+    "message": ATTENTION_MAPS_RULE,
+    "fieldPath": ".attentionMaps",
+}
+
+
+def check_attention_maps(attention_maps: int, samples: int) -> None:
+    """`evaluation.attentionMaps` <= `evaluation.samples`, or a field error naming both."""
+    if attention_maps > samples:
+        raise cross_field("attentionMaps", attention_maps, f"{ATTENTION_MAPS_RULE} ({samples})")
+
+
 class EvaluationConfig(ApiModel):
     """What is measured after training."""
 
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [ATTENTION_MAPS_VALIDATION]})
+
     samples: int = Field(default=64, ge=1, le=100000, description="Evaluation problems per mode.")
+    attention_maps: int = Field(default=0, ge=0, le=1000, description=ATTENTION_MAPS_DESCRIPTION)
     reasoning_modes: list[Literal["on", "off"]] = Field(default_factory=lambda: ["on", "off"], max_length=2)
     metrics: list[Literal["accuracy", "perplexity"]] = Field(
         default_factory=lambda: ["accuracy", "perplexity"], max_length=2
@@ -270,6 +292,11 @@ class EvaluationConfig(ApiModel):
         "training data's eval split; for cpt (raw text): the built-in task's eval split in chat form when the "
         "training data is built-in, else no accuracy unless set.",
     )
+
+    @model_validator(mode="after")
+    def _maps(self) -> "EvaluationConfig":
+        check_attention_maps(self.attention_maps, self.samples)
+        return self
 
 
 class DistillationJobSpec(ApiModel):

@@ -144,6 +144,17 @@ def evaluate_task(cfg: dict[str, Any], model_dir: str, cache_key: str | None) ->
     return evaluate_dir(model_dir, plan, cache_dir=cache / "datasets", device=_device(spec))
 
 
+def attention_maps_task(cfg: dict[str, Any], model_dir: str) -> dict[str, float]:
+    """`evaluation.attentionMaps`: the output's maps of N evaluated answers, logged to the run under explain/."""
+    from anneal.explain.evaluation import log_attention_maps
+
+    c = CompressionConfig(**cfg)
+    spec, ctx = c.typed_spec, c.ctx
+    return log_attention_maps(ctx.tracking_uri, ctx.run_id, model_dir, eval_plan(spec), spec.evaluation.attention_maps,
+                              Path(ctx.work_dir) / "explain", cache_dir=Path(ctx.cache_dir) / "datasets",
+                              device=_device(spec), model_name=f"compressed {c.source_uri}")
+
+
 def prune_task(cfg: dict[str, Any], out_dir: str) -> dict[str, Any]:
     """Prune the source by `spec.pruning` (importance on its calibration data); save to `out_dir`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -392,6 +403,9 @@ def compress(spec: CompressionJobSpec, cfg: CompressionConfig, result: JobResult
     ret = retention(current_eval.get("accuracy"), source_eval.get("accuracy"))
     if ret is not None:
         metrics["retention"] = ret
+    if spec.evaluation.attention_maps:
+        _progress(result, on_progress, stages, stages, "drawing attention maps")
+        metrics.update(_on_ray(attention_maps_task, spec, asdict(cfg), str(current)))
     mlflow_metrics.update({k: v for k, v in metrics.items() if not k.startswith(("source", "pruned", "quantized"))})
     store.log_metrics(ctx.tracking_uri, ctx.run_id, {k: v for k, v in mlflow_metrics.items() if v == v})
     result.progress = {"step": stages, "totalSteps": stages}

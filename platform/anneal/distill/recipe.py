@@ -367,6 +367,36 @@ def train(spec: DistillationJobSpec, ctx: JobContext, student_init: Path, teache
 # -------------------------------------------------------------------------- evaluate
 
 
+def eval_plan(spec: DistillationJobSpec) -> Any:
+    """The questions the student is scored on (an `EvalPlan`), or None where there are none (cpt without them)."""
+    from anneal.compress.evaluation import EvalPlan
+
+    ev, ds = spec.evaluation, spec.accuracy_dataset_ref()
+    if spec.method == "cpt" and (ds is None or "accuracy" not in ev.metrics):
+        return None
+    assert ds is not None
+    return EvalPlan(
+        dataset_uri=ds.uri, split=ds.split, format=ds.format, samples=ds.samples or ev.samples,
+        modes=tuple(ev.reasoning_modes), max_new_tokens=ev.max_new_tokens, max_seq_length=ds.max_seq_length,
+        # cpt reports the held-out text's perplexity under that name; the chat answers' would overwrite it
+        perplexity="perplexity" in ev.metrics and spec.method != "cpt",
+    )
+
+
+def attention_maps(spec: DistillationJobSpec, ctx: JobContext, student_dir: Path, result: JobResult) -> dict[str, float]:
+    """`evaluation.attentionMaps`: the student's maps of N evaluated answers, logged to the run under explain/."""
+    plan = eval_plan(spec)
+    if plan is None:
+        result.warnings.append("evaluation.attentionMaps: this cpt job scores no questions (set evaluation.dataset); "
+                               "no attention maps were made")
+        return {}
+    from anneal.explain.evaluation import log_attention_maps
+
+    return log_attention_maps(ctx.tracking_uri, ctx.run_id, student_dir, plan, spec.evaluation.attention_maps,
+                              Path(ctx.work_dir) / "explain", cache_dir=Path(ctx.cache_dir) / "datasets",
+                              model_name=f"student of {ctx.namespace}/{ctx.name}")
+
+
 def evaluate(
     spec: DistillationJobSpec, ctx: JobContext, student_dir: Path, teacher_dir: Path | None, teacher_uri: str | None,
     cache_key: str | None = None,
@@ -376,18 +406,11 @@ def evaluate(
     With `cache_key`, the student's figures are cached too (a retried kd-rl job scores its
     starting point once).
     """
-    from anneal.compress.evaluation import EvalPlan, cached_evaluate_dir, evaluate_dir, model_key
+    from anneal.compress.evaluation import cached_evaluate_dir, evaluate_dir, model_key
 
-    ev, ds = spec.evaluation, spec.accuracy_dataset_ref()
-    if spec.method == "cpt" and (ds is None or "accuracy" not in ev.metrics):
+    plan = eval_plan(spec)
+    if plan is None:
         return {}  # cpt's perplexity is on held-out text (`anneal.distill.cpt`); no questions to score
-    assert ds is not None
-    plan = EvalPlan(
-        dataset_uri=ds.uri, split=ds.split, format=ds.format, samples=ds.samples or ev.samples,
-        modes=tuple(ev.reasoning_modes), max_new_tokens=ev.max_new_tokens, max_seq_length=ds.max_seq_length,
-        # cpt reports the held-out text's perplexity under that name; the chat answers' would overwrite it
-        perplexity="perplexity" in ev.metrics and spec.method != "cpt",
-    )
     cache = Path(ctx.cache_dir)
     if cache_key is not None:
         student = cached_evaluate_dir(student_dir, plan, f"{cache_key}|{model_key(student_dir)}", cache)
@@ -472,6 +495,10 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
                 metrics["start" + k[len("student"):]] = v
         if "studentAccuracy" in metrics and "studentAccuracy" in start_metrics:
             metrics["rlGain"] = metrics["studentAccuracy"] - start_metrics["studentAccuracy"]
+        if spec.evaluation.attention_maps:
+            if on_progress:
+                on_progress({**result.to_status(), "phase": "Running", "message": "drawing attention maps"})
+            metrics.update(attention_maps(spec, ctx, final_dir, result))
         if "train/logging_share" in final_metrics:
             metrics["loggingShare"] = final_metrics["train/logging_share"]
         store.log_metrics(ctx.tracking_uri, run_id, {f"eval/{k}": v for k, v in metrics.items()})

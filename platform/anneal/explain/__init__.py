@@ -1,0 +1,1 @@
+"""Attention maps that explain an answer: where the answer's tokens looked in the prompt (`anneal explain`)."""
