@@ -31,7 +31,13 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from anneal.serve import auth, protocol
-from anneal.serve.engines import ContextLengthExceeded, GenerateRequest, GenerateResult, StreamPiece
+from anneal.serve.engines import (
+    AttentionNotSupported,
+    ContextLengthExceeded,
+    GenerateRequest,
+    GenerateResult,
+    StreamPiece,
+)
 from anneal.serve.metrics import ServiceMetrics, merge_stats
 from anneal.serve.shadow import judge_prompt, judge_verdict, make_pair
 from anneal.serve.routing import (
@@ -348,6 +354,19 @@ class VariantServer:
             req.cancel.set()
             raise
 
+    async def explain(self, req: GenerateRequest) -> tuple[GenerateResult, dict[str, Any]]:
+        """The answer and its attention map (the debug header); engines without attention weights refuse."""
+        engine = self._engine()
+        if not hasattr(engine, "explain"):
+            raise AttentionNotSupported(self.args.name, self.args.engine)
+        loop = asyncio.get_running_loop()
+        req = dataclasses.replace(req, cancel=threading.Event())
+        try:
+            return await loop.run_in_executor(self._executor, engine.explain, req)
+        except asyncio.CancelledError:
+            req.cancel.set()
+            raise
+
     async def stream(self, req: GenerateRequest) -> AsyncIterator[StreamPiece]:
         loop = asyncio.get_running_loop()
         req = dataclasses.replace(req, cancel=threading.Event())
@@ -388,6 +407,20 @@ def _replica_context() -> str:
             return f"pid-{os.getpid()}"
 
 
+#: A request with ``x-anneal-debug: attention`` and the admin key gets the answer's attention map.
+DEBUG_HEADER = "x-anneal-debug"
+DEBUG_VALUES = ("attention",)
+
+
+def check_debug(keys: auth.Keys, headers: Mapping[str, str]) -> None:
+    """The debug header takes the admin key (403 with a user key, 401 without) and a known value (400)."""
+    auth.check(keys, headers, admin=True, what=f"the {DEBUG_HEADER} header", param=DEBUG_HEADER)
+    value = headers[DEBUG_HEADER].strip().lower()
+    if value not in DEBUG_VALUES:
+        raise protocol.ApiError(400, f"{DEBUG_HEADER}: {protocol.brief(value)!s} is not a debug view; use "
+                                f"{' or '.join(DEBUG_VALUES)}", param=DEBUG_HEADER, code="invalid_value")
+
+
 def _upstream_error(variant: str, e: BaseException) -> protocol.ApiError:
     from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -399,6 +432,9 @@ def _upstream_error(variant: str, e: BaseException) -> protocol.ApiError:
     if isinstance(cause, ContextLengthExceeded) or isinstance(e, ContextLengthExceeded):
         return protocol.ApiError(400, str(cause if isinstance(cause, ContextLengthExceeded) else e),
                                  code="context_length_exceeded")
+    if isinstance(cause, AttentionNotSupported) or isinstance(e, AttentionNotSupported):
+        return protocol.ApiError(400, str(cause if isinstance(cause, AttentionNotSupported) else e),
+                                 param=DEBUG_HEADER, code="debug_not_supported")
     text = str(cause).strip().splitlines()
     detail = text[-1] if text else type(cause).__name__
     return protocol.ApiError(502, f"variant {variant} failed: {detail[:300]}", code="variant_error")
@@ -635,8 +671,14 @@ class Router:
             if length.isdigit() and (len(length) > 18 or int(length) > limit):
                 raise protocol.too_large(length if len(length) <= 18 else f"over {limit}", limit)
             # Piece by piece: a chunked body (no Content-Length) is cut off at the limit, not held whole.
+            debug = DEBUG_HEADER in headers  # the one look the hot path pays for the debug header
+            if debug:
+                check_debug(self.keys, headers)
             body = await protocol.read_body(request.stream(), limit)
             parsed = protocol.parse_request(protocol.parse_json(body, limit), kind, self.args.max_tokens_limit)
+            if debug and parsed.stream:
+                raise protocol.ApiError(400, f"{DEBUG_HEADER}: attention maps come with a whole answer; "
+                                        "send the request without stream", param="stream", code="invalid_value")
             override = self.policy.override_header
             if override in headers:
                 auth.check(self.keys, headers, admin=True, what="pinning a variant", param=override)
@@ -657,6 +699,8 @@ class Router:
             self.metrics.record_route(decision.reason_prefix)
             self._log_decision(rid, decision)
             req = self._engine_request(parsed, decision)
+            if debug:  # no mirror, no metrics: a debug answer costs a second pass and is no user's latency
+                return await self._explain(kind, rid, decision, req)
             if decision.shadow:
                 pair = self._mirror(decision, parsed, rid)
             route_headers = {"x-anneal-variant": decision.variant, "x-anneal-route-reason": decision.reason,
@@ -705,6 +749,29 @@ class Router:
                                   over=v.max_tokens_over)
         except RoutingError as e:
             raise protocol.ApiError(400, str(e), param=e.param, code="invalid_value") from None
+
+    async def _explain(self, kind: str, rid: str, decision: RouteDecision, req: GenerateRequest) -> Response:
+        """The answer with its attention map in ``anneal_debug.attention`` (transformers variants only)."""
+        v = self.defaults[decision.variant]
+        if v.engine != "transformers":
+            raise _upstream_error(decision.variant, AttentionNotSupported(decision.variant, v.engine))
+        response = self.handles[decision.variant].explain.remote(req)
+        try:
+            result, attention = await asyncio.wait_for(_awaitable(response), timeout=self.args.request_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise protocol.ApiError(504, f"variant {decision.variant} did not answer within "
+                                    f"{self.args.request_timeout_s:g}s", code="timeout") from None
+        except protocol.ApiError:
+            raise
+        except Exception as e:
+            raise _upstream_error(decision.variant, e) from None
+        body = protocol.completion_body(kind, rid, decision.variant, result.text, result.finish_reason,
+                                        result.prompt_tokens, result.completion_tokens)
+        body["anneal_debug"] = {"attention": attention}
+        return JSONResponse(body, headers={"x-anneal-variant": decision.variant,
+                                           "x-anneal-route-reason": decision.reason,
+                                           "x-anneal-reasoning": decision.reasoning})
 
     async def _call(self, variant: str, req: GenerateRequest) -> GenerateResult:
         response = self.handles[variant].generate.remote(req)

@@ -72,6 +72,22 @@ class ContextLengthExceeded(ValueError):
                 f"{self.max_context} tokens, including the answer: shorten the prompt")
 
 
+class AttentionNotSupported(ValueError):
+    """The variant's engine cannot return attention maps; the router answers 400 `debug_not_supported`.
+
+    Its args are exactly its constructor's, so it survives pickling across Ray.
+    """
+
+    def __init__(self, variant: str, engine: str):
+        super().__init__(variant, engine)
+        self.variant, self.engine = variant, engine
+
+    def __str__(self) -> str:
+        return (f"x-anneal-debug: attention: variant {self.variant} runs engine {self.engine}, which does not expose "
+                "attention weights; only the transformers engine can return attention maps (pin a transformers "
+                "variant with x-anneal-variant, or use `anneal explain MODEL_URI`)")
+
+
 def model_context_length(config: Any) -> int | None:
     """The longest sequence a model takes (prompt and answer), from its Hugging Face config."""
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
@@ -113,6 +129,7 @@ class TransformersEngine:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.torch = torch
         self.device = device
+        self.model_uri = model_uri
         self.model, self.tokenizer = load_model(model_uri, cache_dir=cache_dir, tracking_uri=tracking_uri,
                                                 dtype=dtype, device=device)
         eos = self.tokenizer.eos_token_id
@@ -179,6 +196,30 @@ class TransformersEngine:
             sorted_p = sorted_p * keep
             return int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)])
         return int(torch.multinomial(probs, 1, generator=gen))
+
+    def explain(self, req: GenerateRequest) -> tuple[GenerateResult, dict[str, Any]]:
+        """The answer, and the attention map of its tokens over the prompt (`anneal.explain`).
+
+        Only for requests with the debug header (the router checks the admin key): the answer is
+        decoded as `generate` decodes it, then one more forward pass with eager attention maps it.
+
+        Returns:
+            The result and ``{"html", "numberAttention", "numberTokenShare", "layers", "skippedLayers", ...}``.
+        """
+        from anneal.explain.attention import attention_map_of
+        from anneal.explain.render import render_html, render_png
+
+        prompt_ids = self._encode(req)
+        self.check_context(prompt_ids)
+        out_ids = list(self._tokens(req, prompt_ids))
+        text, stopped = _truncate_at_stop(self.tokenizer.decode(out_ids, skip_special_tokens=True), req.stop)
+        finish = "length" if not stopped and len(out_ids) >= self._budget(req, prompt_ids) else "stop"
+        question = next((str(m.get("content", "")) for m in reversed(req.messages or []) if m.get("role") == "user"),
+                        req.prompt or "")
+        m = attention_map_of(self.model, self.tokenizer, prompt_ids, out_ids, question=question,
+                             model_name=self.model_uri)
+        attention = {**m.summary(), "html": render_html(m, render_png(m))}
+        return GenerateResult(text, len(prompt_ids), len(out_ids), finish), attention
 
     def generate(self, req: GenerateRequest) -> GenerateResult:
         pieces = list(self.stream(req))
