@@ -9,9 +9,10 @@ and operator development need, and it starts in seconds.
 
 Standard library only, so it runs before any virtualenv exists. Subcommands:
 
-    build    compile etcd, kube-apiserver, kube-controller-manager and kubectl from
-             source with the Go toolchain into a cache outside the repository
-             (${ANNEAL_CACHE_DIR:-~/.cache/anneal}/k8s), and fetch the KubeRay CRDs
+    build    compile etcd, kube-apiserver, kube-controller-manager, kubectl and helm
+             from source with the Go toolchain into a cache outside the repository
+             (${ANNEAL_CACHE_DIR:-~/.cache/anneal}/k8s), and fetch the KubeRay CRDs;
+             only what is missing or pinned at another version is (re)built
     up       start the control plane (certificates, service-account key, admin
              kubeconfig in the state directory), wait for /readyz, create CRDs
     crds     (re)create CRDs from directories in a running cluster
@@ -47,11 +48,21 @@ from pathlib import Path
 ETCD_VERSION = "v3.6.16"
 KUBERNETES_VERSION = "v1.34.4"
 KUBERAY_VERSION = "v1.6.2"
+HELM_VERSION = "v4.3.2"
+HELM_MODULE = "helm.sh/helm/v4"
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ANNEAL_CRDS = REPO_ROOT / "charts" / "anneal" / "crds"
 
-BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
+#: What each pinned component puts into bin/ (kuberay: CRDs only); `build` redoes only the
+#: components whose binaries are missing or whose pinned version changed.
+COMPONENT_BINARIES = {
+    "kuberay": (),
+    "etcd": ("etcd",),
+    "kubernetes": ("kube-apiserver", "kube-controller-manager", "kubectl"),
+    "helm": ("helm",),
+}
 # Start order; `down` stops in reverse.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager")
 
@@ -126,19 +137,35 @@ def default_state_dir() -> Path:
 
 
 def _wanted_versions() -> dict[str, str]:
-    return {"etcd": ETCD_VERSION, "kubernetes": KUBERNETES_VERSION, "kuberay": KUBERAY_VERSION}
+    return {"etcd": ETCD_VERSION, "kubernetes": KUBERNETES_VERSION, "kuberay": KUBERAY_VERSION,
+            "helm": HELM_VERSION}
+
+
+def _built_versions(paths: Paths) -> dict[str, str]:
+    try:
+        stamp = json.loads(paths.stamp.read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
+
+
+def _component_built(paths: Paths, component: str, stamp: dict[str, str]) -> bool:
+    if stamp.get(component) != _wanted_versions()[component]:
+        return False
+    if component == "kuberay":
+        return any(paths.kuberay_crds.glob("*.yaml"))
+    return all(paths.binary(b).is_file() for b in COMPONENT_BINARIES[component])
+
+
+def missing_components(paths: Paths | None = None) -> list[str]:
+    """The components (COMPONENT_BINARIES' keys) whose output is absent or of another pinned version."""
+    paths = paths or Paths.default()
+    stamp = _built_versions(paths)
+    return [c for c in COMPONENT_BINARIES if not _component_built(paths, c, stamp)]
 
 
 def is_built(paths: Paths | None = None) -> bool:
-    paths = paths or Paths.default()
-    if not all(paths.binary(b).is_file() for b in BINARIES):
-        return False
-    if not any(paths.kuberay_crds.glob("*.yaml")):
-        return False
-    try:
-        return json.loads(paths.stamp.read_text()) == _wanted_versions()
-    except (OSError, ValueError):
-        return False
+    return not missing_components(paths)
 
 
 def _say(msg: str) -> None:
@@ -309,6 +336,17 @@ def _build_kubernetes(go: str, paths: Paths, log, env, jobs: int) -> None:
     )
 
 
+def _build_helm(go: str, paths: Paths, log, env, jobs: int) -> None:
+    """helm, one `go install` of its command at the pinned version (its go.mod has no local replaces)."""
+    # `go install m@v` resolves the module on its own; -mod=mod is refused outside a main module.
+    env = dict(env, GOBIN=str(paths.bin), GOFLAGS="")
+    # What helm's Makefile stamps in; without it `helm version` says only "v4.3".
+    ldflags = ["-s", "-w", f"-X={HELM_MODULE}/internal/version.version={HELM_VERSION}",
+               f"-X={HELM_MODULE}/internal/version.gitTreeState=clean"]
+    _run_logged([go, "install", "-p", str(jobs), "-trimpath", "-ldflags=" + " ".join(ldflags),
+                 f"{HELM_MODULE}/cmd/helm@{HELM_VERSION}"], paths.root, log, env)
+
+
 def _fetch_kuberay_crds(go: str, paths: Paths, log, env) -> None:
     work = paths.src
     work.mkdir(parents=True, exist_ok=True)
@@ -355,6 +393,42 @@ def build(paths: Paths | None = None, force: bool = False, jobs: int | None = No
     with _lock(paths.root / "build.lock"):
         if not force and is_built(paths):
             return paths
+        go = _find_go()
+        env = _go_env()
+        env.setdefault("GOMAXPROCS", str(jobs))
+        paths.bin.mkdir(parents=True, exist_ok=True)
+        stamp = {} if force else _built_versions(paths)
+        todo = list(COMPONENT_BINARIES) if force else missing_components(paths)
+        steps = {
+            "kuberay": (f"KubeRay CRDs {KUBERAY_VERSION}", lambda: _fetch_kuberay_crds(go, paths, log, env)),
+            "etcd": (f"etcd {ETCD_VERSION}", lambda: _build_etcd(go, paths, log, env, jobs)),
+            "kubernetes": (f"kube-apiserver, kube-controller-manager, kubectl {KUBERNETES_VERSION}",
+                           lambda: _build_kubernetes(go, paths, log, env, jobs)),
+            "helm": (f"helm {HELM_VERSION}", lambda: _build_helm(go, paths, log, env, jobs)),
+        }
+        started = time.monotonic()
+        _say(f"building {', '.join(todo)} into {paths.bin} (log: {paths.build_log}); a cold build of "
+             "everything takes about 10 minutes on 2 cores, helm alone about 3")
+        with open(paths.build_log, "w") as log:
+            log.write(f"go: {go}\nversions: {json.dumps(_wanted_versions())}\nbuilding: {todo}\n")
+            for component in todo:
+                label, step = steps[component]
+                _say(label)
+                t0 = time.monotonic()
+                try:
+                    step()
+                except (subprocess.CalledProcessError, OSError, ValueError, BuildError) as exc:
+                    log.write(f"\nBUILD FAILED: {exc}\n")
+                    log.flush()
+                    raise BuildError(f"build failed: {exc}\n--- tail of {paths.build_log} ---\n{log_tail(paths)}") from exc
+                log.write(f"{component}: {time.monotonic() - t0:.0f}s\n")
+                # Stamped one by one: a later failure keeps what was built.
+                stamp = {**stamp, component: _wanted_versions()[component]}
+                paths.stamp.write_text(json.dumps(stamp))
+            elapsed = time.monotonic() - started
+            log.write(f"\nbuild finished in {elapsed:.0f}s\n")
+        _say(f"built in {elapsed:.0f}s")
+        return paths
         go = _find_go()
         env = _go_env()
         env.setdefault("GOMAXPROCS", str(jobs))

@@ -8,6 +8,7 @@ kube-controller-manager on loopback, started by deploy/local/cluster.py.
 - ``kube_cluster`` (session): the same cluster once every manifest in charts/anneal/crds
   is created and Established; a CRD the API server rejects fails the tests that use it.
 - ``namespace`` (function): a fresh namespace per test, deleted afterwards.
+- ``helm`` (session): the built helm binary (`cluster.py build` pins its version).
 """
 
 from __future__ import annotations
@@ -127,6 +128,18 @@ def kube_control_plane() -> KubeCluster:
     finally:
         cluster.down(state_dir)
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def helm() -> Path:
+    """The helm binary that `deploy/local/cluster.py build` puts in the cache; no API server needed."""
+    if os.environ.get("ANNEAL_SKIP_E2E") == "1":
+        pytest.skip("ANNEAL_SKIP_E2E=1")
+    try:
+        paths = cluster.build()
+    except cluster.ClusterError as exc:
+        pytest.fail(f"could not build helm and the local control plane:\n{exc}", pytrace=False)
+    return paths.binary("helm")
 
 
 @pytest.fixture(scope="session")
