@@ -44,7 +44,8 @@ class OperatorContext:
     #: Factory of Ray Jobs API clients by address (tests and the benchmark pass a stubbed transport).
     jobs_client_factory: Callable[[str], Any] | None = None
     #: Reader of a Secret's `data` by (namespace, name), None when it does not exist (tests pass
-    #: their own); by default the API server's (the operator's role has `get` on secrets).
+    #: their own); by default the API server's (the Helm chart grants `get` only on the Secrets
+    #: named in its secretAccess.names; without them a read is a 403 and the pass waits).
     secret_reader: Callable[[str, str], Mapping[str, str] | None] | None = None
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
     #: uid → (resourceVersion, status) of our last status write: a pass that runs before the
@@ -174,7 +175,8 @@ class OperatorContext:
                 return None
             if exc.status == 403:
                 raise PermissionError(f"the operator may not read Secret {namespace}/{name} (403 Forbidden): "
-                                      f"its role needs get on secrets in {namespace}") from None
+                                      f"its role needs get on this Secret in {namespace} (with the Helm chart: "
+                                      f"add {name} to secretAccess.names; docs/helm.md)") from None
             raise
         return dict(secret.data or {})
 

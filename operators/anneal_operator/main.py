@@ -40,9 +40,23 @@ def build_registry(op: OperatorContext) -> kopf.OperatorRegistry:
     return registry
 
 
-def kopf_settings(s: OperatorSettings) -> kopf.OperatorSettings:
-    """kopf settings: our finalizer and progress storage under anneal.dev, enough worker threads."""
+def exact_namespaces(watch: Sequence[str]) -> bool:
+    """Whether the operator watches named namespaces only (no kopf globs such as `team-*`, no `!x`)."""
+    return bool(watch) and not any(ch in name for name in watch for ch in "*?[!")
+
+
+def kopf_settings(s: OperatorSettings, watch: Sequence[str] = ()) -> kopf.OperatorSettings:
+    """kopf settings: our finalizer and progress storage under anneal.dev, enough worker threads.
+
+    Args:
+        s: the operator's settings.
+        watch: the namespaces it watches (empty: the cluster).
+    """
     settings = kopf.OperatorSettings()
+    # Watching named namespaces, kopf needs no cluster-wide access: it would list and watch
+    # Namespaces and CRDs only to match globs and to notice CRD changes, and the Helm chart's
+    # namespaced mode grants neither (docs/helm.md). Its kinds come from API discovery at start.
+    settings.scanning.disabled = exact_namespaces(watch)
     settings.persistence.finalizer = "anneal.dev/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="anneal.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -180,7 +194,7 @@ def run_operator(
         registry = build_registry(op)
         asyncio.run(until_stopped(kopf.operator(
             registry=registry,
-            settings=kopf_settings(s),
+            settings=kopf_settings(s, watch),
             namespaces=watch,
             clusterwide=not watch,
             standalone=True,
