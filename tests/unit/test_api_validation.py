@@ -63,6 +63,8 @@ GOOD = [
     ("DistillationJob", {**KD, "training": {"strategy": "fsdp", "precision": "bf16", "gradientCheckpointing": True},
                          "resources": {"workers": 8, "gpusPerWorker": 1}}),
     ("DistillationJob", CPT),
+    # an import: sft for zero steps from an existing model evaluates and registers it as it is
+    ("DistillationJob", {**SFT, "student": {"uri": "deploy/quickstart/math-teacher"}, "training": {"steps": 0}}),
     ("DistillationJob", {**CPT, "teacher": {"uri": "models:/teacher/1"}, "kd": {"alpha": 0.3}}),
     ("DistillationJob", {**CPT, "evalDataset": {"uri": "/data/heldout.jsonl", "format": "text"},
                          "evaluation": {"dataset": {"uri": "builtin://reasoning", "split": "eval"}},
@@ -111,6 +113,9 @@ BAD = [
     ("DistillationJob", with_(KD, "rl", {"reward": "python:nofunction"}), "spec.rl.reward", "pattern"),
     ("DistillationJob", with_(SFT, "training", {"steps": 10, "epochs": 1}), "spec.training.epochs", "not both"),
     ("DistillationJob", with_(SFT, "training", {"precision": "int8"}), "spec.training.precision", "fp32"),
+    ("DistillationJob", with_(SFT, "training", {"steps": 0}), "spec.training.steps", "a student that exists"),
+    ("DistillationJob", with_(KD, "training", {"steps": 0}), "spec.training.steps", "needs method sft"),
+    ("DistillationJob", with_(SFT, "training", {"steps": -1}), "spec.training.steps", "greater than or equal to 0"),
     ("DistillationJob", with_(SFT, "training", {"strategy": "zero3"}), "spec.training.strategy", "'ddp' or 'fsdp'"),
     ("DistillationJob", with_({**KD, "method": "lora-kd"}, "training", {"strategy": "fsdp"}), "spec.training.strategy",
      "supported for methods sft, cpt and kd"),

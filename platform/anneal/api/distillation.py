@@ -217,6 +217,10 @@ FSDP_METHODS_RULE = "strategy fsdp is supported for methods sft, cpt and kd; use
 EVAL_ACCURACY_FORMAT_RULE = (
     "accuracy is scored on questions with checkable answers: use format chat or prompt-completion"
 )
+IMPORT_RULE = (
+    "training.steps: 0 imports a model without training: it needs method sft and a student that exists "
+    "(student.uri, fromResource or fromStage)"
+)
 CPT_FORMAT_RULE = (
     "method cpt trains on raw text (next-token loss on every token, documents packed into maxSeqLength "
     "blocks): set format: text (jsonl records with a 'text' field, or builtin://reasoning rendered as text)"
@@ -226,7 +230,12 @@ CPT_FORMAT_RULE = (
 class TrainingConfig(ApiModel):
     """The optimisation loop."""
 
-    steps: int | None = Field(default=None, ge=1, description="Optimizer steps (default 100 if no epochs).")
+    steps: int | None = Field(
+        default=None,
+        ge=0,
+        description="Optimizer steps (default 100 if no epochs). 0, for sft from an existing student (uri, "
+        "fromResource, fromStage): no training, the model is evaluated and registered as it is (an import).",
+    )
     epochs: float | None = Field(default=None, gt=0, description="Passes over the data set.")
     batch_size: int = Field(default=8, ge=1, le=65536, description="Samples per step per worker.")
     gradient_accumulation: int = Field(default=1, ge=1, le=1024)
@@ -322,6 +331,13 @@ class DistillationJobSpec(ApiModel):
                     "fieldPath": ".training.strategy",
                 },
                 {
+                    "rule": "!has(self.training) || !has(self.training.steps) || self.training.steps > 0 || "
+                    "(self.method == 'sft' && (has(self.student.uri) || has(self.student.fromResource) || "
+                    "has(self.student.fromStage)))",
+                    "message": IMPORT_RULE,
+                    "fieldPath": ".training.steps",
+                },
+                {
                     "rule": "self.method != 'cpt' || (has(self.dataset) && has(self.dataset.format)"
                     " && self.dataset.format == 'text')",
                     "message": CPT_FORMAT_RULE,
@@ -387,9 +403,16 @@ class DistillationJobSpec(ApiModel):
             raise cross_field("evaluation.dataset.format", ev_data.format, EVAL_ACCURACY_FORMAT_RULE)
         if self.student.from_teacher is not None and self.teacher is None:
             raise cross_field("student.fromTeacher", "set", "a student derived from the teacher needs spec.teacher")
+        if self.training.steps == 0 and (self.method != "sft" or self.student.model_ref() is None):
+            raise cross_field("training.steps", 0, IMPORT_RULE)
         if self.training.strategy == "fsdp" and self.method not in FSDP_METHODS:
             raise cross_field("training.strategy", "fsdp", FSDP_METHODS_RULE)
         return self
+
+    @property
+    def imports(self) -> bool:
+        """An import: sft for zero steps, so the student is evaluated and registered as it is."""
+        return self.training.steps == 0
 
     def eval_dataset_ref(self) -> DatasetRef:
         """The evaluation data set: `evalDataset`, or the training data's `eval` split."""

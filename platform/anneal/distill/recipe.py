@@ -450,6 +450,9 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
 
             check_tokenizers_match(teacher_dir, student_init)
         tags = {store.TAG_METHOD: spec.method, store.TAG_DATASET: spec.dataset.uri}
+        if spec.imports:
+            tags[store.TAG_METHOD] = "import"
+            tags["anneal.imported_from"] = model_uri_of(spec.student.uri, ctx, "student") or ""
         if teacher_uri:
             tags[store.TAG_TEACHER] = teacher_uri
             version = _registry_version(ctx, teacher_uri)
@@ -475,6 +478,8 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
             # RL must beat its own starting point: score the start with the same plan first
             start_metrics = evaluate(spec, ctx, student_init, None, None, cache_key=f"start|{student_init}")
             final_dir = train_rl(spec, ctx, student_init, teacher_dir, steps)
+        elif spec.imports:  # no Ray Train workers: the model is evaluated and registered as it is
+            final_dir = student_init
         else:
             final_dir = train(spec, ctx, student_init, teacher_dir, steps)
         final_metrics = store.latest_metrics(ctx.tracking_uri, run_id)
@@ -517,8 +522,9 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
         version_tags = {**ctx.lineage_tags(), **tags, "anneal.mlflow_run_id": run_id}
         result.model_uri = store.register_model(
             ctx.tracking_uri, ctx.registered_model_name, source, run_id, version_tags,
-            description=f"{spec.method} student of {teacher_uri or ('raw text' if spec.method == 'cpt' else 'labels')} "
-            f"({ctx.namespace}/{ctx.name})",
+            description=(f"imported from {tags['anneal.imported_from']}" if spec.imports else
+                         f"{spec.method} student of {teacher_uri or ('raw text' if spec.method == 'cpt' else 'labels')}")
+            + f" ({ctx.namespace}/{ctx.name})",
         )
         result.metrics = {k: round(float(v), 6) for k, v in metrics.items()}
         from anneal.report import comparison_notes, missing_figures
@@ -528,6 +534,9 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
                                + comparison_notes(result.metrics, "DistillationJob"))
         result.phase = "Succeeded"
         result.message = f"registered {result.model_uri}"
+        if spec.imports:
+            student_uri = model_uri_of(spec.student.uri, ctx, "student") or spec.student.uri
+            result.message = f"imported {student_uri} (no training): registered {result.model_uri}"
     except Exception as exc:  # the job ends with a phase and a message, never a traceback
         log.error("distillation %s/%s failed: %s", ctx.namespace, ctx.name, exc)
         log.debug("%s", traceback.format_exc())
