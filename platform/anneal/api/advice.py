@@ -78,6 +78,11 @@ def distillation_advice(spec: DistillationJobSpec, base_dir: Path | None = None)
     return out
 
 
+def _distilled_later(later: list[Any], name: str) -> bool:
+    """Whether a later pipeline stage trains the output of stage `name` (its student is `fromStage: name`)."""
+    return any(s.kind == "DistillationJob" and s.spec.student.from_stage == name for s in later)
+
+
 def advice(kind: str, spec: Any, base_dir: Path | None = None) -> list[str]:
     """Warnings for a parsed spec of `kind`."""
     if kind == "DistillationJob":
@@ -85,7 +90,10 @@ def advice(kind: str, spec: Any, base_dir: Path | None = None) -> list[str]:
     if kind == "ModelPipeline":
         out = []
         for i, stage in enumerate(spec.stages):
+            recovered_later = _distilled_later(spec.stages[i + 1:], stage.name)
             for w in advice(stage.kind, stage.spec, base_dir):
+                if recovered_later and w.startswith("spec.pruning.recovery:"):
+                    continue  # a later stage trains this output (cpt / kd recovery as its own stage)
                 out.append(w.replace("spec.", f"spec.stages[{i}].{stage.field}.", 1))
         return out
     if kind == "CompressionJob":
