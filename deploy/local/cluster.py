@@ -408,7 +408,7 @@ def build(paths: Paths | None = None, force: bool = False, jobs: int | None = No
         }
         started = time.monotonic()
         _say(f"building {', '.join(todo)} into {paths.bin} (log: {paths.build_log}); a cold build of "
-             "everything takes about 10 minutes on 2 cores, helm alone about 3")
+             "everything takes about 12 minutes on 2 cores, helm alone about 4")
         with open(paths.build_log, "w") as log:
             log.write(f"go: {go}\nversions: {json.dumps(_wanted_versions())}\nbuilding: {todo}\n")
             for component in todo:
