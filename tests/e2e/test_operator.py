@@ -213,9 +213,10 @@ def test_example_manifests_are_accepted_by_the_api_server(kube_cluster, namespac
         ({**TINY_SFT, "student": {"uri": "file:///m", "config": {"hiddenSize": 8, "layers": 1, "heads": 1}}},
          "exactly one of uri"),  # CEL
         ({**TINY_SFT, "method": "lora-kd", "teacher": {"uri": "file:///t"}, "training": {"strategy": "fsdp"}},
-         "strategy fsdp is supported for methods sft and kd"),  # CEL
+         "strategy fsdp is supported for methods sft, cpt and kd"),  # CEL
+        ({**TINY_SFT, "method": "cpt"}, "method cpt trains on raw text"),  # CEL: the default format is chat
     ],
-    ids=["enum", "required", "minimum", "cel-teacher", "cel-one-of", "cel-fsdp-method"],
+    ids=["enum", "required", "minimum", "cel-teacher", "cel-one-of", "cel-fsdp-method", "cel-cpt-text"],
 )
 def test_malformed_manifests_are_rejected_at_apply_naming_the_field(kube_cluster, namespace, spec, named):
     p = _apply(kube_cluster, namespace, _job("bad", spec), check=False)
