@@ -196,3 +196,23 @@ def test_training_on_packed_text_lowers_held_out_perplexity(tokenizer):
     after, _ = cpt.text_perplexity(model.eval(), tokenizer, heldout, 32)
     assert tokens == sum(len(b["input_ids"]) - 1 for b in pack_texts(tokenizer, heldout, 32))
     assert after < before / 3, (before, after)
+
+
+def test_a_cpt_job_on_chat_records_fails_before_training_naming_the_record(tmp_path):
+    """The recipe reads the text up front (no Ray worker starts): the job ends Failed with the record."""
+    from anneal.distill.recipe import JobContext, run
+
+    uri = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                             {"role": "assistant", "content": "hello"}]}])
+    job = DistillationJobSpec.model_validate({
+        "method": "cpt", "student": {"config": {"hiddenSize": 32, "layers": 1, "heads": 4}},
+        "dataset": {"uri": uri, "format": "text"},
+    })
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ctx = JobContext(kind="DistillationJob", namespace="t", name="bad-cpt", uid="u1", tracking_uri=tracking,
+                     experiment="t", registered_model_name="bad-cpt", work_dir=str(tmp_path / "work"),
+                     cache_dir=str(tmp_path / "cache"), artifact_root=str(tmp_path / "artifacts"))
+    result = run(job, ctx)
+    assert result.phase == "Failed" and result.model_uri is None
+    assert "record 0 has fields ['messages']" in result.message and "'text' field" in result.message
+    assert not (tmp_path / "work" / "ray").exists()  # no trainer was started
