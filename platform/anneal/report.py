@@ -37,6 +37,7 @@ LABELS = {
     "fusedRuns": "FFN runs fused",
     "fusionGapKl": "fusion gap, KL to the unfused model (nats/token)",
     "fusionGapTop1": "fusion gap, top-1 agreement with the unfused model",
+    "numberAttention": "attention on the prompt's numbers (share; evaluation.attentionMaps)",
 }
 #: Figures that compare two models, shown in their own group.
 COMPARISONS = {

@@ -265,3 +265,12 @@ def test_attention_maps_is_at_most_the_evaluation_samples(kind, maps, samples, o
     err = exc.value.errors()[0]
     assert err["loc"][:2] == ("evaluation", "attentionMaps") or "attentionMaps" in str(exc.value)
     assert ("at most evaluation.samples" in str(exc.value)) == (maps > 0)
+
+
+@pytest.mark.parametrize("kind,group", [("DistillationJob", "student"), ("CompressionJob", "compressed model")])
+def test_number_attention_is_a_named_figure_of_the_output_model(kind, group):
+    from anneal.report import figures
+
+    [f] = figures({"numberAttention": 0.42}, kind)
+    assert (f.group, f.key, f.value) == (group, "numberAttention", 0.42)
+    assert "numbers" in f.label
