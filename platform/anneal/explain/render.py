@@ -29,7 +29,8 @@ _HEAT = (198, 40, 40)  # the colour of full attention; white is none
 
 
 def _label(token: str) -> str:
-    return token.replace("\n", "\\n").replace("\t", "\\t") or "∅"
+    """A token as a tick label: control characters escaped (no font has a glyph for them)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in token) or "∅"
 
 
 def render_png(m: AttentionMap, dpi: int = 100) -> bytes:
