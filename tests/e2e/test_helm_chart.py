@@ -62,21 +62,18 @@ def _fill(obj: Any, watched: str) -> Any:
     return json.loads(json.dumps(obj).replace(WATCHED, watched))
 
 
-def _helm(helm: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=120)
+def _helm(helm: Path, *args: str, values: dict[str, Any] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run helm; `values` go in on stdin (`-f -`)."""
+    extra = ["-f", "-"] if values is not None else []
+    proc = subprocess.run([str(helm), *args, *extra], input=yaml.safe_dump(values) if values is not None else None,
+                          capture_output=True, text=True, timeout=120)
     if check and proc.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
     return proc
 
 
-def _values_file(values: dict[str, Any]) -> str:
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="anneal-values-", delete=False) as fh:
-        yaml.safe_dump(values, fh)
-    return fh.name
-
-
 def render(helm: Path, values: dict[str, Any], release: str = "anneal", namespace: str = "anneal") -> list[dict]:
-    out = _helm(helm, "template", release, str(CHART), "-n", namespace, "-f", _values_file(values)).stdout
+    out = _helm(helm, "template", release, str(CHART), "-n", namespace, values=values).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
@@ -94,7 +91,7 @@ def _pod_of(deployment: dict, name: str) -> dict:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_helm_lint_passes_for_every_variant(helm, variant):
-    proc = _helm(helm, "lint", "--strict", str(CHART), "-f", _values_file(_fill(VARIANTS[variant], "team-a")))
+    proc = _helm(helm, "lint", "--strict", str(CHART), values=_fill(VARIANTS[variant], "team-a"))
     assert "1 chart(s) linted, 0 chart(s) failed" in proc.stdout, proc.stdout
 
 
