@@ -65,3 +65,44 @@ def test_anneal_run_logs_attention_maps_that_open_from_mlflow(tmp_path):
     assert non_white_share(shot) > 0.03
     heat = ((pixels[:, 0] > 150) & (pixels[:, 1] < 120) & (pixels[:, 2] < 120)).sum()
     assert heat > 500, "no prompt token is coloured by attention"
+
+
+def test_a_compression_job_logs_maps_of_an_attention_removed_model(tmp_path):
+    """The CompressionJob's step (`attention_maps_task`, inline without Ray) on an `anneal_llama`
+    whose block 1 has no attention: the run gets the maps, which name the skipped block."""
+    import uuid
+    from dataclasses import asdict
+
+    from anneal.compress import recipe
+    from anneal.modeling.layerwise_llama import AnnealLlamaForCausalLM, from_llama_config
+    from anneal.modeling.tiny import LlamaShape, build_llama, copy_task, save_pretrained
+    from anneal.modeling.tokenizer import builtin_tokenizer
+    from anneal.tracking import mlflow_store as store
+
+    tokenizer = builtin_tokenizer(tmp_path / "tok")
+    llama = build_llama(LlamaShape(hidden_size=32, layers=3, heads=4, kv_heads=2, intermediate_size=64), tokenizer)
+    model = AnnealLlamaForCausalLM(from_llama_config(llama.config, no_attention_layers=[1]))
+    model_dir = save_pretrained(model, tokenizer, tmp_path / "pruned")
+    data = copy_task(tmp_path / "copy.jsonl", 4)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = store.create_run(store.TrackingTarget(tracking, "it-explain", str(tmp_path / "artifacts")), "cj", {})
+    spec = {"model": {"uri": str(model_dir)}, "quantization": {"scheme": "W8A16"},
+            "evaluation": {"dataset": {"uri": str(data), "format": "prompt-completion"}, "samples": 4,
+                           "attentionMaps": 3, "reasoningModes": ["off"], "maxNewTokens": 4}}
+    ctx = recipe.JobContext(kind="CompressionJob", namespace="it", name="cj", uid=uuid.uuid4().hex[:8],
+                            tracking_uri=tracking, experiment="it-explain", registered_model_name="cj",
+                            work_dir=str(tmp_path / "work"), cache_dir=str(tmp_path / "cache"),
+                            artifact_root=str(tmp_path / "artifacts"), run_id=run_id)
+    cfg = recipe.CompressionConfig(spec=spec, context=asdict(ctx), source_uri=str(model_dir))
+    figures = recipe.attention_maps_task(asdict(cfg), str(model_dir))
+    assert set(figures) == {"numberAttention"} and 0.0 <= figures["numberAttention"] <= 1.0
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking)
+    names = sorted(a.path for a in client.list_artifacts(run_id, "explain"))
+    assert len(names) == 3 * 3 + 1 and "explain/q2-off.html" in names
+    summary = json.loads(Path(client.download_artifacts(run_id, "explain/summary.json", str(tmp_path / "dl")))
+                         .read_text())
+    assert [(m["layers"], m["skippedLayers"]) for m in summary["maps"]] == [([0, 2], [1])] * 3
+    assert all(m["question"].startswith("Repeat: ") for m in summary["maps"])
