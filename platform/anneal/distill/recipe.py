@@ -565,7 +565,10 @@ def _cpt_data(spec: DistillationJobSpec, ctx: JobContext, student_init: Path, ru
     from anneal.data.datasets import pack_texts
     from anneal.distill.cpt import documents
 
+    from anneal.modeling.layerwise_llama import register as register_anneal_llama
+
     docs = documents(spec, ctx.cache_dir)
+    register_anneal_llama()  # AutoTokenizer reads config.json's model_type (a fused student's is anneal_llama)
     tokenizer = AutoTokenizer.from_pretrained(str(student_init))
     blocks = pack_texts(tokenizer, docs.train, spec.dataset.max_seq_length)
     tokens = sum(len(b["input_ids"]) for b in blocks)
