@@ -323,3 +323,50 @@ def test_mlflow_credentials_and_ray_token_reach_the_pod_without_rbac(helm):
     refs = [e["valueFrom"]["secretKeyRef"]["name"] for e in spec["containers"][0]["env"] if "valueFrom" in e
             and "secretKeyRef" in e["valueFrom"]]
     assert refs == ["mlflow-creds"] * 3
+
+
+def test_the_charts_mlflow_command_serves_its_service_names_and_refuses_others(helm, tmp_path):
+    """The MLflow Deployment's own command and env, run with the MLflow the image pins (requirements.lock)."""
+    import shutil
+    import signal
+    import socket
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    docs = render(helm, {"mlflow": {"enabled": True, "port": port, "allowedHosts": ["mlflow.example.com"]}})
+    container = next(d for d in docs if d["metadata"]["name"] == "anneal-mlflow" and d["kind"] == "Deployment")[
+        "spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["mlflow", "server"]
+    # Loopback instead of every interface, and the pod's /mlflow volume under tmp_path.
+    args = [a.replace("--host=0.0.0.0", "--host=127.0.0.1").replace("/mlflow/", f"{tmp_path / 'data'}/")
+            for a in container["args"]]
+    (tmp_path / "data").mkdir()
+    env = {**{k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_")},
+           **{e["name"]: e["value"] for e in container["env"]}, "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent))
+    proc = subprocess.Popen([mlflow, "server", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        def get(host: str, path: str = "/api/2.0/mlflow/experiments/search?max_results=1") -> int:
+            return httpx.get(f"http://127.0.0.1:{port}{path}", headers={"Host": host}, timeout=5).status_code
+
+        # /health (the probes' path) answers any Host; the API answers only the allowed ones.
+        _wait("mlflow server", lambda: proc.poll() is None and get("127.0.0.1", "/health") == 200, 120)
+        for host in (f"anneal-mlflow.anneal.svc:{port}", f"anneal-mlflow.anneal.svc.cluster.local:{port}",
+                     f"anneal-mlflow:{port}", "mlflow.example.com", f"10.1.2.3:{port}"):
+            assert get(host) == 200, host
+        assert get(f"attacker.example:{port}") == 403
+        assert (tmp_path / "data" / "mlflow.db").exists()
+    finally:
+        import os
+
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)

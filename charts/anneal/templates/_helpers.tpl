@@ -46,7 +46,7 @@ http://{{ .Release.Name }}-mlflow.{{ .Release.Namespace }}.svc:{{ .Values.mlflow
   verbs: [get]
 {{- end }}
 {{- end -}}
-{{/* Host headers the chart's MLflow answers: its Service's names (any port), loopback, private IPs, mlflow.allowedHosts. */}}
+{{/* Host headers the chart's MLflow answers: its Service's names (any port), MLflow's defaults (loopback, private IPs), mlflow.allowedHosts. */}}
 {{- define "anneal.mlflowAllowedHosts" -}}
 {{- $svc := printf "%s-mlflow" .Release.Name -}}
 {{- $hosts := list $svc (printf "%s.%s" $svc .Release.Namespace) (printf "%s.%s.svc" $svc .Release.Namespace) (printf "%s.%s.svc.cluster.local" $svc .Release.Namespace) -}}
