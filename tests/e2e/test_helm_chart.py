@@ -11,8 +11,13 @@ ServiceAccount's token, and does its work in the namespace it watches.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -72,8 +77,10 @@ def _helm(helm: Path, *args: str, values: dict[str, Any] | None = None, check: b
     return proc
 
 
-def render(helm: Path, values: dict[str, Any], release: str = "anneal", namespace: str = "anneal") -> list[dict]:
-    out = _helm(helm, "template", release, str(CHART), "-n", namespace, values=values).stdout
+def render(helm: Path, values: dict[str, Any], release: str = "anneal", namespace: str = "anneal",
+           include_crds: bool = False) -> list[dict]:
+    crds = ["--include-crds"] if include_crds else []
+    out = _helm(helm, "template", release, str(CHART), "-n", namespace, *crds, values=values).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
@@ -213,7 +220,11 @@ def test_rendered_chart_applies_server_side_and_its_pods_pass_restricted(helm, k
                                                                          variant):
     kube, release = kube_cluster, _release()
     values = _fill(VARIANTS[variant], watched)
-    docs = render(helm, values, release=release, namespace=restricted)
+    # The default install as `helm install` makes it, CRDs included (the session created them already:
+    # the same objects, applied again without a conflict).
+    docs = render(helm, values, release=release, namespace=restricted, include_crds=variant == "default")
+    if variant == "default":
+        assert len([d for d in docs if d["kind"] == "CustomResourceDefinition"]) == len(list((CHART / "crds").glob("*.yaml")))
     if not values.get("serviceAccount", {}).get("create", True):
         kube.kubectl("create", "serviceaccount", values["serviceAccount"]["name"], "-n", restricted)
     try:
@@ -327,11 +338,6 @@ def test_mlflow_credentials_and_ray_token_reach_the_pod_without_rbac(helm):
 
 def test_the_charts_mlflow_command_serves_its_service_names_and_refuses_others(helm, tmp_path):
     """The MLflow Deployment's own command and env, run with the MLflow the image pins (requirements.lock)."""
-    import shutil
-    import signal
-    import socket
-    import sys
-
     import httpx
 
     with socket.socket() as s:
@@ -345,7 +351,7 @@ def test_the_charts_mlflow_command_serves_its_service_names_and_refuses_others(h
     args = [a.replace("--host=0.0.0.0", "--host=127.0.0.1").replace("/mlflow/", f"{tmp_path / 'data'}/")
             for a in container["args"]]
     (tmp_path / "data").mkdir()
-    env = {**{k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_")},
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
            **{e["name"]: e["value"] for e in container["env"]}, "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent))
     proc = subprocess.Popen([mlflow, "server", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -362,8 +368,6 @@ def test_the_charts_mlflow_command_serves_its_service_names_and_refuses_others(h
         assert get(f"attacker.example:{port}") == 403
         assert (tmp_path / "data" / "mlflow.db").exists()
     finally:
-        import os
-
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
