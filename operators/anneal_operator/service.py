@@ -116,7 +116,7 @@ def _resolve_models(op: OperatorContext, spec: Any, namespace: str) -> dict[str,
         return None if other is None else (other.get("status") or {})
 
     resolved = refs.resolve(spec, namespace, observe)
-    return {v.name: v.model.uri or resolved[v.name] for v in spec.variants}
+    return {v.name: resolved.get(v.name) or v.served_model() for v in spec.variants}
 
 
 def _serve_details(address: str) -> dict[str, Any]:
@@ -192,9 +192,19 @@ def service_auth(op: OperatorContext, spec: Any, namespace: str) -> tuple[Any, d
     return env, values, admin
 
 
+def backend_key_values(op: OperatorContext, refs: tuple, namespace: str) -> dict[str, str]:
+    """The values of the openai variants' backend keys (`anneal.serve.app.backend_secret_refs`), for a
+    shared cluster only: its Serve REST API takes no Secret reference.
+
+    Raises:
+        AuthWaiting: a Secret or key is not there (or the operator may not read it).
+    """
+    return {ref.var: _secret_value(op, namespace, ref.name, ref.key).strip() for ref in refs}
+
+
 def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
     """One pass: observe Serve (and the stats), decide (`anneal.control.rollout.tick`), deploy, write status once."""
-    from anneal.serve.app import args_from_spec, build_serve_config
+    from anneal.serve.app import args_from_spec, backend_secret_refs, build_serve_config
 
     ns, name, generation = meta["namespace"], meta["name"], meta.get("generation")
     old = op.current_status(body)
@@ -224,12 +234,23 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
                              "Ready", "False", "WaitingForInput", msg)
         op.write_status(KIND, body, old, new)
         raise kopf.TemporaryError(msg, delay=10) from None
+    address = spec.ray.address or s.ray_address
+    # openai variants' backend keys: secretKeyRef variables in a RayService; values on a shared cluster.
+    backend_refs = backend_secret_refs(spec)
+    if address and backend_refs:
+        try:
+            key_values = {**key_values, **backend_key_values(op, backend_refs, ns)}
+        except AuthWaiting as exc:
+            msg = f"waiting for spec.variants[].backend.apiKeySecret: {exc}"
+            new = with_condition({**old, "phase": old.get("phase") or ServicePhase.DEPLOYING.value, "message": msg},
+                                 "Ready", "False", "WaitingForInput", msg)
+            op.write_status(KIND, body, old, new)
+            raise kopf.TemporaryError(msg, delay=10) from None
     tracking = spec.mlflow.tracking_uri or s.tracking_uri
     app = app_name(ns, name)
-    args = args_from_spec(app, spec, uris, cache_dir=s.cache_dir, tracking_uri=tracking,
+    args = args_from_spec(app, spec, uris, cache_dir=s.cache_dir, tracking_uri=tracking, key_from_secrets=True,
                           route_prefix=route_prefix(ns, name), router_num_cpus=s.router_cpus, **key_env.app_args())
     events: list[tuple[str, str, str]] = []
-    address = spec.ray.address or s.ray_address
     rs_name = kuberay.kuberay_name(name, "-serve")
     # Observe.
     problem = None
@@ -282,7 +303,7 @@ def reconcile(op: OperatorContext, body: Any, meta: Mapping[str, Any]) -> None:
         status["appHash"] = digest
     else:
         _apply_rayservice(op, spec, meta, rs_name, entry, status, events, missing=app_status is None,
-                          secret_env=key_env.refs)
+                          secret_env=key_env.refs + backend_refs)
         status["rayService"] = rs_name
     status.update(endpoint=endpoint, observedGeneration=generation)
     serving = app_status in ("RUNNING", "Running")

@@ -50,23 +50,81 @@ class Generation(ApiModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
 
 
+#: An environment variable's name (POSIX: letters, digits, underscores, not starting with a digit).
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+#: CPUs an `openai` variant's replica asks for when `resources.cpusPerWorker` is not given: it
+#: only forwards requests (the model runs elsewhere).
+OPENAI_VARIANT_CPUS = 0.1
+
+
+class Backend(ApiModel):
+    """An existing OpenAI-compatible server (vLLM, SGLang, TGI, NIM, llama.cpp's server) behind an `openai` variant."""
+
+    url: str = Field(
+        max_length=2048,
+        description="Base URL of the server's OpenAI API, as an OpenAI SDK's base_url: "
+        "http://vllm.team.svc:8000/v1 (the variant posts to <url>/chat/completions and <url>/completions).")
+    model: str = Field(min_length=1, max_length=512,
+                       description="The model name the server serves: the `model` of every request sent to it.")
+    api_key_secret: SecretKeySelector | None = Field(
+        default=None, description="The server's API key, from a Secret in the service's namespace (operator); "
+        "it reaches the Ray containers as a secretKeyRef variable, never through a manifest.")
+    api_key_env: str | None = Field(
+        default=None, pattern=ENV_NAME, max_length=253,
+        description="Embedded mode: the environment variable holding the server's API key (default "
+        "ANNEAL_BACKEND_KEY_<VARIANT> when apiKeySecret is set). No key at all: requests carry no Authorization.")
+    timeout_seconds: float = Field(
+        default=60, gt=0, le=3600,
+        description="How long the server may take to answer (a whole answer, or the next streamed piece); "
+        "then the request is a 504 counted against the variant.")
+    max_concurrency: int = Field(
+        default=64, ge=1, le=4096,
+        description="Requests in flight to the server per replica (pooled connections); more wait in Serve's queue.")
+
+    @model_validator(mode="after")
+    def _url(self) -> "Backend":
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(self.url)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as e:
+            raise cross_field("url", self.url, f"not a URL: {e}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise cross_field("url", self.url, "must be an http:// or https:// URL with a host, e.g. "
+                              "http://vllm.team.svc:8000/v1")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise cross_field("url", self.url, "must have no query, fragment or user:password (give the key "
+                              "as apiKeySecret or apiKeyEnv)")
+        return self
+
+
 class Variant(ApiModel):
     """One model behind the service."""
 
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                {"rule": "!(has(self.replicas) && has(self.autoscaling))", "message": "set replicas or autoscaling, not both"}
+                {"rule": "!(has(self.replicas) && has(self.autoscaling))", "message": "set replicas or autoscaling, not both"},
+                {"rule": "(has(self.engine) && self.engine == 'openai') ? has(self.backend) : "
+                         "(has(self.model) && !has(self.backend))",
+                 "message": "an openai variant needs backend {url, model}; any other needs model, and no backend"},
             ]
         }
     )
 
     name: Name = Field(description="Variant name (DNS label).")
-    model: ModelRef
+    model: ModelRef | None = Field(
+        default=None, description="The model this variant serves. Required, except with engine openai, where it "
+        "only says what the backend serves (recorded in MLflow as deployed; nothing is loaded).")
     weight: int | None = Field(
         default=None, ge=0, le=100, description="Share of traffic 0..100; all weights sum to 100."
     )
-    engine: Literal["transformers", "vllm"] = Field(default="transformers")
+    engine: Literal["transformers", "vllm", "openai"] = Field(
+        default="transformers", description="transformers or vllm load `model`; openai forwards to `backend`.")
+    backend: Backend | None = Field(
+        default=None, description="engine openai: the existing OpenAI-compatible server this variant is.")
     replicas: int | None = Field(default=None, ge=0, le=1000, description="Fixed replicas (default 1).")
     autoscaling: Autoscaling | None = None
     resources: Resources = Field(
@@ -78,7 +136,29 @@ class Variant(ApiModel):
     def _scale(self) -> "Variant":
         if self.replicas is not None and self.autoscaling is not None:
             raise cross_field("autoscaling", "set", "set replicas or autoscaling, not both")
+        if self.engine == "openai":
+            if self.backend is None:
+                raise cross_field("backend", None, "engine openai needs backend {url, model}: the OpenAI-compatible "
+                                  "server this variant forwards to")
+            if self.resources.gpus_per_worker:
+                raise cross_field("resources.gpusPerWorker", self.resources.gpus_per_worker,
+                                  "an openai variant runs its model elsewhere (backend.url): it needs no GPU")
+            if "cpus_per_worker" not in self.resources.model_fields_set:
+                self.resources = self.resources.model_copy(update={"cpus_per_worker": OPENAI_VARIANT_CPUS})
+        else:
+            if self.backend is not None:
+                raise cross_field("backend", self.backend, f"only an openai variant has a backend (engine is "
+                                  f"{self.engine}): set engine: openai, or remove backend")
+            if self.model is None:
+                raise cross_field("model", None, f"required: the model engine {self.engine} loads")
         return self
+
+    def served_model(self) -> str | None:
+        """What the variant serves, as recorded: the model's URI, else (openai) the backend's
+        `<url>#<model>`; None for a reference not resolved here (`fromResource`, `fromStage`)."""
+        if self.model is not None:
+            return self.model.uri
+        return f"{self.backend.url.rstrip('/')}#{self.backend.model}" if self.backend else None
 
 
 class StickyRouting(ApiModel):
@@ -322,10 +402,6 @@ class Rollout(ApiModel):
         if self.stable == self.candidate:
             raise cross_field("candidate", self.candidate, "candidate must differ from stable")
         return self
-
-
-#: An environment variable's name (POSIX: letters, digits, underscores, not starting with a digit).
-ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 class ServiceAuth(ApiModel):

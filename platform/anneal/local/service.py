@@ -55,6 +55,9 @@ def resolve_model_uris(spec: Any, namespace: str, lookup: Lookup | None = None,
     for i, v in enumerate(spec.variants):
         field_path = f"spec.variants[{i}].model"
         ref = v.model
+        if ref is None:  # an openai variant: what it serves is its backend
+            out[v.name] = v.served_model()
+            continue
         if ref.uri:
             try:
                 parsed = parse_model_uri(ref.uri)
@@ -106,6 +109,23 @@ def auth_keys(names: Mapping[str, Any], environ: Mapping[str, str]) -> str | Non
     except AuthConfigError as e:
         raise ServiceError(f"spec.auth: {e}; export it before `anneal run`") from None
     return environ[admin_var].strip() if admin_var else None
+
+
+def backend_keys(spec: Any, environ: Mapping[str, str]) -> None:
+    """Check that the variable each openai variant reads its backend's API key from is set here
+    (the local Ray inherits it; the key never goes into a Serve config).
+
+    Raises:
+        ServiceError: naming the variant's `backend` field and the variable.
+    """
+    from anneal.serve.app import backend_key_env
+
+    for i, v in enumerate(spec.variants):
+        var = backend_key_env(v)
+        if var and not environ.get(var, "").strip():
+            field_path = f"spec.variants[{i}].backend." + ("apiKeyEnv" if v.backend.api_key_env else "apiKeySecret")
+            raise ServiceError(f"{field_path}: the backend's API key is read from the environment variable {var}, "
+                               "which is not set; export it before `anneal run`")
 
 
 def cpu_scale(spec: Any, available_cpus: float, router_cpus: float = 0.5) -> float:
@@ -274,6 +294,7 @@ def start_service(
         raise ServiceError(f"kind: {m.kind!r}: start_service serves ModelService resources")
     spec = m.spec
     admin_key = auth_keys(auth_env(spec), os.environ)
+    backend_keys(spec, os.environ)
     tracking = spec.mlflow.tracking_uri or settings.tracking_uri
     models = resolve_model_uris(spec, m.namespace, lookup or default_lookup(spec, settings), base_dir)
     # `started`: this process started the Ray (and so its Serve) and takes both down at the end.

@@ -203,7 +203,8 @@ def desired_model(spec: ModelServiceSpec, variant: str, desired_models: Mapping[
     """The model a variant should serve: from `desired_models` (resolved by the caller) or the spec."""
     if desired_models and variant in desired_models:
         return desired_models[variant]
-    return spec.variant(variant).model.describe()
+    v = spec.variant(variant)
+    return v.model.describe() if v.model is not None else (v.served_model() or "")
 
 
 class _Pass:

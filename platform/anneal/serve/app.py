@@ -37,6 +37,7 @@ from anneal.serve.engines import (
     GenerateRequest,
     GenerateResult,
     StreamPiece,
+    UpstreamError,
 )
 from anneal.serve.metrics import ServiceMetrics, merge_stats
 from anneal.serve.shadow import judge_prompt, judge_verdict, make_pair
@@ -76,7 +77,7 @@ class VariantArgs(BaseModel):
 
     name: str
     model_uri: str | None = Field(default=None, description="Resolved model URI (path, models:/, hf://, s3://).")
-    engine: Literal["transformers", "vllm", "echo", "faulty", "judge-rule"] = "transformers"
+    engine: Literal["transformers", "vllm", "openai", "echo", "faulty", "judge-rule"] = "transformers"
     engine_options: dict[str, Any] = Field(default_factory=dict)
     replicas: int = 1
     autoscaling: dict[str, Any] | None = None
@@ -151,6 +152,7 @@ def args_from_spec(
     cache_dir: str,
     tracking_uri: str | None = None,
     cpu_scale: float = 1.0,
+    key_from_secrets: bool = False,
     **overrides: Any,
 ) -> AppArgs:
     """The app args of a parsed `ModelServiceSpec`.
@@ -162,18 +164,30 @@ def args_from_spec(
         cache_dir: model download cache on the serving nodes.
         tracking_uri: MLflow tracking URI (for `models:/` and the routing decision log).
         cpu_scale: factor on every CPU request, so a laptop can hold a spec sized for a cluster.
+        key_from_secrets: the operator's RayService: an openai variant's `backend.apiKeySecret` is in
+            the variable `backend_key_var(variant)` (`backend_secret_refs`); else (`anneal run`)
+            `backend.apiKeyEnv` when given.
         overrides: any other `AppArgs` field.
     """
     variants = []
     for v in spec.variants:
-        uri = model_uris.get(v.name) or v.model.uri
+        uri = model_uris.get(v.name) or v.served_model()
         if not uri:
             raise ValueError(f"variants.{v.name}.model: no resolved model URI for {v.model.describe()}")
         r = v.resources
+        extra: dict[str, Any] = {}
+        if v.engine == "openai":
+            b = v.backend
+            extra = {"engine_options": {"url": b.url, "model": b.model, "timeout_s": b.timeout_seconds,
+                                        "max_concurrency": b.max_concurrency,
+                                        "api_key_env": backend_key_env(v, from_secret=key_from_secrets)},
+                     # I/O only: a replica holds as many requests as it may send to the server.
+                     "max_ongoing_requests": b.max_concurrency}
         variants.append(VariantArgs(
             name=v.name,
             model_uri=uri,
             engine=v.engine,
+            **extra,
             replicas=v.replicas if v.replicas is not None else 1,
             autoscaling=(
                 {"min_replicas": v.autoscaling.min_replicas, "max_replicas": v.autoscaling.max_replicas,
@@ -231,6 +245,40 @@ def auth_env(spec: Any) -> dict[str, Any]:
     api = a.api_keys_env or (DEFAULT_API_KEYS_ENV if a.api_keys_secret else None)
     return {"api_keys_env": [api] if api else [],
             "admin_key_env": a.admin_key_env or (DEFAULT_ADMIN_KEY_ENV if a.admin_key_secret else None)}
+
+
+#: The variable an openai variant's backend key is in when it comes from a Secret (the operator sets
+#: it with `valueFrom.secretKeyRef`; `anneal run` reads it when the spec names no `apiKeyEnv`).
+BACKEND_KEY_VAR = "ANNEAL_BACKEND_KEY_{}"
+
+
+def backend_key_var(variant: str) -> str:
+    """`ANNEAL_BACKEND_KEY_<VARIANT>`: the variant's name upper-cased, `-` as `_`."""
+    return BACKEND_KEY_VAR.format(variant.upper().replace("-", "_"))
+
+
+def backend_key_env(v: Any, *, from_secret: bool = False) -> str | None:
+    """The variable an openai variant's replica reads its backend's API key from (None: no key).
+
+    Args:
+        v: the spec's `Variant`.
+        from_secret: the operator passes `apiKeySecret` in `backend_key_var` (it wins over `apiKeyEnv`).
+    """
+    b = v.backend
+    if b is None:
+        return None
+    if b.api_key_secret is not None and (from_secret or not b.api_key_env):
+        return backend_key_var(v.name)
+    return b.api_key_env
+
+
+def backend_secret_refs(spec: Any) -> tuple:
+    """The `secretKeyRef` variables of every openai variant's `backend.apiKeySecret` (pure): the
+    Ray containers get the key from the Secret, and no manifest holds its value."""
+    from anneal.runtime.secrets import SecretRef
+
+    return tuple(SecretRef(backend_key_var(v.name), v.backend.api_key_secret.name, v.backend.api_key_secret.key)
+                 for v in spec.variants if v.backend is not None and v.backend.api_key_secret is not None)
 
 
 def _judge_args(judge: Any) -> dict[str, Any]:
@@ -346,10 +394,13 @@ class VariantServer:
         # The engine runs in the replica's one worker thread. When the router gives up (its
         # timeout cancels the call) the task here is cancelled, but a thread cannot be: the
         # event tells the engine to stop at its next token, so the slot is free for the next call.
+        engine = self._engine()
+        if getattr(engine, "is_async", False):  # openai: on this event loop; a cancel closes its request
+            return await engine.agenerate(req)
         loop = asyncio.get_running_loop()
         req = dataclasses.replace(req, cancel=threading.Event())
         try:
-            return await loop.run_in_executor(self._executor, self._engine().generate, req)
+            return await loop.run_in_executor(self._executor, engine.generate, req)
         except asyncio.CancelledError:
             req.cancel.set()
             raise
@@ -368,9 +419,19 @@ class VariantServer:
             raise
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[StreamPiece]:
+        engine = self._engine()
+        if getattr(engine, "is_async", False):
+            # Each piece as the server sends it; closing this generator closes the server's stream.
+            pieces = engine.astream(req)
+            try:
+                async for piece in pieces:
+                    yield piece
+            finally:
+                await pieces.aclose()
+            return
         loop = asyncio.get_running_loop()
         req = dataclasses.replace(req, cancel=threading.Event())
-        it = self._engine().stream(req)
+        it = engine.stream(req)
         done = object()
         try:
             while True:
@@ -429,6 +490,10 @@ def _upstream_error(variant: str, e: BaseException) -> protocol.ApiError:
         return protocol.ApiError(503, f"variant {variant} is unavailable ({type(e).__name__}); retry later",
                                  code="variant_unavailable")
     cause = getattr(e, "cause", None) or e
+    if isinstance(cause, UpstreamError) or isinstance(e, UpstreamError):
+        u = cause if isinstance(cause, UpstreamError) else e
+        return protocol.ApiError(u.status, f"variant {variant}: {u.message}", param=u.param, code=u.code,
+                                 type=u.type if u.status < 500 else None)
     if isinstance(cause, ContextLengthExceeded) or isinstance(e, ContextLengthExceeded):
         return protocol.ApiError(400, str(cause if isinstance(cause, ContextLengthExceeded) else e),
                                  code="context_length_exceeded")
@@ -1055,7 +1120,8 @@ def entry_models(entry: Mapping[str, Any]) -> dict[str, str | None]:
 
 
 __all__ = [
-    "AppArgs", "VariantArgs", "args_from_spec", "build_app", "app_builder", "build_serve_config", "entry_models",
+    "AppArgs", "VariantArgs", "args_from_spec", "backend_key_env", "backend_key_var", "backend_secret_refs",
+    "build_app", "app_builder", "build_serve_config", "entry_models",
     "variant_user_config",
     "policy_from_args", "write_decisions_to_mlflow", "Router", "VariantServer",
 ]

@@ -1,16 +1,20 @@
-"""Inference engines behind a variant deployment: transformers (CPU/GPU), vllm (GPU), and two stand-ins.
+"""Inference engines behind a variant deployment: transformers (CPU/GPU), vllm (GPU), openai (an
+existing server), and stand-ins for tests.
 
 An engine turns a `GenerateRequest` into a `GenerateResult` (or a stream of text pieces). The
 variant deployment runs the blocking engines in one worker thread, so a replica generates one
-request at a time and Serve spreads concurrency over replicas.
+request at a time and Serve spreads concurrency over replicas. The `openai` engine is
+asynchronous (`is_async`): it runs on the replica's event loop, many requests at once.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +90,22 @@ class AttentionNotSupported(ValueError):
         return (f"x-anneal-debug: attention: variant {self.variant} runs engine {self.engine}, which does not expose "
                 "attention weights; only the transformers engine can return attention maps (pin a transformers "
                 "variant with x-anneal-variant, or use `anneal explain MODEL_URI`)")
+
+
+class UpstreamError(RuntimeError):
+    """The server behind an `openai` variant refused or failed a request; the router answers `status`
+    in OpenAI's shape (a 5xx counts against the variant, a 4xx is the caller's).
+
+    Its args are exactly its constructor's, so it survives pickling across Ray.
+    """
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 type: str | None = None):
+        super().__init__(status, message, code, param, type)
+        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def model_context_length(config: Any) -> int | None:
@@ -381,7 +401,215 @@ class RuleJudgeEngine:
         yield StreamPiece(self.generate(req).text, "stop")
 
 
-ENGINES = ("transformers", "vllm", "echo", "faulty", "judge-rule")
+def _upstream_message(content: bytes) -> tuple[str, str | None, str | None, str | None]:
+    """(message, code, param, type) of an error body: OpenAI's `{"error": {...}}`, vLLM's older
+    `{"object": "error", "message": ...}`, TGI's `{"error": "...", "error_type": ...}`, or text."""
+    try:
+        data = json.loads(content)
+    except ValueError:
+        text = content.decode("utf-8", "replace").strip()
+        return (text[:300] or "(empty body)"), None, None, None
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict):
+            code = err.get("code")
+            return (str(err.get("message") or err.get("detail") or err)[:300],
+                    str(code) if code is not None else None,
+                    err.get("param") if isinstance(err.get("param"), str) else None,
+                    err.get("type") if isinstance(err.get("type"), str) else None)
+        if isinstance(err, str):
+            return err[:300], data.get("error_type") if isinstance(data.get("error_type"), str) else None, None, None
+    return str(data)[:300], None, None, None
+
+
+class OpenAIEngine:
+    """An existing OpenAI-compatible server (vLLM, SGLang, TGI, NIM, llama.cpp's server) given by URL.
+
+    The variant forwards what the router decided (the rewritten messages or prompt, the variant's
+    caps) to `<url>/chat/completions` or `<url>/completions` with the backend's model name, and
+    streams the server's SSE pieces through as they arrive. One pooled `httpx.AsyncClient` per
+    replica and event loop; the key is read from an environment variable once, sent as
+    `Authorization: Bearer` and never logged or put in a message.
+
+    Errors (`UpstreamError`): a 4xx about the request (400, 413, 422 -> 400) stays the caller's; a
+    key or model the server refuses (401, 403, 404) is a 502 (the variant is misconfigured, not the
+    request); 429 and 503 are a 503; 5xx and a connection failure a 502; no answer within
+    `timeout_s` a 504. Cancelling the call (the router's timeout, a client gone) closes the request
+    to the server.
+
+    Args:
+        url: the server's OpenAI base URL (`http://host:8000/v1`).
+        model: the model name the server serves.
+        api_key_env: the environment variable holding the server's API key (None: no key).
+        timeout_s: the longest wait for an answer, or between two streamed pieces.
+        max_concurrency: pooled connections (requests in flight) per replica.
+    """
+
+    is_async = True
+
+    def __init__(self, url: str, model: str, *, api_key_env: str | None = None, timeout_s: float = 60.0,
+                 max_concurrency: int = 64, environ: Any = None, **_: Any):
+        headers = {"content-type": "application/json"}
+        if api_key_env:
+            key = (os.environ if environ is None else environ).get(api_key_env, "").strip()
+            if not key:
+                raise EngineError(f"engine openai: environment variable {api_key_env} (the backend's API key) is not "
+                                  "set in the variant's process; set it where Ray runs, or give the key as "
+                                  "backend.apiKeySecret (docs/serving.md, External OpenAI-compatible servers)")
+            headers["authorization"] = f"Bearer {key}"
+        self.url = url.rstrip("/")
+        self.model = model
+        self.timeout_s = float(timeout_s)
+        self.max_concurrency = int(max_concurrency)
+        self._headers = headers
+        self._clients: dict[Any, Any] = {}
+
+    def __repr__(self) -> str:  # never the headers: they hold the key
+        return f"OpenAIEngine(url={self.url!r}, model={self.model!r})"
+
+    def _client(self) -> Any:
+        """The pooled client of the running event loop (an httpx pool belongs to one loop)."""
+        import asyncio
+
+        import httpx
+
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            for old in [lp for lp in self._clients if lp.is_closed()]:
+                del self._clients[old]
+            client = httpx.AsyncClient(
+                headers=self._headers,
+                timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)),
+                limits=httpx.Limits(max_connections=self.max_concurrency,
+                                    max_keepalive_connections=self.max_concurrency),
+            )
+            self._clients[loop] = client
+        return client
+
+    async def aclose(self) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        client = self._clients.pop(loop, None)
+        if client is not None:
+            await client.aclose()
+
+    def _request(self, req: GenerateRequest, stream: bool) -> tuple[str, dict[str, Any]]:
+        body: dict[str, Any] = {"model": self.model, "max_tokens": req.max_tokens, "temperature": req.temperature,
+                                "top_p": req.top_p}
+        if req.messages is not None:
+            path, body["messages"] = "/chat/completions", req.messages
+        else:
+            path, body["prompt"] = "/completions", req.prompt or ""
+        if req.stop:
+            body["stop"] = req.stop
+        if req.seed is not None:
+            body["seed"] = req.seed
+        if req.ignore_eos:  # vLLM's extension: sent only when asked, as other servers may refuse it
+            body["ignore_eos"] = True
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}  # token counts for the variant's stats
+        return self.url + path, body
+
+    def _refused(self, status: int, content: bytes) -> UpstreamError:
+        message, code, param, type_ = _upstream_message(content)
+        where = f"{self.url} ({self.model})"
+        if status in (401, 403):
+            return UpstreamError(502, f"the server at {where} refused the variant's API key ({status}: {message}); "
+                                 "check backend.apiKeySecret / apiKeyEnv", code="upstream_auth_failed")
+        if status == 404:
+            return UpstreamError(502, f"the server at {where} answered 404 ({message}); check backend.url and "
+                                 "backend.model", code="upstream_not_found")
+        if status == 408:
+            return UpstreamError(504, f"the server at {where} timed out (408: {message})", code="timeout")
+        if status in (429, 503):
+            return UpstreamError(503, f"the server at {where} is overloaded ({status}: {message}); retry later",
+                                 code="upstream_unavailable")
+        if 400 <= status < 500:
+            return UpstreamError(400 if status == 422 else status, message, code=code, param=param,
+                                 type=type_ if type_ and "error" in type_ else None)
+        if status == 504:
+            return UpstreamError(504, f"the server at {where} timed out (504: {message})", code="timeout")
+        return UpstreamError(502, f"the server at {where} failed ({status}: {message})", code="upstream_error")
+
+    def _transport(self, e: Exception) -> UpstreamError:
+        import httpx
+
+        if isinstance(e, httpx.TimeoutException):
+            return UpstreamError(504, f"the server at {self.url} did not answer within {self.timeout_s:g}s "
+                                 f"(backend.timeoutSeconds; {type(e).__name__})", code="timeout")
+        return UpstreamError(502, f"cannot reach the server at {self.url}: {type(e).__name__}: "
+                             f"{str(e)[:200] or 'connection failed'}", code="upstream_unreachable")
+
+    def _bad_answer(self, what: str) -> UpstreamError:
+        return UpstreamError(502, f"the server at {self.url} answered {what}, not an OpenAI completion",
+                             code="bad_upstream_response")
+
+    async def agenerate(self, req: GenerateRequest) -> GenerateResult:
+        import httpx
+
+        url, body = self._request(req, stream=False)
+        try:
+            r = await self._client().post(url, json=body)
+        except httpx.HTTPError as e:
+            raise self._transport(e) from None
+        if r.status_code >= 400:
+            raise self._refused(r.status_code, r.content)
+        try:
+            data = r.json()
+            choice = data["choices"][0]
+            text = (choice["message"].get("content") if req.messages is not None else choice["text"]) or ""
+            usage = data.get("usage") or {}
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise self._bad_answer(repr(r.content[:120])) from None
+        return GenerateResult(str(text), int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+                              str(choice.get("finish_reason") or "stop"))
+
+    async def astream(self, req: GenerateRequest) -> AsyncIterator[StreamPiece]:
+        import httpx
+
+        url, body = self._request(req, stream=True)
+        chat = req.messages is not None
+        finish: str | None = None
+        usage: dict[str, Any] = {}
+        try:
+            # Leaving this block (the end, an error, or the caller cancelling) closes the request.
+            async with self._client().stream("POST", url, json=body) as r:
+                if r.status_code >= 400:
+                    raise self._refused(r.status_code, await r.aread())
+                async for line in r.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue  # blank lines, comments, `event:` lines
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    try:
+                        obj = json.loads(data)
+                    except ValueError:
+                        raise self._bad_answer(f"an event that is not JSON ({data[:80]!r})") from None
+                    if not isinstance(obj, dict):
+                        raise self._bad_answer(f"an event that is not an object ({data[:80]!r})")
+                    if "error" in obj:  # an error after the status line: the server's own words
+                        message, code, _, _ = _upstream_message(data.encode())
+                        raise UpstreamError(502, f"the server at {self.url} failed mid-stream: {message}",
+                                            code=code or "upstream_error")
+                    if obj.get("usage"):
+                        usage = obj["usage"]
+                    for choice in obj.get("choices") or []:
+                        text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                        if text:
+                            yield StreamPiece(str(text))
+                        if choice.get("finish_reason"):
+                            finish = str(choice["finish_reason"])
+        except httpx.HTTPError as e:
+            raise self._transport(e) from None
+        yield StreamPiece("", finish or "stop", int(usage.get("prompt_tokens") or 0),
+                          int(usage.get("completion_tokens") or 0))
+
+
+ENGINES = ("transformers", "vllm", "openai", "echo", "faulty", "judge-rule")
 
 
 def make_engine(engine: str, model_uri: str | None, *, cache_dir: str, tracking_uri: str | None,
@@ -397,6 +625,10 @@ def make_engine(engine: str, model_uri: str | None, *, cache_dir: str, tracking_
         return TransformersEngine(model_uri, cache_dir=cache_dir, tracking_uri=tracking_uri, **options)
     if engine == "vllm":
         return VllmEngine(model_uri, cache_dir=cache_dir, tracking_uri=tracking_uri, **options)
+    if engine == "openai":
+        if not options.get("url") or not options.get("model"):
+            raise EngineError("engine openai needs engine_options url and model (the variant's backend)")
+        return OpenAIEngine(**options)
     if engine == "echo":
         return EchoEngine(**options)
     if engine == "faulty":
