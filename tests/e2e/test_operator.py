@@ -223,6 +223,16 @@ def test_malformed_manifests_are_rejected_at_apply_naming_the_field(kube_cluster
     assert p.returncode != 0 and named in p.stderr, p.stderr
 
 
+@pytest.mark.parametrize("variant", [
+    {"name": "ext", "engine": "openai"},                                   # no backend
+    {"name": "a"},                                                         # no model
+    {"name": "a", "model": {"uri": "file:///m"}, "backend": {"url": "http://vllm:8000/v1", "model": "m"}},
+], ids=["openai-without-backend", "transformers-without-model", "backend-without-openai"])
+def test_variant_engine_rules_are_checked_at_apply(kube_cluster, namespace, variant):
+    p = _apply(kube_cluster, namespace, _job("bad-svc", {"variants": [variant]}, kind="ModelService"), check=False)
+    assert p.returncode != 0 and "an openai variant needs backend" in p.stderr, p.stderr
+
+
 def test_per_job_path_creates_owned_rayjob_and_rayservice_with_gpu_settings(kube_cluster, op_namespace, operator):
     gpu = {"workers": 2, "gpusPerWorker": 1, "cpusPerWorker": 4, "memory": "32Gi", "acceleratorType": "H100",
            "nodeSelector": {"pool": "gpu"}, "priorityClassName": "system-cluster-critical", "queue": "team-a",
