@@ -330,6 +330,24 @@ def _record_to_sample(record: Mapping[str, Any], index: int, fmt: str, uri: str)
                   messages=prompt_messages)
 
 
+def _records(parsed: DatasetURI, uri: str, split: str, cache_dir: Path | None,
+             s3_endpoint_url: str | None) -> list[dict[str, Any]]:
+    """The raw records of a non-built-in data set: `hf://`, `s3://`, a data set directory or a .jsonl file."""
+    if parsed.scheme == "hf":
+        return _load_hf(parsed, split, cache_dir)
+    if parsed.scheme == "s3":
+        return _load_s3(parsed, s3_endpoint_url)
+    path = parsed.path
+    if path.is_dir():
+        return _load_hf_dir(path, split, uri, cache_dir)
+    if not path.exists():
+        raise DatasetError(f"{uri}: no such file {path.resolve()}")
+    if path.suffix != ".jsonl":
+        raise DatasetError(f"{uri}: {path} is not a .jsonl file or a data set directory")
+    with path.open(encoding="utf-8") as f:
+        return _read_jsonl(f, uri)
+
+
 def load_samples(
     uri: str,
     *,
@@ -374,21 +392,8 @@ def load_samples(
         except ValueError as e:
             raise DatasetError(f"{uri}: {e}") from None
         records = _builtin_records(parsed, split, samples, reasoning)
-    elif parsed.scheme == "hf":
-        records = _load_hf(parsed, split, cache_dir)
-    elif parsed.scheme == "s3":
-        records = _load_s3(parsed, s3_endpoint_url)
     else:
-        path = parsed.path
-        if path.is_dir():
-            records = _load_hf_dir(path, split, uri, cache_dir)
-        elif not path.exists():
-            raise DatasetError(f"{uri}: no such file {path.resolve()}")
-        elif path.suffix != ".jsonl":
-            raise DatasetError(f"{uri}: {path} is not a .jsonl file or a data set directory")
-        else:
-            with path.open(encoding="utf-8") as f:
-                records = _read_jsonl(f, uri)
+        records = _records(parsed, uri, split, cache_dir, s3_endpoint_url)
     out = []
     for i, record in enumerate(records):
         sample = _record_to_sample(record, i, format, uri)
@@ -436,19 +441,7 @@ def load_texts(
     if parsed.scheme == "builtin":
         loaded = load_samples(uri, split=split, format="text", samples=samples, reasoning=reasoning)
         return [s.completion for s in loaded]
-    if parsed.scheme == "hf":
-        records = _load_hf(parsed, split, cache_dir)
-    elif parsed.scheme == "s3":
-        records = _load_s3(parsed, s3_endpoint_url)
-    else:
-        path = parsed.path
-        if path.is_dir():
-            records = _load_hf_dir(path, split, uri, cache_dir)
-        elif not path.exists():
-            raise DatasetError(f"{uri}: no such file {path.resolve()}")
-        else:
-            with path.open(encoding="utf-8") as f:
-                records = _read_jsonl(f, uri)
+    records = _records(parsed, uri, split, cache_dir, s3_endpoint_url)
     texts = []
     for i, record in enumerate(records):
         text = record.get("text")
