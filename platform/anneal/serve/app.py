@@ -820,17 +820,7 @@ class Router:
         v = self.defaults[decision.variant]
         if v.engine != "transformers":
             raise _upstream_error(decision.variant, AttentionNotSupported(decision.variant, v.engine))
-        response = self.handles[decision.variant].explain.remote(req)
-        try:
-            result, attention = await asyncio.wait_for(_awaitable(response), timeout=self.args.request_timeout_s)
-        except asyncio.TimeoutError:
-            response.cancel()
-            raise protocol.ApiError(504, f"variant {decision.variant} did not answer within "
-                                    f"{self.args.request_timeout_s:g}s", code="timeout") from None
-        except protocol.ApiError:
-            raise
-        except Exception as e:
-            raise _upstream_error(decision.variant, e) from None
+        result, attention = await self._call(decision.variant, req, method="explain")
         body = protocol.completion_body(kind, rid, decision.variant, result.text, result.finish_reason,
                                         result.prompt_tokens, result.completion_tokens)
         body["anneal_debug"] = {"attention": attention}
@@ -838,8 +828,9 @@ class Router:
                                            "x-anneal-route-reason": decision.reason,
                                            "x-anneal-reasoning": decision.reasoning})
 
-    async def _call(self, variant: str, req: GenerateRequest) -> GenerateResult:
-        response = self.handles[variant].generate.remote(req)
+    async def _call(self, variant: str, req: GenerateRequest, method: str = "generate") -> Any:
+        """`method` (generate, or explain: result and attention) of the variant, within the request timeout."""
+        response = getattr(self.handles[variant], method).remote(req)
         try:
             return await asyncio.wait_for(_awaitable(response), timeout=self.args.request_timeout_s)
         except asyncio.TimeoutError:
