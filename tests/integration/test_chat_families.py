@@ -4,7 +4,8 @@ The model is built here in the shape of a real family (`anneal.modeling.families
 init, a tokenizer trained locally with the family's special tokens and chat template. The
 Llama-3-style one has no pad token (the case that failed: `TypeError: 'NoneType' object
 cannot be interpreted as an integer`); the Mistral-style one has none either and folds the
-system message into the user turn. Real Ray, real MLflow (SQLite), real Serve over HTTP.
+system message into the user turn. Neither declares the reasoning toggle, so no stage puts
+"detailed thinking on/off" in its prompts. Real Ray, real MLflow (SQLite), real Serve over HTTP.
 
 The whole chain runs for the Llama-3-style family only: it is ~10 minutes of a 2-core CI
 machine a family, and what differs between families (the template training renders equals
@@ -100,6 +101,14 @@ def test_a_chat_model_goes_sft_kd_w4a16_and_is_served_in_its_own_template(tmp_pa
     kd_dir = resolve_model_dir(stages["kd"]["modelUri"], cache_dir=tmp_path / "dl", tracking_uri=tracking)
     with safe_open(str(next(Path(kd_dir).glob("*.safetensors"))), framework="pt") as f:
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
-    # Scored in its own template: the evaluation figures exist for both reasoning modes.
+    # The family's model does not declare the reasoning toggle, and no stage set reasoningToggle: no stage
+    # trained or scored it with "detailed thinking on/off" (one accuracy, no per-mode figures), and every
+    # output declares so in its config.json, which the serving variant reads (tests/unit/test_reasoning_toggle.py).
+    from anneal.modeling.chat import REASONING_TOGGLE_KEY
+
     for stage in ("sft", "kd"):
-        assert {"studentAccuracyOn", "studentAccuracyOff", "perplexity"} <= set(stages[stage]["metrics"]), stage
+        metrics = set(stages[stage]["metrics"])
+        assert {"studentAccuracy", "perplexity"} <= metrics and not {"studentAccuracyOn", "studentAccuracyOff"} & metrics
+    for stage in ("sft", "kd", "quantized"):
+        d = resolve_model_dir(stages[stage]["modelUri"], cache_dir=tmp_path / "dl", tracking_uri=tracking)
+        assert json.loads((Path(d) / "config.json").read_text())[REASONING_TOGGLE_KEY] is False, stage

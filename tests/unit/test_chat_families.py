@@ -36,6 +36,10 @@ def test_training_renders_the_prompt_the_server_renders(tokenizers, samples, fam
     tok = tokenizers[family]
     path = save_pretrained(build_family_model(family, SHAPE, tok), tok, tmp_path / family)
     engine = TransformersEngine(str(path), cache_dir=str(tmp_path / "cache"), device="cpu")
+    from anneal.serve.app import engine_takes_toggle
+
+    assert engine_takes_toggle("transformers", engine, None) is False  # a family model does not declare it
+    assert engine_takes_toggle("transformers", engine, True) is True  # the variant's reasoningToggle wins
     for s in samples:
         served = engine.render(GenerateRequest(messages=s.messages, max_tokens=4))
         assert served == tok.apply_chat_template(s.messages, tokenize=False, add_generation_prompt=True)
@@ -73,5 +77,43 @@ def test_a_tokenizer_without_a_pad_token_batches_generates_and_is_left_as_it_was
     model = build_family_model(family, SHAPE, tok).eval()
     metrics, scored = evaluate(model, tok, EvalPlan(dataset_uri=DATA, split="eval", samples=2, modes=("on", "off"),
                                                     max_new_tokens=4, max_seq_length=256, perplexity=True))
-    assert set(metrics) >= {"accuracyOn", "accuracyOff", "accuracy", "perplexity"}
+    assert set(metrics) >= {"accuracy", "perplexity"}
     assert all(s.prompt.startswith(FAMILIES[family].bos) for s in scored)  # scored in the model's own template
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_reasoning_toggle_is_in_a_family_models_prompts_only_once_it_declares_it(tokenizers, family):
+    """A Hugging Face chat model that does not declare the toggle never saw "detailed thinking on/off": it is
+    scored once, without it; declared (as Anneal's training writes it), it is scored per mode, with it."""
+    from anneal.compress.evaluation import EvalPlan, evaluate
+    from anneal.modeling.chat import REASONING_TOGGLE_KEY
+
+    tok = tokenizers[family]
+    model = build_family_model(family, SHAPE, tok).eval()
+    plan = EvalPlan(dataset_uri=DATA, split="eval", samples=2, modes=("on", "off"), max_new_tokens=2,
+                    max_seq_length=256, perplexity=False)
+    metrics, scored = evaluate(model, tok, plan)
+    assert set(metrics) == {"accuracy"} and len(scored) == 2
+    assert not any("detailed thinking" in s.prompt for s in scored)
+    setattr(model.config, REASONING_TOGGLE_KEY, True)
+    metrics, scored = evaluate(model, tok, plan)
+    assert set(metrics) == {"accuracyOn", "accuracyOff", "accuracy"} and len(scored) == 4
+    assert ["detailed thinking on" in s.prompt for s in scored] == [True, True, False, False]
+    assert ["detailed thinking off" in s.prompt for s in scored] == [False, False, True, True]
+    setattr(model.config, REASONING_TOGGLE_KEY, False)  # the plan's setting wins over the declaration
+    assert set(evaluate(model, tok, EvalPlan(**{**plan.__dict__, "toggle": True}))[0]) >= {"accuracyOn"}
+
+
+def test_without_the_toggle_samples_keep_their_mode_and_drop_only_its_system_message():
+    kept = {"role": "system", "content": "You are terse."}
+    for fmt in ("chat", "prompt-completion", "text"):
+        on = load_samples(DATA, split="eval", samples=4, reasoning="both", format=fmt)
+        off = load_samples(DATA, split="eval", samples=4, reasoning="both", format=fmt, toggle=False)
+        assert [s.reasoning for s in off] == [s.reasoning for s in on] == ["on", "off", "on", "off"]
+        assert [s.completion for s in off if fmt != "text"] == [s.completion for s in on if fmt != "text"]
+        assert all("detailed thinking" in (s.prompt + s.completion) for s in on), fmt
+        assert not any("detailed thinking" in (s.prompt + s.completion) for s in off), fmt
+    from anneal.modeling.chat import without_reasoning_toggle
+
+    messages = [{"role": "system", "content": " Detailed Thinking ON "}, kept, {"role": "user", "content": "2+2?"}]
+    assert without_reasoning_toggle(messages) == messages[1:]

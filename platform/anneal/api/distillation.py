@@ -377,6 +377,14 @@ class DistillationJobSpec(ApiModel):
         description="Default: the training data set's `eval` split. For cpt: the held-out raw text perplexity is "
         "measured on (default: the built-in task's eval split, or the last tenth of a file's documents).",
     )
+    reasoning_toggle: bool | None = Field(
+        default=None,
+        description="Whether the student is trained and scored with the reasoning toggle's system message "
+        "(\"detailed thinking on/off\"). Unset: as the student's starting model declares (config.json "
+        "anneal_reasoning_toggle; a model in Anneal's own chat format takes it, one with a chat template of its own "
+        "does not unless it declares it); a fresh or derived student follows the teacher, or takes it without one. "
+        "The output model declares what it was trained with.",
+    )
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     resources: Resources = Field(default_factory=Resources)

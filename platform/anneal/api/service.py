@@ -131,6 +131,13 @@ class Variant(ApiModel):
         default_factory=Resources, description="Per replica: cpusPerWorker, gpusPerWorker, memory."
     )
     generation: Generation = Field(default_factory=Generation)
+    reasoning_toggle: bool | None = Field(
+        default=None,
+        description="Whether this variant's model gets the reasoning toggle's system message (routing.reasoning "
+        "onPrompt/offPrompt). Unset: as its model declares (config.json anneal_reasoning_toggle, which Anneal's "
+        "training writes; a model in Anneal's own chat format takes it, one with a chat template of its own does not "
+        "unless it declares it; an openai variant does not).",
+    )
 
     @model_validator(mode="after")
     def _scale(self) -> "Variant":

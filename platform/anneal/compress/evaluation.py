@@ -26,6 +26,9 @@ class EvalPlan:
     max_seq_length: int = 256
     batch_size: int = 32
     perplexity: bool = True
+    #: The reasoning toggle's system message in the prompts (`reasoningToggle`); None: as the model declares
+    #: (`anneal.modeling.chat.declares_reasoning_toggle`).
+    toggle: bool | None = None
 
 
 @dataclass
@@ -103,6 +106,11 @@ def perplexity(model: Any, tokenizer: Any, samples: Sequence[Any], max_seq_lengt
 def evaluate(model: Any, tokenizer: Any, plan: EvalPlan, *, cache_dir: Path | None = None) -> tuple[dict[str, float], list[Scored]]:
     """Accuracy per reasoning mode (``accuracyOn``, ``accuracyOff``), their mean ``accuracy``, and ``perplexity``.
 
+    The reasoning toggle's system message is in the prompts only for a model trained with it
+    (`plan.toggle`, else what the model declares). Without it the modes' prompts are the same
+    question: accuracy is scored once, as ``accuracy`` (on the first mode's samples), and the
+    modes only choose the reference answers perplexity is measured on.
+
     Args:
         model: a causal LM (eval mode).
         tokenizer: its tokenizer.
@@ -114,26 +122,30 @@ def evaluate(model: Any, tokenizer: Any, plan: EvalPlan, *, cache_dir: Path | No
     """
     from anneal.data.datasets import load_samples
     from anneal.data.reasoning import check_answer
-    from anneal.modeling.chat import sample_prompt
+    from anneal.modeling.chat import model_declares_reasoning_toggle, resolve_reasoning_toggle, sample_prompt
 
+    toggle = resolve_reasoning_toggle(plan.toggle, model_declares_reasoning_toggle(model, tokenizer))
     metrics: dict[str, float] = {}
     scored: list[Scored] = []
     accs = []
     ppl_samples = []
-    for mode in plan.modes:
+    for i, mode in enumerate(plan.modes):
         samples = load_samples(
-            plan.dataset_uri, split=plan.split, format=plan.format, samples=plan.samples, reasoning=mode, cache_dir=cache_dir
+            plan.dataset_uri, split=plan.split, format=plan.format, samples=plan.samples, reasoning=mode,
+            cache_dir=cache_dir, toggle=toggle,
         )
         ppl_samples.extend(samples)
         with_answer = [s for s in samples if s.answer is not None]
-        if with_answer:
+        if with_answer and (toggle or i == 0):
             prompts = [sample_prompt(tokenizer, s) for s in with_answer]  # in the model's own chat template
             outputs = generate(model, tokenizer, prompts, plan.max_new_tokens, plan.batch_size)
             ok = [check_answer(o, s.answer) for o, s in zip(outputs, with_answer)]
             acc = sum(ok) / len(ok)
-            metrics[f"accuracy{mode.capitalize()}"] = acc
+            if toggle:
+                metrics[f"accuracy{mode.capitalize()}"] = acc
             accs.append(acc)
-            scored.extend(Scored(mode, p, o, s.answer, c) for p, s, o, c in zip(prompts, with_answer, outputs, ok))
+            scored.extend(Scored(mode if toggle else "none", p, o, s.answer, c)
+                          for p, s, o, c in zip(prompts, with_answer, outputs, ok))
     if accs:
         metrics["accuracy"] = sum(accs) / len(accs)
     if plan.perplexity and ppl_samples:

@@ -162,6 +162,7 @@ def prune_task(cfg: dict[str, Any], out_dir: str) -> dict[str, Any]:
     from anneal.compress.ffn_fusion import prune_with_attention
     from anneal.compress.pruning import PruningPlan
     from anneal.distill.students import calibration_batches
+    from anneal.modeling.chat import dir_declares_reasoning_toggle, mark_reasoning_toggle
     from anneal.modeling.layerwise_llama import register
     from anneal.modeling.tiny import save_pretrained
 
@@ -174,12 +175,14 @@ def prune_task(cfg: dict[str, Any], out_dir: str) -> dict[str, Any]:
     source_dtype = next(model.parameters()).dtype
     model = model.float()  # importance in fp32
     plan = PruningPlan.from_spec(p.to_dict(), field_prefix="spec.pruning")
-    batches = list(calibration_batches(tokenizer, p.calibration, c.ctx.cache_dir))
+    toggle = dir_declares_reasoning_toggle(c.source_dir)  # calibrated on the prompts the model was trained on
+    batches = list(calibration_batches(tokenizer, p.calibration, c.ctx.cache_dir, toggle=toggle))
     pruned, report = prune_with_attention(model, plan, batches)
     pruned = pruned.to(source_dtype)  # keep the source's storage dtype: sizes compare like for like
     tmp = Path(out_dir + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(pruned, tokenizer, tmp)
+    mark_reasoning_toggle(tmp, toggle)  # the pruned model is the source's: it takes the toggle as the source did
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     figures: dict[str, Any] = {
@@ -212,19 +215,22 @@ def quantize_task(cfg: dict[str, Any], model_dir: str, out_dir: str) -> dict[str
     """Quantize `model_dir` by `spec.quantization` into a compressed-tensors checkpoint in `out_dir`."""
     from anneal.compress.quantization import QuantPlan, quantize
     from anneal.data.datasets import load_samples
+    from anneal.modeling.chat import dir_declares_reasoning_toggle, mark_reasoning_toggle
 
     c = CompressionConfig(**cfg)
     q = c.typed_spec.quantization
     assert q is not None
     plan = QuantPlan.from_spec(q)
     samples = None
+    toggle = dir_declares_reasoning_toggle(model_dir)
     if plan.needs_data:
         ds = q.calibration
         samples = load_samples(ds.uri, split=ds.split, format=ds.format, samples=ds.samples or 64,
-                               reasoning=ds.reasoning, cache_dir=Path(c.ctx.cache_dir) / "datasets")
+                               reasoning=ds.reasoning, cache_dir=Path(c.ctx.cache_dir) / "datasets", toggle=toggle)
     tmp = Path(out_dir + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     figures = quantize(Path(model_dir), tmp, plan, samples, q.calibration.max_seq_length)
+    mark_reasoning_toggle(tmp, toggle)  # the quantized model takes the toggle as its source did
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return figures

@@ -272,7 +272,7 @@ def _plain_prompt(messages: Sequence[Mapping[str, str]]) -> str:
     return "".join(f"{m['content']}\n" for m in messages)
 
 
-def _record_to_sample(record: Mapping[str, Any], index: int, fmt: str, uri: str) -> Sample:
+def _record_to_sample(record: Mapping[str, Any], index: int, fmt: str, uri: str, toggle: bool = True) -> Sample:
     where = f"{uri}: record {index}"
     if "question" in record and isinstance(record.get("answer"), str) and "messages" not in record:
         # GSM8K-style: the worked answer ends with `#### N`, the checkable figure.
@@ -315,6 +315,10 @@ def _record_to_sample(record: Mapping[str, Any], index: int, fmt: str, uri: str)
         raise DatasetError(f"{where}: the completion must be a string")
     completion = completion.removesuffix(END_TOKEN)
     mode = reasoning_mode_of(prompt_messages)
+    if not toggle:  # a model not trained with the toggle never sees its system message (the mode stays known)
+        from anneal.modeling.chat import without_reasoning_toggle
+
+        prompt_messages = without_reasoning_toggle(prompt_messages)
     if fmt == "chat":
         try:
             prompt = format_chat(prompt_messages, add_generation_prompt=True)
@@ -357,6 +361,7 @@ def load_samples(
     reasoning: str = "both",
     cache_dir: Path | None = None,
     s3_endpoint_url: str | None = None,
+    toggle: bool = True,
 ) -> list[Sample]:
     """Load a data set as samples.
 
@@ -375,6 +380,9 @@ def load_samples(
         reasoning: `both`, `on` or `off`.
         cache_dir: cache for `hf://` downloads (a Hugging Face hub cache); None uses the default.
         s3_endpoint_url: S3 endpoint; None reads `ANNEAL_S3_ENDPOINT_URL` / `AWS_ENDPOINT_URL`.
+        toggle: render the reasoning toggle's system message ("detailed thinking on/off") into the
+            prompts; False for a model not trained with it (`reasoningToggle`): the message is
+            dropped, the sample keeps its `reasoning` mode (which form its answer takes).
 
     Returns:
         The samples, at most `samples` of them.
@@ -396,7 +404,7 @@ def load_samples(
         records = _records(parsed, uri, split, cache_dir, s3_endpoint_url)
     out = []
     for i, record in enumerate(records):
-        sample = _record_to_sample(record, i, format, uri)
+        sample = _record_to_sample(record, i, format, uri, toggle)
         if reasoning != "both" and sample.reasoning not in (None, reasoning):
             continue
         out.append(sample)

@@ -73,12 +73,24 @@ def start_worker(cfg: dict[str, Any]) -> Worker:
     )
 
 
-def dataset_samples(ref: Any, cache_dir: str | Path) -> list[Any]:
-    """The samples a DatasetRef names (the one place recipes read their data)."""
+def dataset_samples(ref: Any, cache_dir: str | Path, toggle: bool = True) -> list[Any]:
+    """The samples a DatasetRef names (the one place recipes read their data); `toggle`: see `student_toggle`."""
     from anneal.data.datasets import load_samples
 
     return load_samples(ref.uri, split=ref.split, format=ref.format, samples=ref.samples,
-                        reasoning=ref.reasoning, cache_dir=Path(cache_dir) / "datasets")
+                        reasoning=ref.reasoning, cache_dir=Path(cache_dir) / "datasets", toggle=toggle)
+
+
+def student_toggle(spec: DistillationJobSpec, student_init: str | Path) -> bool:
+    """Whether the student is trained and scored with the reasoning toggle's system message.
+
+    `spec.reasoningToggle` when set, else what the student's starting checkpoint declares (a fresh or
+    derived student's init carries its teacher's declaration, `anneal.distill.recipe.prepare_student`).
+    The driver and every worker read the same init directory, so they agree.
+    """
+    from anneal.modeling.chat import dir_declares_reasoning_toggle, resolve_reasoning_toggle
+
+    return resolve_reasoning_toggle(spec.reasoning_toggle, dir_declares_reasoning_toggle(student_init))
 
 
 def load_teacher(teacher_dir: str | Path, precision: str, device: Any) -> Any:

@@ -35,6 +35,7 @@ from anneal.distill.harness import (
     maybe_checkpoint,
     run_trainer,
     start_worker,
+    student_toggle,
 )
 from anneal.tracking import mlflow_store as store
 
@@ -130,7 +131,13 @@ def resolve_dir(uri: str, ctx: JobContext) -> Path:
 
 
 def prepare_student(spec: DistillationJobSpec, ctx: JobContext, teacher_dir: Path | None) -> tuple[Path, dict[str, Any]]:
-    """The directory of the student's starting checkpoint, and figures about how it was made."""
+    """The directory of the student's starting checkpoint, and figures about how it was made.
+
+    A fresh (`config`) or derived (`fromTeacher`) student's init declares the reasoning toggle as
+    its teacher does (`anneal.modeling.chat`); without a teacher it is Anneal's own and takes it.
+    """
+    from anneal.modeling.chat import dir_declares_reasoning_toggle
+
     from anneal.modeling.tiny import LlamaShape, build_llama, count_parameters, save_pretrained
     from anneal.modeling.tokenizer import builtin_tokenizer
     from transformers import AutoTokenizer
@@ -160,7 +167,8 @@ def prepare_student(spec: DistillationJobSpec, ctx: JobContext, teacher_dir: Pat
         )
         model = build_llama(shape, tokenizer, seed=spec.training.seed)
         info["studentParams"] = float(count_parameters(model))
-        _atomic_save(model, tokenizer, init_dir, save_pretrained)
+        _atomic_save(model, tokenizer, init_dir, save_pretrained,
+                     toggle=dir_declares_reasoning_toggle(teacher_dir) if teacher_dir is not None else True)
         return init_dir, info
     if student.from_teacher is not None:
         assert teacher_dir is not None
@@ -168,15 +176,18 @@ def prepare_student(spec: DistillationJobSpec, ctx: JobContext, teacher_dir: Pat
 
         model, tokenizer, report = derive_student(teacher_dir, student.from_teacher, ctx.cache_dir)
         info.update(report)
-        _atomic_save(model, tokenizer, init_dir, save_pretrained)
+        _atomic_save(model, tokenizer, init_dir, save_pretrained, toggle=dir_declares_reasoning_toggle(teacher_dir))
         return init_dir, info
     raise ValueError("spec.student: nothing to start from")
 
 
-def _atomic_save(model: Any, tokenizer: Any, target: Path, save: Callable[..., Any]) -> None:
+def _atomic_save(model: Any, tokenizer: Any, target: Path, save: Callable[..., Any], toggle: bool) -> None:
+    from anneal.modeling.chat import mark_reasoning_toggle
+
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save(model, tokenizer, tmp)
+    mark_reasoning_toggle(tmp, toggle)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
 
@@ -301,7 +312,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
         tokenized = pack_texts(tokenizer, documents(spec, worker.cache_dir).train, ds.max_seq_length)
     else:
-        tokenized = [tokenize_sample(tokenizer, s, ds.max_seq_length) for s in dataset_samples(ds, worker.cache_dir)]
+        toggle = student_toggle(spec, worker.student_init)  # its system message only if the student takes it
+        tokenized = [tokenize_sample(tokenizer, s, ds.max_seq_length)
+                     for s in dataset_samples(ds, worker.cache_dir, toggle)]
     steps = worker.total_steps
 
     objective = build_objective(spec, teacher)
@@ -367,8 +380,11 @@ def train(spec: DistillationJobSpec, ctx: JobContext, student_init: Path, teache
 # -------------------------------------------------------------------------- evaluate
 
 
-def eval_plan(spec: DistillationJobSpec) -> Any:
-    """The questions the student is scored on (an `EvalPlan`), or None where there are none (cpt without them)."""
+def eval_plan(spec: DistillationJobSpec, toggle: bool | None = None) -> Any:
+    """The questions the student is scored on (an `EvalPlan`), or None where there are none (cpt without them).
+
+    `toggle`: the student's reasoning toggle (`student_toggle`); None scores a model as it declares.
+    """
     from anneal.compress.evaluation import EvalPlan
 
     ev, ds = spec.evaluation, spec.accuracy_dataset_ref()
@@ -379,13 +395,14 @@ def eval_plan(spec: DistillationJobSpec) -> Any:
         dataset_uri=ds.uri, split=ds.split, format=ds.format, samples=ds.samples or ev.samples,
         modes=tuple(ev.reasoning_modes), max_new_tokens=ev.max_new_tokens, max_seq_length=ds.max_seq_length,
         # cpt reports the held-out text's perplexity under that name; the chat answers' would overwrite it
-        perplexity="perplexity" in ev.metrics and spec.method != "cpt",
+        perplexity="perplexity" in ev.metrics and spec.method != "cpt", toggle=toggle,
     )
 
 
-def attention_maps(spec: DistillationJobSpec, ctx: JobContext, student_dir: Path, result: JobResult) -> dict[str, float]:
+def attention_maps(spec: DistillationJobSpec, ctx: JobContext, student_dir: Path, result: JobResult,
+                   toggle: bool | None = None) -> dict[str, float]:
     """`evaluation.attentionMaps`: the student's maps of N evaluated answers, logged to the run under explain/."""
-    plan = eval_plan(spec)
+    plan = eval_plan(spec, toggle)
     if plan is None:
         result.warnings.append("evaluation.attentionMaps: this cpt job scores no questions (set evaluation.dataset); "
                                "no attention maps were made")
@@ -399,16 +416,19 @@ def attention_maps(spec: DistillationJobSpec, ctx: JobContext, student_dir: Path
 
 def evaluate(
     spec: DistillationJobSpec, ctx: JobContext, student_dir: Path, teacher_dir: Path | None, teacher_uri: str | None,
-    cache_key: str | None = None,
+    cache_key: str | None = None, toggle: bool | None = None,
 ) -> dict[str, float]:
     """Student (and cached teacher) accuracy per reasoning mode, retention and perplexity.
 
     With `cache_key`, the student's figures are cached too (a retried kd-rl job scores its
-    starting point once).
+    starting point once). The student is scored with `toggle` (its training's reasoning toggle),
+    the teacher as it declares.
     """
+    import dataclasses
+
     from anneal.compress.evaluation import cached_evaluate_dir, evaluate_dir, model_key
 
-    plan = eval_plan(spec)
+    plan = eval_plan(spec, toggle)
     if plan is None:
         return {}  # cpt's perplexity is on held-out text (`anneal.distill.cpt`); no questions to score
     cache = Path(ctx.cache_dir)
@@ -419,7 +439,7 @@ def evaluate(
     metrics = {("perplexity" if k == "perplexity" else f"student{k[0].upper()}{k[1:]}"): v for k, v in student.items()}
     if teacher_dir is not None:
         key = f"{teacher_uri}|{model_key(teacher_dir)}"
-        teacher = cached_evaluate_dir(teacher_dir, plan, key, cache)
+        teacher = cached_evaluate_dir(teacher_dir, dataclasses.replace(plan, toggle=None), key, cache)
         for k, v in teacher.items():
             metrics[f"teacher{k[0].upper()}{k[1:]}"] = v
         if teacher.get("accuracy"):
@@ -445,6 +465,7 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
         teacher_uri = model_uri_of(spec.teacher.uri if spec.teacher else None, ctx, "teacher")
         teacher_dir = resolve_dir(teacher_uri, ctx) if teacher_uri else None
         student_init, info = prepare_student(spec, ctx, teacher_dir)
+        toggle = student_toggle(spec, student_init)
         if teacher_dir is not None and spec.method != "sft" and spec.student.config is None and spec.student.from_teacher is None:
             from anneal.distill.students import check_tokenizers_match
 
@@ -476,19 +497,21 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
             from anneal.distill.rl import train_rl
 
             # RL must beat its own starting point: score the start with the same plan first
-            start_metrics = evaluate(spec, ctx, student_init, None, None, cache_key=f"start|{student_init}")
+            start_metrics = evaluate(spec, ctx, student_init, None, None, cache_key=f"start|{student_init}",
+                                     toggle=toggle)
             final_dir = train_rl(spec, ctx, student_init, teacher_dir, steps)
         elif spec.imports:  # no Ray Train workers: the model is evaluated and registered as it is
             final_dir = student_init
         else:
             final_dir = train(spec, ctx, student_init, teacher_dir, steps)
+        final_dir = _declare_toggle(final_dir, toggle, ctx)
         final_metrics = store.latest_metrics(ctx.tracking_uri, run_id)
         run_tags = store.client(ctx.tracking_uri).get_run(run_id).data.tags
         result.progress = {"step": steps, "totalSteps": steps, "loss": final_metrics.get("train/loss"),
                            "resumedFromStep": int(run_tags.get(TAG_RESUMED_FROM, 0))}
         if on_progress:
             on_progress({**result.to_status(), "phase": "Running", "message": "evaluating"})
-        metrics = evaluate(spec, ctx, final_dir, teacher_dir, teacher_uri)
+        metrics = evaluate(spec, ctx, final_dir, teacher_dir, teacher_uri, toggle=toggle)
         if docs is not None:
             from anneal.distill.cpt import heldout_metrics
 
@@ -503,7 +526,7 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
         if spec.evaluation.attention_maps:
             if on_progress:
                 on_progress({**result.to_status(), "phase": "Running", "message": "drawing attention maps"})
-            metrics.update(attention_maps(spec, ctx, final_dir, result))
+            metrics.update(attention_maps(spec, ctx, final_dir, result, toggle))
         if "train/logging_share" in final_metrics:
             metrics["loggingShare"] = final_metrics["train/logging_share"]
         store.log_metrics(ctx.tracking_uri, run_id, {f"eval/{k}": v for k, v in metrics.items()})
@@ -556,6 +579,26 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
         except Exception as exc:
             log.warning("could not record the result in MLflow: %s", exc)
     return result
+
+
+def _declare_toggle(model_dir: Path, toggle: bool, ctx: JobContext) -> Path:
+    """The output model, declaring in its config.json whether it was trained with the reasoning toggle.
+
+    An imported model is its source's directory (a download cache, or the user's own path): it is
+    copied into the work dir first, and only when the declaration changes.
+    """
+    from anneal.modeling.chat import dir_declares_reasoning_toggle, mark_reasoning_toggle
+
+    work = Path(ctx.work_dir).resolve()
+    if work not in model_dir.resolve().parents:
+        if dir_declares_reasoning_toggle(model_dir) == toggle:
+            return model_dir
+        out = work / "student-declared"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(model_dir, out)
+        model_dir = out
+    mark_reasoning_toggle(model_dir, toggle)
+    return model_dir
 
 
 def _cpt_data(spec: DistillationJobSpec, ctx: JobContext, student_init: Path, run_id: str) -> tuple[Any, int]:

@@ -289,7 +289,7 @@ def rl_loop(cfg: dict[str, Any]) -> None:
     model, params, optimizer, start_step = parallel.prepare(policy, t, device, worker.resume_dir)
     inner = parallel.unwrap(model)
 
-    shard = worker.shard(harness.dataset_samples(spec.dataset, worker.cache_dir))
+    shard = worker.shard(harness.dataset_samples(spec.dataset, worker.cache_dir, harness.student_toggle(spec, worker.student_init)))
     reward_fn = load_reward(rl.reward)
     steps = worker.total_steps
     batches = _prompt_batches(shard, t.batch_size, t.seed + rank)

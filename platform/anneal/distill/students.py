@@ -14,14 +14,16 @@ class IncompatibleModelsError(ValueError):
     """Teacher and student cannot be distilled together (e.g. different tokenizers)."""
 
 
-def calibration_batches(tokenizer: Any, ref: DatasetRef, cache_dir: str | Path, batch_size: int = 8) -> Iterator[dict[str, Any]]:
-    """Tokenized calibration batches (prompt + completion) from a DatasetRef."""
+def calibration_batches(tokenizer: Any, ref: DatasetRef, cache_dir: str | Path, batch_size: int = 8,
+                        toggle: bool = True) -> Iterator[dict[str, Any]]:
+    """Tokenized calibration batches (prompt + completion) from a DatasetRef (`toggle`: the reasoning toggle's
+    system message in the prompts, for a model trained with it)."""
     from anneal.data.datasets import collate, load_samples, tokenize_sample
     from anneal.modeling.chat import pad_id
 
     samples = load_samples(
         ref.uri, split=ref.split, format=ref.format, samples=ref.samples or 64, reasoning=ref.reasoning,
-        cache_dir=Path(cache_dir) / "datasets",
+        cache_dir=Path(cache_dir) / "datasets", toggle=toggle,
     )
     tokenized = [tokenize_sample(tokenizer, s, ref.max_seq_length) for s in samples]
     for i in range(0, len(tokenized), batch_size):
@@ -39,13 +41,15 @@ def derive_student(teacher_dir: str | Path, plan: FromTeacher, cache_dir: str | 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from anneal.compress.pruning import PruningPlan, prune
+    from anneal.modeling.chat import dir_declares_reasoning_toggle
     from anneal.modeling.layerwise_llama import register as register_anneal_llama
 
     register_anneal_llama()  # model_type anneal_llama (attention removal, FFN fusion)
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
     pruning_plan = PruningPlan.from_spec(plan.to_dict(), field_prefix="student.fromTeacher")
-    batches = list(calibration_batches(tokenizer, plan.calibration, cache_dir))
+    batches = list(calibration_batches(tokenizer, plan.calibration, cache_dir,
+                                       toggle=dir_declares_reasoning_toggle(teacher_dir)))
     student, report = prune(teacher, pruning_plan, batches)
     figures = {
         "teacherParams": float(report["paramsBefore"]),

@@ -43,7 +43,7 @@ def explain_evaluation(model_dir: str | Path, plan: Any, n: int, out_dir: Path, 
     from anneal.data.reasoning import check_answer
     from anneal.explain.attention import explain_prompt
     from anneal.explain.render import write_map
-    from anneal.modeling.chat import sample_prompt
+    from anneal.modeling.chat import model_declares_reasoning_toggle, resolve_reasoning_toggle, sample_prompt
     from anneal.modeling.layerwise_llama import register
 
     torch.manual_seed(0)
@@ -51,8 +51,10 @@ def explain_evaluation(model_dir: str | Path, plan: Any, n: int, out_dir: Path, 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager").to(device).eval()
     mode = plan.modes[0] if plan.modes else "off"
+    # the prompts evaluation scored: the toggle's system message only for a model trained with it
+    toggle = resolve_reasoning_toggle(getattr(plan, "toggle", None), model_declares_reasoning_toggle(model, tokenizer))
     samples = load_samples(plan.dataset_uri, split=plan.split, format=plan.format, samples=plan.samples,
-                           reasoning=mode, cache_dir=cache_dir)
+                           reasoning=mode, cache_dir=cache_dir, toggle=toggle)
     asked = [s for s in samples if s.answer is not None][:n] or list(samples[:n])
     maps: list[dict[str, Any]] = []
     for i, s in enumerate(asked):

@@ -92,6 +92,9 @@ class VariantArgs(BaseModel):
     top_p: float = 1.0
     max_ongoing_requests: int = 8
     max_queued_requests: int = 512
+    reasoning_toggle: bool | None = Field(
+        default=None, description="The reasoning toggle's system message goes to this variant's model; None: as the "
+        "model declares (`anneal.modeling.chat.declares_reasoning_toggle`; an openai variant: no).")
 
 
 class AppArgs(BaseModel):
@@ -202,6 +205,7 @@ def args_from_spec(
             max_tokens_over=v.generation.max_tokens_over,
             temperature=v.generation.temperature,
             top_p=v.generation.top_p,
+            reasoning_toggle=v.reasoning_toggle,
         ))
     routing = spec.routing
     pair = (spec.rollout.stable, spec.rollout.candidate) if spec.rollout else None
@@ -343,6 +347,35 @@ def variant_user_config(v: VariantArgs) -> dict[str, Any]:
     return {"model_uri": v.model_uri, "engine": v.engine, "engine_options": dict(v.engine_options)}
 
 
+@dataclasses.dataclass
+class VariantRequest(GenerateRequest):
+    """What the router sends a variant: the request without any reasoning-toggle system message, and the
+    toggle's system prompt for the mode it resolved, which the variant puts first only if its model takes
+    the toggle (`VariantServer.takes_toggle`). The engine gets a plain `GenerateRequest`."""
+
+    toggle: str | None = None
+
+
+def engine_takes_toggle(engine_name: str, engine: Any, setting: bool | None) -> bool:
+    """Whether a variant's model gets the reasoning toggle's system message: `reasoningToggle`, else
+    what the loaded model declares (config.json `anneal_reasoning_toggle`, or Anneal's own chat format);
+    an openai variant's model is elsewhere and declares nothing: no."""
+    from anneal.modeling.chat import declares_reasoning_toggle, resolve_reasoning_toggle
+
+    if setting is not None:
+        return bool(setting)
+    if engine_name == "openai":
+        return False
+    config = getattr(getattr(engine, "model", None), "config", None)
+    if config is None and getattr(engine, "llm", None) is not None:  # vllm: the Hugging Face config it loaded
+        try:
+            config = engine.llm.llm_engine.model_config.hf_config
+        except AttributeError:
+            config = None
+    template = getattr(getattr(engine, "tokenizer", None), "chat_template", None)
+    return resolve_reasoning_toggle(None, declares_reasoning_toggle(config, template))
+
+
 class VariantServer:
     """One variant's model, served by one Serve deployment (replicas and resources from the spec).
 
@@ -357,6 +390,7 @@ class VariantServer:
         self.tracking_uri = tracking_uri
         self.engine: Any = None
         self.loaded: dict[str, Any] | None = None
+        self.takes_toggle = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{self.args.name}")
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -383,7 +417,17 @@ class VariantServer:
                              tracking_uri=self.tracking_uri, options=options)
         self.engine, self.loaded = engine, want
         self.args = self.args.model_copy(update=want)
-        log.info("variant %s serves %s (%s engine)", self.args.name, want["model_uri"], want["engine"])
+        self.takes_toggle = engine_takes_toggle(want["engine"], engine, self.args.reasoning_toggle)
+        log.info("variant %s serves %s (%s engine; reasoning toggle %s)", self.args.name, want["model_uri"],
+                 want["engine"], "on" if self.takes_toggle else "off")
+
+    def for_model(self, req: GenerateRequest) -> GenerateRequest:
+        """The engine's request: the router's toggle system prompt first only if this model takes the toggle."""
+        toggle = getattr(req, "toggle", None)
+        fields = {f.name: getattr(req, f.name) for f in dataclasses.fields(GenerateRequest)}
+        if req.messages is not None and toggle is not None and self.takes_toggle:
+            fields["messages"] = [{"role": "system", "content": toggle}, *req.messages]
+        return GenerateRequest(**fields)
 
     def _engine(self) -> Any:
         if self.engine is None:  # Serve always calls reconfigure first; this is a config without user_config
@@ -395,6 +439,7 @@ class VariantServer:
         # timeout cancels the call) the task here is cancelled, but a thread cannot be: the
         # event tells the engine to stop at its next token, so the slot is free for the next call.
         engine = self._engine()
+        req = self.for_model(req)
         if getattr(engine, "is_async", False):  # openai: on this event loop; a cancel closes its request
             return await engine.agenerate(req)
         loop = asyncio.get_running_loop()
@@ -411,7 +456,7 @@ class VariantServer:
         if not hasattr(engine, "explain"):
             raise AttentionNotSupported(self.args.name, self.args.engine)
         loop = asyncio.get_running_loop()
-        req = dataclasses.replace(req, cancel=threading.Event())
+        req = dataclasses.replace(self.for_model(req), cancel=threading.Event())
         try:
             return await loop.run_in_executor(self._executor, engine.explain, req)
         except asyncio.CancelledError:
@@ -420,6 +465,7 @@ class VariantServer:
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[StreamPiece]:
         engine = self._engine()
+        req = self.for_model(req)
         if getattr(engine, "is_async", False):
             # Each piece as the server sends it; closing this generator closes the server's stream.
             pieces = engine.astream(req)
@@ -792,12 +838,16 @@ class Router:
     def _engine_request(self, parsed: protocol.ParsedRequest, decision: RouteDecision,
                         variant: str | None = None) -> GenerateRequest:
         """What `variant` (default the decision's) is asked: the request with that variant's
-        generation defaults and cap, so a mirror answers as the candidate would answer the user."""
+        generation defaults and cap, so a mirror answers as the candidate would answer the user.
+        The caller's toggle system message is taken out; the mode's prompt travels beside the
+        messages, and the variant puts it first if its model was trained with it."""
         v = self.defaults[variant or decision.variant]
-        messages = parsed.messages
+        messages, toggle = parsed.messages, None
         if messages is not None:
-            messages = apply_reasoning(messages, decision.reasoning, self.policy.reasoning)
-        return GenerateRequest(
+            toggle, *messages = apply_reasoning(messages, decision.reasoning, self.policy.reasoning)
+            toggle = toggle["content"]
+        return VariantRequest(
+            toggle=toggle,
             messages=messages,
             prompt=parsed.prompt,
             max_tokens=self._max_tokens(parsed.max_tokens, v, decision),
