@@ -9,8 +9,13 @@ init, built-in tokenizer's vocabulary) with the code the recipe uses (`anneal.di
   and activations, so the ratio is closer to 1 than the state ratio).
 * ``step_s``: median step time, one worker, fp32 vs bf16 (autocast on CPU), with and without
   gradient checkpointing.
+* ``precision_memory``: one worker process per precision (the step-time student, autocast as the
+  recipe runs it): the bytes autograd saves for backward in one training forward (activations,
+  counted from the saved tensors' storages), parameters + gradients + AdamW state, the frozen
+  teacher's weights as `harness.load_teacher` loads them, and the process's peak RSS.
 
     .venv/bin/python benchmarks/bench_fsdp.py --out benchmarks/results/fsdp.json
+    .venv/bin/python benchmarks/bench_fsdp.py --parts precision_memory   # that part alone
 """
 
 from __future__ import annotations
@@ -130,6 +135,72 @@ def step_times(steps: int) -> dict:
     return out
 
 
+def _precision_worker(rank: int, precision: str, steps: int, teacher_dir: str, out: str) -> None:
+    import torch
+
+    from anneal.distill import harness, parallel
+
+    torch.set_num_threads(1)
+    model = _model(shape=TIMING_SHAPE).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    saved: dict[int, tuple] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = (storage.nbytes(), t)
+        return t
+
+    casts = []
+    for step in range(steps):
+        hooks = None
+        if step == steps - 1:
+            hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+            # autocast keeps a bf16 copy of each weight it casts for the backward pass: counted apart
+            casts = [p.detach().to(torch.bfloat16) for p in model.parameters() if p.dim() == 2]
+        with harness.autocast(precision, "cpu"), (hooks or _null()):
+            loss = model(**_batch(4, 64, seed=step)).loss
+        loss.backward()
+        optimizer.step()
+        if step < steps - 1:
+            optimizer.zero_grad(set_to_none=True)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # a saved weight is state, not activation
+    copies = {ptr for ptr, (_, t) in saved.items()
+              if ptr not in weights and t.dtype == torch.bfloat16
+              and any(torch.equal(c, t) or (c.t().shape == t.shape and torch.equal(c.t(), t)) for c in casts)}
+    state = parallel.local_bytes(model, optimizer)
+    teacher = harness.load_teacher(teacher_dir, precision, torch.device("cpu"))
+    result = {
+        "activation_bytes": sum(n for ptr, (n, _) in saved.items() if ptr not in weights | copies),
+        "weight_copy_bytes": sum(saved[ptr][0] for ptr in copies),
+        "state_bytes": sum(state.values()),
+        "teacher_weight_bytes": sum(p.numel() * p.element_size() for p in teacher.parameters()),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    Path(out, f"precision-{precision}.json").write_text(json.dumps(result))
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def precision_memory(steps: int, tmp: Path) -> dict:
+    """bf16 vs fp32 on one CPU worker: activations saved for backward, training state, teacher weights, RSS."""
+    import torch.multiprocessing as mp
+
+    teacher_dir = tmp / "teacher"
+    _model(seed=1, shape=TIMING_SHAPE).save_pretrained(teacher_dir)
+    out: dict = {"student": TIMING_SHAPE, "batch": [4, 64]}
+    for precision in ("fp32", "bf16"):  # a fresh process each: the peak RSS is that precision's alone
+        mp.spawn(_precision_worker, args=(precision, steps, str(teacher_dir), str(tmp)), nprocs=1)
+        out[precision] = json.loads((tmp / f"precision-{precision}.json").read_text())
+        print(f"{precision}: {out[precision]}", file=sys.stderr, flush=True)
+    for key in ("activation_bytes", "state_bytes", "teacher_weight_bytes", "peak_rss_mb"):
+        out[f"{key}_bf16_vs_fp32"] = out["bf16"][key] / out["fp32"][key]
+    return out
+
+
 def main() -> int:
     import tempfile
 
@@ -139,7 +210,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--timing-steps", type=int, default=5)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--parts", default="memory,step_time,precision_memory",
+                        help="comma-separated: memory (FSDP vs DDP), step_time, precision_memory (bf16 vs fp32)")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     params = sum(p.numel() for p in _model().parameters())
     with tempfile.TemporaryDirectory() as tmp:
         result = {
@@ -147,10 +221,14 @@ def main() -> int:
             "loadavg_before": os.getloadavg(),
             "torch": torch.__version__,
             "student": {**SHAPE, "vocab": VOCAB, "parameters": params},
-            "memory_2_workers": memory(args.steps, Path(tmp)),
-            "step_time_1_worker": {"student": TIMING_SHAPE, **step_times(args.timing_steps)},
-            "loadavg_after": os.getloadavg(),
         }
+        if "memory" in parts:
+            result["memory_2_workers"] = memory(args.steps, Path(tmp))
+        if "step_time" in parts:
+            result["step_time_1_worker"] = {"student": TIMING_SHAPE, **step_times(args.timing_steps)}
+        if "precision_memory" in parts:
+            result["precision_memory_1_worker"] = precision_memory(args.timing_steps, Path(tmp))
+        result["loadavg_after"] = os.getloadavg()
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
