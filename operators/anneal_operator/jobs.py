@@ -202,6 +202,9 @@ def ray_job_state(rayjob: Mapping[str, Any] | None) -> tuple[str | None, str]:
     deployment = st.get("jobDeploymentStatus") or ""
     job = st.get("jobStatus") or ""
     message = st.get("message") or st.get("reason") or ""
+    queue = ((rayjob.get("metadata") or {}).get("labels") or {}).get(kuberay.KUEUE_QUEUE_LABEL)
+    if queue and (rayjob.get("spec") or {}).get("suspend") and deployment in ("", "New", "Suspended"):
+        return jobs_api.PENDING, f"queued in Kueue LocalQueue {queue}: waiting for admission (quota)"
     if deployment == "Failed" and job not in (jobs_api.SUCCEEDED, jobs_api.STOPPED):
         return jobs_api.FAILED, message or "RayJob failed"
     if job in (jobs_api.PENDING, jobs_api.RUNNING, jobs_api.SUCCEEDED, jobs_api.FAILED, jobs_api.STOPPED):

@@ -118,9 +118,24 @@ def test_rayjob_lifecycle_owner_and_queue():
 
 
 def test_volcano_queue_labels():
-    labels = _rayjob(scheduler="volcano")["metadata"]["labels"]
+    rj = _rayjob(scheduler="volcano")
+    labels = rj["metadata"]["labels"]
     assert labels["ray.io/scheduler-name"] == "volcano" and labels["volcano.sh/queue-name"] == "team-a-queue"
     assert "kueue.x-k8s.io/queue-name" not in labels
+    assert "suspend" not in rj["spec"]  # Volcano gangs pods; it does not resume suspended jobs
+
+
+def test_a_queued_cluster_is_created_suspended_for_kueue_to_admit():
+    """Kueue's contract: a job it manages is created suspended and unsuspended on admission."""
+    assert _rayjob()["spec"]["suspend"] is True
+    unqueued = Resources.model_validate({"workers": 1, "gpusPerWorker": 1})
+    assert "suspend" not in _rayjob(resources=unqueued)["spec"]
+    opts = kuberay.ClusterOptions(image="img:1", ray_version="2.60.0", resources=GPU)
+    rs = kuberay.build_rayservice("svc-serve", "ns", [], opts)
+    assert rs["spec"]["rayClusterConfig"]["suspend"] is True
+    assert rs["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-queue"
+    plain = kuberay.ClusterOptions(image="img:1", ray_version="2.60.0", resources=unqueued)
+    assert "suspend" not in kuberay.build_rayservice("svc-serve", "ns", [], plain)["spec"]["rayClusterConfig"]
 
 
 def test_cpu_only_workers_have_no_gpu_and_fractional_cpu_in_millicores():

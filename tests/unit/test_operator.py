@@ -106,10 +106,20 @@ def test_operator_limits_name_the_field(extra, address, path):
         ({"status": {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}}, "RUNNING"),
         ({"status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}}, "SUCCEEDED"),
         ({"status": {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"}}, "FAILED"),
+        ({"status": {"jobDeploymentStatus": "Suspended"}}, "PENDING"),
     ],
 )
 def test_rayjob_state(rayjob, state):
     assert jobs.ray_job_state(rayjob)[0] == state
+
+
+def test_a_rayjob_held_by_kueue_says_which_queue_it_waits_in():
+    rayjob = {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "team-a"}},
+              "spec": {"suspend": True}, "status": {"jobDeploymentStatus": "Suspended"}}
+    state, message = jobs.ray_job_state(rayjob)
+    assert state == "PENDING" and message == "queued in Kueue LocalQueue team-a: waiting for admission (quota)"
+    # Before KubeRay's first pass (no status yet) it is the same wait.
+    assert jobs.ray_job_state({**rayjob, "status": {}})[1] == message
 
 
 def test_the_operator_context_is_the_recipe_job_context_with_attempt_tags():

@@ -225,6 +225,13 @@ def ray_cluster_spec(opts: ClusterOptions) -> dict[str, Any]:
     }
 
 
+def queued_in_kueue(opts: ClusterOptions) -> bool:
+    """Whether Kueue admits this cluster: it is then created suspended, and Kueue unsuspends it
+    once a ClusterQueue has quota for all of its pods (Kueue's contract for the jobs it manages;
+    its webhook would suspend it too, but a cluster must not depend on a webhook being installed)."""
+    return bool(opts.resources.queue) and opts.gang_scheduler != "volcano"
+
+
 def _labels(opts: ClusterOptions) -> dict[str, str]:
     labels = {MANAGED_BY_LABEL: "anneal", **dict(opts.labels)}
     queue = opts.resources.queue
@@ -278,6 +285,8 @@ def build_rayjob(
     }
     if lifecycle.active_deadline_seconds:
         spec["activeDeadlineSeconds"] = lifecycle.active_deadline_seconds
+    if queued_in_kueue(cluster):
+        spec["suspend"] = True
     if plan.entrypoint_num_cpus is not None:
         spec["entrypointNumCpus"] = plan.entrypoint_num_cpus
     meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": _labels(cluster)}
@@ -298,13 +307,16 @@ def build_rayservice(
     meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": _labels(cluster)}
     if owner:
         meta["ownerReferences"] = [dict(owner)]
+    cluster_spec = ray_cluster_spec(cluster)
+    if queued_in_kueue(cluster):
+        cluster_spec["suspend"] = True  # what Kueue's RayService integration suspends and resumes
     return {
         "apiVersion": KUBERAY_API_VERSION,
         "kind": "RayService",
         "metadata": meta,
         "spec": {
             "serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False),
-            "rayClusterConfig": ray_cluster_spec(cluster),
+            "rayClusterConfig": cluster_spec,
         },
     }
 
