@@ -52,6 +52,17 @@ def deploy_entries(entries: list[dict[str, Any]], *, dashboard_url: str | None =
         wait_running([e["name"] for e in entries], wait_s)
 
 
+def _why(app: Any) -> str:
+    """The failed deployments' own reasons: the last line of each message (the exception a replica's
+    constructor or `reconfigure` raised, e.g. an engine that cannot load the model)."""
+    reasons = []
+    for name, d in (getattr(app, "deployments", None) or {}).items():
+        if d.status in ("UNHEALTHY", "DEPLOY_FAILED") and d.message:
+            lines = [ln.strip() for ln in str(d.message).strip().splitlines() if ln.strip()]
+            reasons.append(f"{name}: {lines[-1][:600]}")
+    return (" (" + "; ".join(reasons) + ")") if reasons else ""
+
+
 def wait_running(names: list[str], timeout_s: float) -> None:
     """Wait until the named Serve apps are RUNNING with no update in progress."""
     from ray import serve
@@ -62,7 +73,7 @@ def wait_running(names: list[str], timeout_s: float) -> None:
         states = {n: status.get(n) for n in names}
         failed = {n: s for n, s in states.items() if s is not None and s.status in ("DEPLOY_FAILED", "UNHEALTHY")}
         if failed:
-            raise RuntimeError("; ".join(f"Serve app {n}: {s.status}: {s.message}" for n, s in failed.items()))
+            raise RuntimeError("; ".join(f"Serve app {n}: {s.status}: {s.message}{_why(s)}" for n, s in failed.items()))
         if all(s is not None and s.status == "RUNNING" and all(
                 d.status == "HEALTHY" for d in s.deployments.values()) for s in states.values()):
             return
