@@ -60,6 +60,10 @@ class RaySettings(BaseSettings):
     )
     num_cpus: int | None = Field(default=None, ge=1, description="CPUs of the local Ray (default: all).")
     include_dashboard: bool = Field(default=False, description="Start the dashboard with the local Ray.")
+    vllm_python: str | None = Field(
+        default=None, description="The Python a vllm variant's replicas run in (Ray runtime_env py_executable): "
+        "the serving environment scripts/setup.sh builds; default the checkout's .venv-vllm/bin/python when it "
+        "exists, else Ray's own Python (which then needs vllm).")
 
 
 class Settings:

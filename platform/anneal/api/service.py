@@ -15,11 +15,13 @@ from anneal.api.common import (
     MlflowTarget,
     ModelRef,
     Name,
+    Quantity,
     RayTarget,
     Resources,
     SecretKeySelector,
     StatusBase,
     cross_field,
+    parse_quantity,
 )
 
 
@@ -100,6 +102,45 @@ class Backend(ApiModel):
         return self
 
 
+class VllmOptions(ApiModel):
+    """vLLM engine settings of a `vllm` variant (vLLM's own engine arguments, camelCased). Unset: vLLM's default.
+
+    The quantization is not set here: vLLM reads it from the checkpoint's config.json
+    (`quantization_config`, e.g. a CompressionJob's compressed-tensors W4A16)."""
+
+    tensor_parallel_size: int | None = Field(
+        default=None, ge=1, le=64,
+        description="GPUs one replica shards the model over; more than 1 needs resources.gpusPerWorker equal to it.")
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Share of each GPU's memory vLLM may take (weights, activations, KV cache). On CPU, vLLM "
+        "reads it as the share of the node's memory to reserve: prefer kvCacheMemory there.")
+    kv_cache_memory: Quantity | None = Field(
+        default=None, description="The KV cache's size, e.g. 2Gi (vLLM's kv_cache_memory_bytes); it replaces "
+        "gpuMemoryUtilization's sizing. On CPU without either, the replica takes 1Gi.")
+    max_model_len: int | None = Field(
+        default=None, ge=16, le=1048576,
+        description="Longest sequence (prompt + answer) served; default the model's own context length.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = Field(
+        default=None, description="Weights' and activations' dtype; auto takes the checkpoint's (float32 becomes "
+        "bfloat16 on CPU).")
+    enable_prefix_caching: bool | None = Field(
+        default=None, description="Reuse the KV cache of a prompt prefix already seen (system prompts).")
+    max_num_seqs: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="Requests decoded together in one batch step (continuous batching); more wait in vLLM's queue.")
+    enforce_eager: bool | None = Field(
+        default=None, description="Run the model eagerly, without torch.compile and graph capture: the engine "
+        "starts in seconds instead of a minute or more, and decodes more slowly.")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """vLLM's `AsyncEngineArgs` keyword arguments of the fields set (snake_case, unset ones left out)."""
+        kwargs = self.model_dump(exclude_none=True)
+        if "kv_cache_memory" in kwargs:
+            kwargs["kv_cache_memory_bytes"] = int(parse_quantity(kwargs.pop("kv_cache_memory")))
+        return kwargs
+
+
 class Variant(ApiModel):
     """One model behind the service."""
 
@@ -110,6 +151,13 @@ class Variant(ApiModel):
                 {"rule": "(has(self.engine) && self.engine == 'openai') ? has(self.backend) : "
                          "(has(self.model) && !has(self.backend))",
                  "message": "an openai variant needs backend {url, model}; any other needs model, and no backend"},
+                {"rule": "!has(self.engineOptions) || (has(self.engine) && self.engine == 'vllm')",
+                 "message": "engineOptions are vLLM's: set engine: vllm, or remove engineOptions"},
+                {"rule": "!has(self.engineOptions) || !has(self.engineOptions.tensorParallelSize) || "
+                         "self.engineOptions.tensorParallelSize == 1 || (has(self.resources) && "
+                         "has(self.resources.gpusPerWorker) && "
+                         "self.resources.gpusPerWorker == double(self.engineOptions.tensorParallelSize))",
+                 "message": "engineOptions.tensorParallelSize above 1 needs resources.gpusPerWorker equal to it"},
             ]
         }
     )
@@ -125,6 +173,10 @@ class Variant(ApiModel):
         default="transformers", description="transformers or vllm load `model`; openai forwards to `backend`.")
     backend: Backend | None = Field(
         default=None, description="engine openai: the existing OpenAI-compatible server this variant is.")
+    engine_options: VllmOptions | None = Field(
+        default=None, description="engine vllm: vLLM's engine settings (tensorParallelSize, gpuMemoryUtilization, "
+        "kvCacheMemory, maxModelLen, dtype, enablePrefixCaching, maxNumSeqs, enforceEager); the quantization comes "
+        "from the checkpoint.")
     replicas: int | None = Field(default=None, ge=0, le=1000, description="Fixed replicas (default 1).")
     autoscaling: Autoscaling | None = None
     resources: Resources = Field(
@@ -143,6 +195,14 @@ class Variant(ApiModel):
     def _scale(self) -> "Variant":
         if self.replicas is not None and self.autoscaling is not None:
             raise cross_field("autoscaling", "set", "set replicas or autoscaling, not both")
+        if self.engine_options is not None and self.engine != "vllm":
+            raise cross_field("engineOptions", self.engine_options, f"engineOptions are vLLM's engine settings "
+                              f"(engine is {self.engine}): set engine: vllm, or remove engineOptions")
+        tp = self.engine_options.tensor_parallel_size if self.engine_options else None
+        if tp is not None and tp > 1 and self.resources.gpus_per_worker != tp:
+            raise cross_field("engineOptions.tensorParallelSize", tp, f"shards the model over {tp} GPUs of one "
+                              f"replica: set resources.gpusPerWorker to {tp} (it is "
+                              f"{self.resources.gpus_per_worker:g})")
         if self.engine == "openai":
             if self.backend is None:
                 raise cross_field("backend", None, "engine openai needs backend {url, model}: the OpenAI-compatible "

@@ -128,6 +128,33 @@ def backend_keys(spec: Any, environ: Mapping[str, str]) -> None:
                                "which is not set; export it before `anneal run`")
 
 
+def vllm_python(spec: Any, configured: str | None, checkout: Path | None = None) -> str | None:
+    """The Python a vllm variant's replicas run in, or None when the spec has no vllm variant.
+
+    `configured` (`ANNEAL_RAY_VLLM_PYTHON`) wins; else the checkout's `.venv-vllm` (scripts/setup.sh).
+
+    Raises:
+        ServiceError: a vllm variant and no serving environment: what to run.
+    """
+    if not any(v.engine == "vllm" for v in spec.variants):
+        return None
+    if configured:
+        if not Path(configured).exists():
+            raise ServiceError(f"ANNEAL_RAY_VLLM_PYTHON={configured}: no such file (the Python of the vllm serving "
+                               "environment; scripts/setup.sh builds .venv-vllm)")
+        return configured
+    root = checkout or Path(__file__).resolve().parents[3]
+    python = root / ".venv-vllm" / "bin" / "python"
+    if python.exists():
+        return str(python)
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        return None  # vllm in this Python: Ray's own will do
+    raise ServiceError("a vllm variant needs the vllm serving environment: run scripts/setup.sh (it builds "
+                       f"{python}), or set ANNEAL_RAY_VLLM_PYTHON to a Python with vllm and anneal installed")
+
+
 def cpu_scale(spec: Any, available_cpus: float, router_cpus: float = 0.5) -> float:
     """The factor on CPU requests that lets every replica of `spec` fit in `available_cpus`.
 
@@ -297,6 +324,7 @@ def start_service(
     backend_keys(spec, os.environ)
     tracking = spec.mlflow.tracking_uri or settings.tracking_uri
     models = resolve_model_uris(spec, m.namespace, lookup or default_lookup(spec, settings), base_dir)
+    python_for_vllm = vllm_python(spec, settings.ray.vllm_python)
     # `started`: this process started the Ray (and so its Serve) and takes both down at the end.
     # Connected to a Ray of `ANNEAL_RAY_ADDRESS` instead, Serve serves other apps too: it stays.
     started = False
@@ -328,6 +356,7 @@ def start_service(
         tracking_uri=tracking,
         cpu_scale=cpu_scale(spec, available),
         route_prefix=route_prefix,
+        vllm_python=python_for_vllm,
     )
     endpoint = f"http://{host}:{port}{route_prefix.rstrip('/')}"
     try:

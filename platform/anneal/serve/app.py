@@ -95,6 +95,13 @@ class VariantArgs(BaseModel):
     reasoning_toggle: bool | None = Field(
         default=None, description="The reasoning toggle's system message goes to this variant's model; None: as the "
         "model declares (`anneal.modeling.chat.declares_reasoning_toggle`; an openai variant: no).")
+    python_executable: str | None = Field(
+        default=None, description="The Python the variant's replicas run in (Ray's runtime_env py_executable): "
+        "a vllm variant's serving environment (.venv-vllm); None: Ray's own.")
+
+
+#: Requests a vllm replica takes at once when `maxNumSeqs` is not set: vLLM batches them continuously.
+VLLM_MAX_ONGOING_REQUESTS = 64
 
 
 class AppArgs(BaseModel):
@@ -156,6 +163,7 @@ def args_from_spec(
     tracking_uri: str | None = None,
     cpu_scale: float = 1.0,
     key_from_secrets: bool = False,
+    vllm_python: str | None = None,
     **overrides: Any,
 ) -> AppArgs:
     """The app args of a parsed `ModelServiceSpec`.
@@ -170,6 +178,8 @@ def args_from_spec(
         key_from_secrets: the operator's RayService: an openai variant's `backend.apiKeySecret` is in
             the variable `backend_key_var(variant)` (`backend_secret_refs`); else (`anneal run`)
             `backend.apiKeyEnv` when given.
+        vllm_python: the Python a vllm variant's replicas run in (`anneal run`: the serving environment
+            `.venv-vllm`); None: Ray's own (an image with vllm installed).
         overrides: any other `AppArgs` field.
     """
     variants = []
@@ -186,6 +196,11 @@ def args_from_spec(
                                         "api_key_env": backend_key_env(v, from_secret=key_from_secrets)},
                      # I/O only: a replica holds as many requests as it may send to the server.
                      "max_ongoing_requests": b.max_concurrency}
+        elif v.engine == "vllm":
+            options = v.engine_options.engine_kwargs() if v.engine_options else {}
+            # One engine batches every request it holds: the replica takes as many as vLLM decodes at once.
+            extra = {"engine_options": options, "python_executable": vllm_python,
+                     "max_ongoing_requests": options.get("max_num_seqs") or VLLM_MAX_ONGOING_REQUESTS}
         variants.append(VariantArgs(
             name=v.name,
             model_uri=uri,
@@ -367,13 +382,19 @@ def engine_takes_toggle(engine_name: str, engine: Any, setting: bool | None) -> 
     if engine_name == "openai":
         return False
     config = getattr(getattr(engine, "model", None), "config", None)
-    if config is None and getattr(engine, "llm", None) is not None:  # vllm: the Hugging Face config it loaded
-        try:
-            config = engine.llm.llm_engine.model_config.hf_config
-        except AttributeError:
-            config = None
+    if config is None:  # vllm: the Hugging Face config it loaded
+        config = getattr(engine, "hf_config", None)
     template = getattr(getattr(engine, "tokenizer", None), "chat_template", None)
     return resolve_reasoning_toggle(None, declares_reasoning_toggle(config, template))
+
+
+def _shutdown(engine: Any) -> None:
+    stop = getattr(engine, "shutdown", None)
+    if callable(stop):
+        try:
+            stop()
+        except Exception as e:  # the new engine serves already; an old one that fails to stop is only logged
+            log.warning("could not shut the replaced engine down: %s", e)
 
 
 class VariantServer:
@@ -411,11 +432,15 @@ class VariantServer:
             options.setdefault("num_threads", max(1, int(self.args.num_cpus)))
         if self.args.num_gpus > 0 and self.engine is not None:
             self.engine, old = None, self.engine
+            _shutdown(old)
             del old
             _free_accelerator_memory()
         engine = make_engine(want["engine"], want["model_uri"], cache_dir=self.cache_dir,
                              tracking_uri=self.tracking_uri, options=options)
-        self.engine, self.loaded = engine, want
+        self.engine, old = engine, self.engine
+        self.loaded = want
+        if old is not None:
+            _shutdown(old)  # vllm: its engine process
         self.args = self.args.model_copy(update=want)
         self.takes_toggle = engine_takes_toggle(want["engine"], engine, self.args.reasoning_toggle)
         log.info("variant %s serves %s (%s engine; reasoning toggle %s)", self.args.name, want["model_uri"],
@@ -428,6 +453,12 @@ class VariantServer:
         if req.messages is not None and toggle is not None and self.takes_toggle:
             fields["messages"] = [{"role": "system", "content": toggle}, *req.messages]
         return GenerateRequest(**fields)
+
+    def engine_stats(self) -> dict[str, Any]:
+        """The engine's own figures (vllm: requests running in its last batch step, the most ever
+        batched together, unfinished ones); {} for engines without any."""
+        stats = getattr(self.engine, "stats", None)
+        return stats() if callable(stats) else {}
 
     def _engine(self) -> Any:
         if self.engine is None:  # Serve always calls reconfigure first; this is a config without user_config
@@ -1079,6 +1110,19 @@ class Router:
 # ---------------------------------------------------------------------------- build
 
 
+def variant_actor_options(v: VariantArgs) -> dict[str, Any]:
+    """A variant replica's Ray actor options: its resources, and the Python it runs in (a vllm variant's
+    serving environment, as a runtime_env `py_executable`: the router and the other variants stay in Ray's)."""
+    actor: dict[str, Any] = {"num_cpus": v.num_cpus, "num_gpus": v.num_gpus}
+    if v.memory_bytes:
+        actor["memory"] = v.memory_bytes
+    if v.accelerator_type:
+        actor["accelerator_type"] = v.accelerator_type
+    if v.python_executable:
+        actor["runtime_env"] = {"py_executable": v.python_executable}
+    return actor
+
+
 def build_app(args: AppArgs, *, router_user_config: Mapping[str, Any] | None = None) -> Application:
     """The Serve application: the router ingress bound to one deployment per variant.
 
@@ -1088,11 +1132,7 @@ def build_app(args: AppArgs, *, router_user_config: Mapping[str, Any] | None = N
     """
     handles = {}
     for v in args.variants:
-        actor: dict[str, Any] = {"num_cpus": v.num_cpus, "num_gpus": v.num_gpus}
-        if v.memory_bytes:
-            actor["memory"] = v.memory_bytes
-        if v.accelerator_type:
-            actor["accelerator_type"] = v.accelerator_type
+        actor = variant_actor_options(v)
         init = {"variant": v.model_dump(mode="json"), "cache_dir": args.cache_dir, "tracking_uri": args.tracking_uri}
         scale: dict[str, Any] = (
             {"autoscaling_config": v.autoscaling, "num_replicas": "auto"} if v.autoscaling
@@ -1162,7 +1202,7 @@ def entry_models(entry: Mapping[str, Any]) -> dict[str, str | None]:
 
 __all__ = [
     "AppArgs", "VariantArgs", "args_from_spec", "backend_key_env", "backend_key_var", "backend_secret_refs",
-    "build_app", "app_builder", "build_serve_config", "entry_models",
+    "build_app", "app_builder", "build_serve_config", "entry_models", "variant_actor_options",
     "variant_user_config",
     "policy_from_args", "write_decisions_to_mlflow", "Router", "VariantServer",
 ]

