@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import sys
 import textwrap
 
@@ -302,3 +303,105 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert harness.lr_at(t, 110, 9) == pytest.approx(1.0)
     assert harness.lr_at(t, 110, 10) == pytest.approx(1.0)
     assert harness.lr_at(t, 110, 110) == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------- workers: data order, tokens, loss weighting
+
+
+@pytest.mark.parametrize("n,batch_size,world", [(14, 3, 2), (30, 2, 4), (5, 4, 2)])
+def test_n_workers_draw_the_global_batches_one_worker_draws(n, batch_size, world):
+    """sft/kd (recipe._batches' order) and kd-rl (rl._prompt_batches) alike: each step the ranks' shares are
+    disjoint and together are one worker's batch of world × batch_size, epoch after epoch."""
+    items = [f"s{i}" for i in range(n)]
+    one = rl._prompt_batches(items, batch_size * world, seed=5)
+    ranks = [rl._prompt_batches(items, batch_size, seed=5, rank=r, world=world) for r in range(world)]
+    for step in range(12):
+        shares = [next(r) for r in ranks]
+        whole = next(one)
+        if n >= batch_size * world:
+            assert sum(len(s) for s in shares) == len(whole) == batch_size * world
+            assert sorted(x for s in shares for x in s) == sorted(whole), step
+        else:  # fewer samples than one global batch: every rank gets all of them
+            assert all(sorted(s) == sorted(items) for s in shares)
+
+
+def test_a_rank_tokenizes_only_the_samples_its_batches_draw():
+    calls = []
+    samples = list(range(40))
+    tokenized = harness.Tokenized(samples, lambda s: calls.append(s) or {"input_ids": [s + 3], "labels": [s + 3],
+                                                                           "attention_mask": [1]})
+    batches = recipe._batches(tokenized, batch_size=4, seed=1, pad_id=0, rank=1, world=2)
+    drawn = [next(batches)["input_ids"].view(-1).tolist() for _ in range(3)]  # 3 steps: 12 of 40 samples
+    assert sorted(calls) == sorted(x - 3 for b in drawn for x in b) and len(calls) == 12
+    next(recipe._batches(tokenized, batch_size=4, seed=1, pad_id=0, rank=1, world=2))
+    assert len(calls) == 12  # a drawn sample is tokenized once
+
+
+def uneven_batch() -> dict[str, torch.Tensor]:
+    """Four rows; the first two (worker 0's) have 6 labelled tokens each, the last two (worker 1's) 2 each."""
+    b = batch(b=4, t=10)
+    b["labels"] = b["input_ids"].clone()
+    b["labels"][:, :4] = -100
+    b["labels"][2:, :8] = -100
+    b["attention_mask"] = torch.ones_like(b["input_ids"])
+    return b
+
+
+@pytest.mark.parametrize("method", ["sft", "kd"])
+def test_two_workers_weighted_by_their_tokens_give_one_workers_loss_and_gradients(method):
+    """Two workers' halves of a batch (12 and 4 tokens), each scaled by `parallel.token_share` as the objective
+    does on a process group, then averaged as DDP/FSDP average: one worker's loss and gradients on the whole.
+    (`parallel.token_weight` is the same share with the total all-reduced; the 2-worker Ray Train run of
+    tests/integration/test_distill.py checks it on real gloo workers.)"""
+    from anneal.distill import parallel
+
+    teacher = tiny_llama(hidden=48, seed=3) if method == "kd" else None
+    whole = uneven_batch()
+    halves = [{k: v[r * 2:(r + 1) * 2] for k, v in whole.items()} for r in (0, 1)]
+    counts = [parallel.labelled_tokens(h["labels"]) for h in halves]
+    assert counts == [12, 4] and parallel.labelled_tokens(whole["labels"]) == 16
+
+    def run(batches, weights):
+        model = tiny_llama()
+        objective = recipe._method_objective(spec(method), teacher)
+        losses = []
+        for b, w in zip(batches, weights):
+            loss, _ = objective(model, b)
+            (loss * w / len(batches)).backward()  # DDP/FSDP: the mean of the workers' gradients
+            losses.append(float(loss.detach()) * w)
+        return sum(losses) / len(losses), torch.cat([p.grad.view(-1) for p in model.parameters()])
+
+    one_loss, one_grad = run([whole], [1.0])
+    weighted = [parallel.token_share(n, sum(counts), 2) for n in counts]
+    two_loss, two_grad = run(halves, weighted)
+    assert two_loss == pytest.approx(one_loss, rel=1e-5)
+    assert torch.allclose(two_grad, one_grad, rtol=1e-4, atol=1e-7)
+    # unweighted (as before), the halves count equally: 12 tokens and 4 are not one worker's mean
+    _, plain_grad = run(halves, [1.0, 1.0])
+    assert not torch.allclose(plain_grad, one_grad, rtol=1e-2, atol=1e-5)
+    assert parallel.token_weight(whole["labels"]) == 1.0  # no process group: one worker, no weighting
+
+
+# ------------------------------------------------------------------------- teacher precision
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32),
+                                             ("fp16", torch.float32)])  # fp16 has no CPU kernels: fp32 there
+def test_the_teacher_runs_frozen_in_the_training_precision(tmp_path, precision, dtype):
+    tiny_llama(hidden=48, seed=3).save_pretrained(tmp_path)
+    teacher = harness.load_teacher(tmp_path, precision, torch.device("cpu"))
+    assert {p.dtype for p in teacher.parameters()} == {dtype}
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    b = batch()
+    with torch.no_grad():
+        hidden = teacher.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+    assert hidden.dtype == dtype  # the forward itself ran in that precision
+    # The kd step as the worker runs it (autocast in the training precision): a finite loss, gradients
+    # in the fp32 student only.
+    student = tiny_llama().train()
+    with harness.autocast(precision, "cpu"):
+        loss, figures = recipe.build_objective(spec("kd"), teacher)(student, b)
+    loss.backward()
+    assert torch.isfinite(loss) and figures["kd"] > 0
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in student.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in teacher.parameters())

@@ -45,10 +45,6 @@ class Worker:
     tracking_uri: str
     run_id: str | None
 
-    def shard(self, samples: list[Any]) -> list[Any]:
-        """This worker's share of the samples (all of them when there are fewer than workers)."""
-        return samples[self.rank :: self.world] or samples
-
     def metrics_logger(self) -> Any:
         """The MLflow metrics logger of rank 0 (None on the other ranks and without a run)."""
         return store.MetricsLogger(self.tracking_uri, self.run_id) if self.rank == 0 and self.run_id else None
@@ -91,6 +87,45 @@ def student_toggle(spec: DistillationJobSpec, student_init: str | Path) -> bool:
     from anneal.modeling.chat import dir_declares_reasoning_toggle, resolve_reasoning_toggle
 
     return resolve_reasoning_toggle(spec.reasoning_toggle, dir_declares_reasoning_toggle(student_init))
+
+
+def global_order(n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    """Endless index batches: this rank's share of each global batch of one data order.
+
+    All ranks draw the same permutation of `n` items (a fresh one every epoch, deterministic by
+    seed); a global batch is `batch_size × world` consecutive items of it and rank r takes the
+    r-th `batch_size` of them. So N workers with batch size B see, step by step, the items one
+    worker with batch size N×B sees: losses compare across worker counts. A data set smaller
+    than one global batch gives every rank all of it, each step.
+    """
+    import random
+
+    span = batch_size * world
+    epoch = 0
+    while True:
+        order = list(range(n))
+        random.Random(seed * 1000 + epoch).shuffle(order)
+        if len(order) < span:
+            yield order
+        for i in range(0, len(order) - span + 1, span):
+            yield order[i + rank * batch_size : i + (rank + 1) * batch_size]
+        epoch += 1
+
+
+class Tokenized:
+    """Samples tokenized on first use, then kept: a rank tokenizes only the samples its batches draw."""
+
+    def __init__(self, samples: list[Any], tokenize: Callable[[Any], dict[str, list[int]]]):
+        self.samples, self.tokenize = samples, tokenize
+        self.cache: dict[int, dict[str, list[int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        if i not in self.cache:
+            self.cache[i] = self.tokenize(self.samples[i])
+        return self.cache[i]
 
 
 def load_teacher(teacher_dir: str | Path, precision: str, device: Any) -> Any:

@@ -16,6 +16,9 @@
 `training.gradientCheckpointing` recomputes each decoder layer's activations in the backward
 pass (non-reentrant, so it composes with both strategies). The exported model (the last
 checkpoint's `hf/`) is a plain Hugging Face checkpoint, in bf16 when `precision: bf16`.
+
+The loss is token-weighted across workers (`token_weight`): N workers' loss and gradients are
+those of one worker with the whole global batch, however the tokens fall between them.
 """
 
 from __future__ import annotations
@@ -265,11 +268,46 @@ def clip_grad_norm(params: list[Any], max_norm: float) -> float:
     return float(norm)
 
 
+def token_weight(labels: Any) -> float:
+    """The factor that makes a worker's mean-over-its-own-tokens loss count by its tokens.
+
+    A worker's loss is a mean over its labelled tokens `n_r` (shifted labels ≠ -100); DDP and FSDP
+    average the workers' gradients, and `mean_over_workers` their figures, unweighted. Scaled by
+    `n_r × world / N` (N: the tokens of the global batch, one all-reduce of a count), the
+    average over the workers is `Σ_r n_r·loss_r / N`: the token-weighted mean one worker with
+    the whole global batch computes. 1.0 on one worker, and when no worker has a token.
+
+    Args:
+        labels: ``[B, T]`` this worker's labels, aligned with the inputs; ``-100`` = ignore.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return 1.0
+    mine = labelled_tokens(labels)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.tensor([mine], dtype=torch.float64, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return token_share(mine, int(total.item()), dist.get_world_size())
+
+
+def labelled_tokens(labels: Any) -> int:
+    """The tokens a causal-LM loss averages over: shifted labels ≠ -100."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def token_share(mine: int, total: int, world: int) -> float:
+    """`mine × world / total`: a worker's loss weight when the workers' figures are averaged (1.0 without tokens)."""
+    return mine * world / total if total > 0 else 1.0
+
+
 def mean_over_workers(figures: dict[str, float]) -> dict[str, float]:
     """The mean of each figure over all workers (one all-reduce); unchanged on one worker.
 
-    Each worker's loss is its own share of the global batch: what is logged is the mean over
-    the workers, the loss of the step, not rank 0's share.
+    Each worker's loss is its own share of the global batch, already weighted by its share of
+    the tokens (`token_weight`): the mean over the workers is the loss of the step, not rank 0's
+    share.
     """
     import torch
     import torch.distributed as dist

@@ -28,7 +28,9 @@ from anneal.distill import parallel
 from anneal.distill.harness import (
     TAG_RESUMED_FROM,
     autocast,
+    Tokenized,
     dataset_samples,
+    global_order,
     is_checkpoint_step,
     load_teacher,
     lr_at,
@@ -205,34 +207,32 @@ def total_steps(spec: DistillationJobSpec, n_samples: int, workers: int) -> int:
     return 100
 
 
-def _batches(tokenized: list[dict[str, list[int]]], batch_size: int, seed: int, pad_id: int, rank: int = 0,
-             world: int = 1):
-    """Endless shuffled batches of this rank's share of each global batch.
+def _batches(tokenized: Any, batch_size: int, seed: int, pad_id: int, rank: int = 0, world: int = 1):
+    """Endless collated batches of this rank's share of each global batch (`harness.global_order`).
 
-    All ranks draw the same permutation (a fresh one every epoch, deterministic by seed); a
-    global batch is `batch_size × world` consecutive samples of it and rank r takes the r-th
-    `batch_size` of them. So N workers with batch size B see, step by step, the samples that
-    one worker with batch size N×B sees: the losses compare across worker counts.
+    `tokenized` is indexable (a list, or `harness.Tokenized`, which tokenizes a sample the
+    first time this rank draws it).
     """
-    import random
-
     from anneal.data.datasets import collate
 
-    span = batch_size * world
-    epoch = 0
-    while True:
-        order = list(range(len(tokenized)))
-        random.Random(seed * 1000 + epoch).shuffle(order)
-        if len(order) < span:  # a data set smaller than one global batch: every rank gets all of it
-            yield collate([tokenized[j] for j in order], pad_id)
-        for i in range(0, len(order) - span + 1, span):
-            mine = order[i + rank * batch_size : i + (rank + 1) * batch_size]
-            yield collate([tokenized[j] for j in mine], pad_id)
-        epoch += 1
+    for idx in global_order(len(tokenized), batch_size, seed, rank, world):
+        yield collate([tokenized[j] for j in idx], pad_id)
 
 
 def build_objective(spec: DistillationJobSpec, teacher: Any | None) -> Callable[[Any, dict[str, Any]], tuple[Any, dict[str, float]]]:
-    """The training loss of a method: (model, batch) → (loss, figures to log)."""
+    """The training loss of a method: (model, batch) → (loss, figures to log), token-weighted across workers."""
+    loss_of = _method_objective(spec, teacher)
+
+    def weighted(model: Any, batch: dict[str, Any]):
+        loss, figures = loss_of(model, batch)
+        w = parallel.token_weight(batch["labels"])  # every worker takes part (one all-reduce of a count)
+        return loss * w, {k: v * w for k, v in figures.items()}
+
+    return weighted
+
+
+def _method_objective(spec: DistillationJobSpec, teacher: Any | None) -> Callable[[Any, dict[str, Any]], tuple[Any, dict[str, float]]]:
+    """A method's loss on this worker's batch, a mean over its labelled tokens."""
     import torch
 
     if spec.method == "sft" or (spec.method == "cpt" and teacher is None):
@@ -313,8 +313,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
         tokenized = pack_texts(tokenizer, documents(spec, worker.cache_dir).train, ds.max_seq_length)
     else:
         toggle = student_toggle(spec, worker.student_init)  # its system message only if the student takes it
-        tokenized = [tokenize_sample(tokenizer, s, ds.max_seq_length)
-                     for s in dataset_samples(ds, worker.cache_dir, toggle)]
+        # tokenized on first draw: a rank tokenizes its share of the data, not all of it
+        tokenized = Tokenized(dataset_samples(ds, worker.cache_dir, toggle),
+                              lambda s: tokenize_sample(tokenizer, s, ds.max_seq_length))
     steps = worker.total_steps
 
     objective = build_objective(spec, teacher)

@@ -2,7 +2,8 @@
 
 Per step and worker: take `batchSize` prompts, sample `rl.groupSize` completions of each from the
 current policy, score them with `rl.reward`, and normalise the rewards within each prompt's
-group into advantages. The loss, averaged over completion tokens, is
+group into advantages. The loss, averaged over the completion tokens of all workers
+(`parallel.token_weight`), is
 
     -A · ratio (clipped)  +  klCoef · KL(policy ‖ start)  +  kdCoef · KD(teacher ‖ policy)
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -254,14 +254,11 @@ def build_batch(prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[i
 # ------------------------------------------------------------------------ the loop
 
 
-def _prompt_batches(samples: list[Any], batch_size: int, seed: int):
-    epoch = 0
-    while True:
-        order = list(range(len(samples)))
-        random.Random(seed * 1000 + epoch).shuffle(order)
-        for i in range(0, max(1, len(order) - batch_size + 1), batch_size):
-            yield [samples[j] for j in order[i : i + batch_size]]
-        epoch += 1
+def _prompt_batches(samples: list[Any], batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    """Endless prompt batches: this rank's share of each global batch, in the data order every method
+    uses (`harness.global_order`), so N workers sample the prompts one worker with N× the batch would."""
+    for idx in harness.global_order(len(samples), batch_size, seed, rank, world):
+        yield [samples[j] for j in idx]
 
 
 def rl_loop(cfg: dict[str, Any]) -> None:
@@ -289,10 +286,10 @@ def rl_loop(cfg: dict[str, Any]) -> None:
     model, params, optimizer, start_step = parallel.prepare(policy, t, device, worker.resume_dir)
     inner = parallel.unwrap(model)
 
-    shard = worker.shard(harness.dataset_samples(spec.dataset, worker.cache_dir, harness.student_toggle(spec, worker.student_init)))
+    samples = harness.dataset_samples(spec.dataset, worker.cache_dir, harness.student_toggle(spec, worker.student_init))
     reward_fn = load_reward(rl.reward)
     steps = worker.total_steps
-    batches = _prompt_batches(shard, t.batch_size, t.seed + rank)
+    batches = _prompt_batches(samples, t.batch_size, t.seed, rank, worker.world)
     for _ in range(start_step * t.gradient_accumulation):
         next(batches)
     logger = worker.metrics_logger()
@@ -343,6 +340,9 @@ def rl_loop(cfg: dict[str, Any]) -> None:
                         )
                         loss = loss + rl.kd_coef * kd.kd
                         parts["kd"] = float(kd.kd.detach())
+                    # token-weighted across workers, as sft/kd are (every worker takes part: one all-reduce)
+                    w = parallel.token_weight(batch["labels"])
+                    loss, parts = loss * w, {k: v * w for k, v in parts.items()}
                 (loss / t.gradient_accumulation).backward()
                 loss_sum += float(loss.detach()) / t.gradient_accumulation
                 figures = {**parts, "completion_tokens": float(mask.sum()) / max(1, mask.shape[0])}
