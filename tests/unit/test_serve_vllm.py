@@ -142,3 +142,17 @@ def test_vllm_engine_refuses_unknown_options_before_importing_vllm():
 
     with pytest.raises(EngineError, match="unknown engine option.*quantization"):
         make_engine("vllm", "/m", cache_dir="/c", tracking_uri=None, options={"quantization": "awq"})
+
+
+@pytest.mark.parametrize("rank,engine_rank", [(1, 1), (4, 8), (8, 8), (9, 16), (16, 16), (300, 320), (512, 512)])
+def test_vllm_is_sized_for_the_adapters_lora_rank(rank, engine_rank):
+    from anneal.serve.engines import vllm_lora_rank
+
+    assert vllm_lora_rank(rank) == engine_rank
+
+
+def test_an_adapter_above_vllms_largest_rank_says_what_to_do():
+    from anneal.serve.engines import EngineError, vllm_lora_rank
+
+    with pytest.raises(EngineError, match="rank 1024 is above vLLM's largest \\(512\\).*merge: true"):
+        vllm_lora_rank(1024)

@@ -289,6 +289,22 @@ VLLM_CPU_KV_CACHE_BYTES = 1 << 30
 #: fails deep in its engine process (docs/serving.md, "The vllm engine").
 VLLM_CPU_SCHEMES = ("W4A16", "W8A8", "FP8")
 
+#: The LoRA ranks vLLM's engine may be sized for (`max_lora_rank`): an adapter's rank rounded up to one.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The `max_lora_rank` vLLM is started with for an adapter of `rank` (pure): the smallest it takes.
+
+    Raises:
+        EngineError: `rank` above vLLM's largest.
+    """
+    for r in VLLM_LORA_RANKS:
+        if r >= rank:
+            return r
+    raise EngineError(f"engine vllm: the adapter's LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]}); "
+                      "serve it merged (lora.merge: true) or with engine transformers")
+
 
 def checkpoint_quantization(config: dict[str, Any]) -> str | None:
     """The quantization scheme a checkpoint's config.json declares, in the API's words (pure).
@@ -371,7 +387,8 @@ class VllmEngine:
     Cancelling a call (the router's timeout, a client gone) aborts the request in vLLM, which frees
     its batch slot and KV cache at the next step. Prompts are rendered and tokenized as the
     transformers engine does (`anneal.modeling.chat.render_prompt`), so both engines see the same
-    tokens. The quantization is the checkpoint's own (config.json), read by vLLM.
+    tokens. The quantization is the checkpoint's own (config.json), read by vLLM. An unmerged LoRA
+    adapter (`lora-kd` with `merge: false`) is served on its base through vLLM's LoRA support.
 
     Runs in the vllm serving environment (`.venv-vllm`, `scripts/setup.sh`): vllm pins its own torch.
 
@@ -403,7 +420,25 @@ class VllmEngine:
         from anneal.modeling.uris import resolve_model_dir
 
         path = resolve_model_dir(model_uri, cache_dir=cache_dir, tracking_uri=tracking_uri)
-        config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+        model_dir, self.lora = path, None
+        if not (path / "config.json").exists() and (path / "adapter_config.json").exists():
+            # An unmerged LoRA adapter (lora-kd, merge: false): vLLM loads its base and applies the
+            # adapter to every request (vLLM's LoRA support), the base weights untouched.
+            from vllm.lora.request import LoRARequest
+
+            from anneal.modeling.uris import adapter_base, resolve_adapter_base
+
+            base_uri = adapter_base(path)
+            if not base_uri:
+                raise EngineError(f"engine vllm: {model_uri} is a LoRA adapter without base_model_name_or_path "
+                                  "in adapter_config.json: say which model it applies to")
+            adapter = json.loads((path / "adapter_config.json").read_text())
+            model_dir = resolve_adapter_base(base_uri, cache_dir=cache_dir, tracking_uri=tracking_uri)
+            options.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_lora_rank(int(adapter.get("r") or 8)))
+            self.lora = LoRARequest(lora_name="adapter", lora_int_id=1, lora_path=str(path))
+            self.lora_rank, self.adapter_base = int(adapter.get("r") or 8), base_uri
+        config_file = model_dir / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.exists() else {}
         self.quantization = checkpoint_quantization(config)
         if self.quantization and self.quantization not in VLLM_CPU_SCHEMES and not _has_cuda():
             raise EngineError(
@@ -411,11 +446,13 @@ class VllmEngine:
                 f"{', '.join(VLLM_CPU_SCHEMES)} checkpoints only: serve it on a GPU (resources.gpusPerWorker), "
                 f"with engine transformers, or compress it as {', '.join(VLLM_CPU_SCHEMES)}")
         self.model_uri = model_uri
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        # lora-kd saves the tokenizer beside the adapter; an adapter without one uses its base's
+        tokenizer_dir = path if (path / "tokenizer_config.json").exists() else model_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         self.step_stats = _StepStats()
         if not _has_cuda() and "kv_cache_memory_bytes" not in options and "gpu_memory_utilization" not in options:
             options["kv_cache_memory_bytes"] = VLLM_CPU_KV_CACHE_BYTES
-        args = AsyncEngineArgs(model=str(path), tokenizer=str(path), disable_log_stats=False,
+        args = AsyncEngineArgs(model=str(model_dir), tokenizer=str(tokenizer_dir), disable_log_stats=False,
                                enable_log_requests=False, **options)
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[self.step_stats.factory])
         self.max_context = int(self.engine.model_config.max_model_len)
@@ -423,7 +460,7 @@ class VllmEngine:
         self.in_flight = self.aborted = 0
 
     def __repr__(self) -> str:
-        return f"VllmEngine({self.model_uri!r}, quantization={self.quantization!r})"
+        return f"VllmEngine({self.model_uri!r}, quantization={self.quantization!r}, lora={self.lora is not None})"
 
     def shutdown(self) -> None:
         """Stop vLLM's engine process (a replaced model's engine)."""
@@ -433,12 +470,14 @@ class VllmEngine:
         """vLLM's own view: requests in its last step (`running`), queued (`waiting`), the most decoded in
         one step (`maxRunning`), requests not finished in its output processor (`unfinished`), the last
         finished ones (`finished`: reason, tokens generated, max tokens asked), answer tokens generated in
-        all (`generatedTokens`), requests this replica aborted (`aborted`: the caller left or timed out)."""
+        all (`generatedTokens`), requests this replica aborted (`aborted`: the caller left or timed out),
+        the unmerged LoRA adapter it applies (`lora`: rank and base URI; None for a full checkpoint)."""
         s = self.step_stats
         return {"engine": "vllm", "running": s.running, "waiting": s.waiting, "maxRunning": s.max_running,
                 "steps": s.steps, "unfinished": int(self.engine.get_num_unfinished_requests()),
                 "finished": list(s.finished), "generatedTokens": s.generated, "aborted": self.aborted,
-                "inFlight": self.in_flight, "quantization": self.quantization, "maxModelLen": self.max_context}
+                "inFlight": self.in_flight, "quantization": self.quantization, "maxModelLen": self.max_context,
+                "lora": ({"rank": self.lora_rank, "base": self.adapter_base} if self.lora else None)}
 
     def _encode(self, req: GenerateRequest) -> list[int]:
         if req.messages is None:
@@ -472,7 +511,8 @@ class VllmEngine:
         if len(ids) >= self.max_context:
             raise ContextLengthExceeded(len(ids), self.max_context)
         rid = f"anneal-{uuid.uuid4().hex}"
-        outputs = self.engine.generate({"prompt_token_ids": ids}, self._params(req, len(ids)), rid)
+        outputs = self.engine.generate({"prompt_token_ids": ids}, self._params(req, len(ids)), rid,
+                                       lora_request=self.lora)
         tokens, finish, finished = 0, None, False
         self.in_flight += 1
         try:
