@@ -96,6 +96,29 @@ def test_the_output_declares_its_training_and_an_imported_model_is_copied_only_t
         (source / "config.json").read_text())
 
 
+def test_an_unmerged_lora_adapter_declares_its_toggle_in_adapter_config(tmp_path):
+    """lora-kd with merge: false saves an adapter (no config.json): the declaration goes in
+    adapter_config.json, and PEFT still reads the adapter's config."""
+    from peft import PeftConfig
+
+    from anneal.distill.recipe import JobContext, _declare_toggle
+
+    work = tmp_path / "work"
+    ctx = JobContext(kind="DistillationJob", namespace="ns", name="j", uid="u", tracking_uri="", experiment="e",
+                     registered_model_name="m", work_dir=str(work), cache_dir=str(tmp_path / "cache"))
+    adapter = work / "student-final"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "base_model_name_or_path": "models:/t/1"}))
+    assert _declare_toggle(adapter, False, ctx) == adapter
+    assert not (adapter / "config.json").exists()
+    assert json.loads((adapter / "adapter_config.json").read_text())[REASONING_TOGGLE_KEY] is False
+    assert dir_declares_reasoning_toggle(adapter) is False
+    mark_reasoning_toggle(adapter, True)
+    assert dir_declares_reasoning_toggle(adapter) is True
+    assert PeftConfig.from_pretrained(str(adapter)).r == 4
+
+
 def test_the_api_field_and_its_crd_schema():
     from anneal.api.distillation import DistillationJobSpec
     from anneal.api.service import ModelServiceSpec

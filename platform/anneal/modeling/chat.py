@@ -122,7 +122,7 @@ def dir_declares_reasoning_toggle(model_dir: str | Path) -> bool:
     import json
 
     d = Path(model_dir)
-    config = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
+    config = json.loads(_declaring_file(d).read_text()) if _declaring_file(d).exists() else {}
     template = None
     if (d / "chat_template.jinja").exists():
         template = (d / "chat_template.jinja").read_text()
@@ -135,11 +135,19 @@ def dir_declares_reasoning_toggle(model_dir: str | Path) -> bool:
     return declares_reasoning_toggle(config, template)
 
 
+def _declaring_file(d: Path) -> Path:
+    """Where a saved model declares the toggle: its config.json; an unmerged LoRA adapter (no
+    config.json, lora-kd with merge: false) in its adapter_config.json (PEFT and vLLM ignore the key)."""
+    if not (d / "config.json").exists() and (d / "adapter_config.json").exists():
+        return d / "adapter_config.json"
+    return d / "config.json"
+
+
 def mark_reasoning_toggle(model_dir: str | Path, toggle: bool) -> None:
     """Write the declaration into a saved model's config.json (what Anneal's training trained it with)."""
     import json
 
-    path = Path(model_dir) / "config.json"
+    path = _declaring_file(Path(model_dir))
     config = json.loads(path.read_text())
     config[REASONING_TOGGLE_KEY] = bool(toggle)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
