@@ -96,10 +96,12 @@ def test_rayjob_worker_group_carries_gpu_settings():
     assert pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] == {
         "nodeSelectorTerms": [{"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In", "values": [
             "NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe", "NVIDIA-H100-NVL"]}]}]}
-    assert workers["resources"] == {"accelerator_type:H100": "1"}  # Ray's name, for ScalingConfig
+    # Ray's accelerator name (for ScalingConfig) and the GPU count, both in the group's resources:
+    # KubeRay >= 1.4 rejects a group with resource fields in rayStartParams as well (ValidationFailed)
+    assert workers["resources"] == {"GPU": "2", "accelerator_type:H100": "1"}
+    assert not {"num-gpus", "num-cpus", "memory", "resources"} & workers["rayStartParams"].keys()
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert pod["priorityClassName"] == "training-high"
-    assert workers["rayStartParams"]["num-gpus"] == "2"
     head = rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head["resources"]["limits"]
 

@@ -212,7 +212,11 @@ def worker_group(opts: ClusterOptions, name: str = "workers") -> dict[str, Any]:
     if r.accelerator_type and r.gpus_per_worker > 0:
         # What Ray Train's ScalingConfig(accelerator_type=...) asks for. Ray detects it on real
         # GPU nodes too; declared (KubeRay's group `resources`, >= 1.4) so both agree on the name.
-        group["resources"] = {accelerators.resolve(r.accelerator_type).ray_resource: "1"}
+        # KubeRay refuses a group with resources in both places (ValidationFailed: "resource
+        # fields should not be set in both rayStartParams and Resources"): the GPU count moves
+        # here with it, and KubeRay writes it back as `--num-gpus`.
+        group["resources"] = {"GPU": params.pop("num-gpus"),
+                              accelerators.resolve(r.accelerator_type).ray_resource: "1"}
     return group
 
 
