@@ -48,21 +48,29 @@ from pathlib import Path
 ETCD_VERSION = "v3.6.16"
 KUBERNETES_VERSION = "v1.34.4"
 KUBERAY_VERSION = "v1.6.2"
+KUBERAY_MODULE = "github.com/ray-project/kuberay/ray-operator"
 HELM_VERSION = "v4.3.2"
 HELM_MODULE = "helm.sh/helm/v4"
+KWOK_VERSION = "v0.8.0"
+KWOK_MODULE = "sigs.k8s.io/kwok"
+KUEUE_VERSION = "v0.17.0"
+KUEUE_MODULE = "sigs.k8s.io/kueue"
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ANNEAL_CRDS = REPO_ROOT / "charts" / "anneal" / "crds"
 
-BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
-#: What each pinned component puts into bin/ (kuberay: CRDs only); `build` redoes only the
-#: components whose binaries are missing or whose pinned version changed.
+#: What each pinned component puts into bin/ (besides files: KubeRay's and Kueue's CRDs,
+#: kwok's stages); `build` redoes only the components whose output
+#: is missing or whose pinned version changed.
 COMPONENT_BINARIES = {
-    "kuberay": (),
     "etcd": ("etcd",),
-    "kubernetes": ("kube-apiserver", "kube-controller-manager", "kubectl"),
+    "kubernetes": ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"),
     "helm": ("helm",),
+    "kuberay": ("ray-operator",),
+    "kwok": ("kwok",),
+    "kueue": ("kueue",),
 }
+BINARIES = tuple(b for bins in COMPONENT_BINARIES.values() for b in bins)
 # Start order; `down` stops in reverse.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager")
 
@@ -121,6 +129,15 @@ class Paths:
         return self.root / "crds" / "kuberay"
 
     @property
+    def kueue_crds(self) -> Path:
+        return self.root / "crds" / "kueue"
+
+    @property
+    def kwok_stages(self) -> Path:
+        """kwok's node and pod stages: nodes Ready at once, bound pods Running and Ready, deleted pods gone."""
+        return self.root / "kwok" / "stages.yaml"
+
+    @property
     def build_log(self) -> Path:
         return self.root / "build.log"
 
@@ -138,7 +155,7 @@ def default_state_dir() -> Path:
 
 def _wanted_versions() -> dict[str, str]:
     return {"etcd": ETCD_VERSION, "kubernetes": KUBERNETES_VERSION, "kuberay": KUBERAY_VERSION,
-            "helm": HELM_VERSION}
+            "helm": HELM_VERSION, "kwok": KWOK_VERSION, "kueue": KUEUE_VERSION}
 
 
 def _built_versions(paths: Paths) -> dict[str, str]:
@@ -152,9 +169,12 @@ def _built_versions(paths: Paths) -> dict[str, str]:
 def _component_built(paths: Paths, component: str, stamp: dict[str, str]) -> bool:
     if stamp.get(component) != _wanted_versions()[component]:
         return False
-    if component == "kuberay":
-        return any(paths.kuberay_crds.glob("*.yaml"))
-    return all(paths.binary(b).is_file() for b in COMPONENT_BINARIES[component])
+    files = {
+        "kuberay": [any(paths.kuberay_crds.glob("*.yaml"))],
+        "kueue": [any(paths.kueue_crds.glob("*.yaml"))],
+        "kwok": [paths.kwok_stages.is_file()],
+    }.get(component, [])
+    return all(files) and all(paths.binary(b).is_file() for b in COMPONENT_BINARIES[component])
 
 
 def missing_components(paths: Paths | None = None) -> list[str]:
@@ -311,7 +331,8 @@ def _build_kubernetes(go: str, paths: Paths, log, env, jobs: int) -> None:
     # Staging modules (k8s.io/api, client-go, ...) are published as v0.<minor>.<patch>.
     staging_version = "v0." + KUBERNETES_VERSION.split(".", 1)[1]
     staged = _local_replaces(Path(info["GoMod"]).read_text())
-    mains = ["k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kube-controller-manager"]
+    mains = ["k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kube-controller-manager",
+             "k8s.io/kubernetes/cmd/kube-scheduler"]
     _write_wrapper_module(
         work,
         "anneal.local/kubernetes-build",
@@ -336,31 +357,69 @@ def _build_kubernetes(go: str, paths: Paths, log, env, jobs: int) -> None:
     )
 
 
-def _build_helm(go: str, paths: Paths, log, env, jobs: int) -> None:
-    """helm, one `go install` of its command at the pinned version (its go.mod has no local replaces)."""
+def _go_install(go: str, paths: Paths, log, env, jobs: int, target: str, ldflags: list[str] | None = None) -> None:
+    """`go install module/cmd@version` into the cache's bin/ (for modules whose go.mod has no local replaces)."""
     # `go install m@v` resolves the module on its own; -mod=mod is refused outside a main module.
     env = dict(env, GOBIN=str(paths.bin), GOFLAGS="")
+    _run_logged([go, "install", "-p", str(jobs), "-trimpath", "-ldflags=" + " ".join(["-s", "-w", *(ldflags or [])]),
+                 target], paths.root, log, env)
+
+
+def _build_helm(go: str, paths: Paths, log, env, jobs: int) -> None:
     # What helm's Makefile stamps in; without it `helm version` says only "v4.3".
-    ldflags = ["-s", "-w", f"-X={HELM_MODULE}/internal/version.version={HELM_VERSION}",
-               f"-X={HELM_MODULE}/internal/version.gitTreeState=clean"]
-    _run_logged([go, "install", "-p", str(jobs), "-trimpath", "-ldflags=" + " ".join(ldflags),
-                 f"{HELM_MODULE}/cmd/helm@{HELM_VERSION}"], paths.root, log, env)
+    _go_install(go, paths, log, env, jobs, f"{HELM_MODULE}/cmd/helm@{HELM_VERSION}",
+                [f"-X={HELM_MODULE}/internal/version.version={HELM_VERSION}",
+                 f"-X={HELM_MODULE}/internal/version.gitTreeState=clean"])
 
 
-def _fetch_kuberay_crds(go: str, paths: Paths, log, env) -> None:
+def _copy_files(sources: list[Path], dest: Path) -> None:
+    """Module-cache files are read-only: copy contents, not modes."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for src in sources:
+        (dest / src.name).write_bytes(src.read_bytes())
+
+
+def _build_kuberay(go: str, paths: Paths, log, env, jobs: int) -> None:
+    """The KubeRay operator (its module's root package is the manager) and its CRDs."""
     work = paths.src
     work.mkdir(parents=True, exist_ok=True)
-    info = _module_download(go, "github.com/ray-project/kuberay/ray-operator", KUBERAY_VERSION, work, log, env)
-    bases = Path(info["Dir"]) / "config" / "crd" / "bases"
-    sources = sorted(bases.glob("*.yaml"))
+    info = _module_download(go, KUBERAY_MODULE, KUBERAY_VERSION, work, log, env)
+    sources = sorted((Path(info["Dir"]) / "config" / "crd" / "bases").glob("*.yaml"))
     if not sources:
-        raise BuildError(f"no CRDs under {bases}")
-    if paths.kuberay_crds.exists():
-        shutil.rmtree(paths.kuberay_crds)
-    paths.kuberay_crds.mkdir(parents=True)
-    for src in sources:  # module-cache files are read-only; copy contents, not modes
-        (paths.kuberay_crds / src.name).write_bytes(src.read_bytes())
-    log.write(f"copied {len(sources)} KubeRay CRDs from {bases}\n")
+        raise BuildError(f"no CRDs in {KUBERAY_MODULE}@{KUBERAY_VERSION}")
+    _copy_files(sources, paths.kuberay_crds)
+    log.write(f"copied {len(sources)} KubeRay CRDs\n")
+    _go_install(go, paths, log, env, jobs, f"{KUBERAY_MODULE}@{KUBERAY_VERSION}")
+
+
+def _build_kwok(go: str, paths: Paths, log, env, jobs: int) -> None:
+    """kwok (the controller, not kwokctl) and its "fast" stages, which it needs in its --config.
+
+    Not `pod-complete` (a Job's pods Succeeded at once): KubeRay's job submitter is a Job, and a
+    submitter that "finished" with no Ray job behind it would end the RayJob. Pods stay Running,
+    as a long training job's would."""
+    info = _module_download(go, KWOK_MODULE, KWOK_VERSION, paths.root, log, env)
+    stage_dir = Path(info["Dir"]) / "kustomize" / "stage"
+    files = [stage_dir / "node" / "fast" / "node-initialize.yaml", stage_dir / "node" / "heartbeat" / "node-heartbeat.yaml",
+             *(stage_dir / "pod" / "fast" / f"pod-{s}.yaml" for s in ("ready", "delete"))]
+    paths.kwok_stages.parent.mkdir(parents=True, exist_ok=True)
+    paths.kwok_stages.write_text("\n---\n".join(f.read_text().strip() for f in files) + "\n")
+    _go_install(go, paths, log, env, jobs, f"{KWOK_MODULE}/cmd/kwok@{KWOK_VERSION}",
+                [f"-X={KWOK_MODULE}/pkg/consts.Version={KWOK_VERSION.lstrip('v')}"])
+
+
+def _build_kueue(go: str, paths: Paths, log, env, jobs: int) -> None:
+    """Kueue's manager and its CRDs."""
+    info = _module_download(go, KUEUE_MODULE, KUEUE_VERSION, paths.root, log, env)
+    components = Path(info["Dir"]) / "config" / "components"
+    sources = sorted((components / "crd" / "bases").glob("*.yaml"))
+    if not sources:
+        raise BuildError(f"no CRDs in {KUEUE_MODULE}@{KUEUE_VERSION}")
+    _copy_files(sources, paths.kueue_crds)
+    _go_install(go, paths, log, env, jobs, f"{KUEUE_MODULE}/cmd/kueue@{KUEUE_VERSION}",
+                [f"-X={KUEUE_MODULE}/pkg/version.GitVersion={KUEUE_VERSION}"])
 
 
 def log_tail(paths: Paths | None = None, lines: int = 40) -> str:
@@ -400,15 +459,17 @@ def build(paths: Paths | None = None, force: bool = False, jobs: int | None = No
         stamp = {} if force else _built_versions(paths)
         todo = list(COMPONENT_BINARIES) if force else missing_components(paths)
         steps = {
-            "kuberay": (f"KubeRay CRDs {KUBERAY_VERSION}", lambda: _fetch_kuberay_crds(go, paths, log, env)),
-            "etcd": (f"etcd {ETCD_VERSION}", lambda: _build_etcd(go, paths, log, env, jobs)),
-            "kubernetes": (f"kube-apiserver, kube-controller-manager, kubectl {KUBERNETES_VERSION}",
-                           lambda: _build_kubernetes(go, paths, log, env, jobs)),
-            "helm": (f"helm {HELM_VERSION}", lambda: _build_helm(go, paths, log, env, jobs)),
+            "etcd": (f"etcd {ETCD_VERSION}", _build_etcd),
+            "kubernetes": (f"kube-apiserver, kube-controller-manager, kube-scheduler, kubectl {KUBERNETES_VERSION}",
+                           _build_kubernetes),
+            "helm": (f"helm {HELM_VERSION}", _build_helm),
+            "kuberay": (f"KubeRay operator and CRDs {KUBERAY_VERSION}", _build_kuberay),
+            "kwok": (f"kwok {KWOK_VERSION}", _build_kwok),
+            "kueue": (f"Kueue {KUEUE_VERSION}", _build_kueue),
         }
         started = time.monotonic()
         _say(f"building {', '.join(todo)} into {paths.bin} (log: {paths.build_log}); a cold build of "
-             "everything takes about 12 minutes on 2 cores, helm alone about 4")
+             "everything takes about 16 minutes on 2 cores")
         with open(paths.build_log, "w") as log:
             log.write(f"go: {go}\nversions: {json.dumps(_wanted_versions())}\nbuilding: {todo}\n")
             for component in todo:
@@ -416,7 +477,7 @@ def build(paths: Paths | None = None, force: bool = False, jobs: int | None = No
                 _say(label)
                 t0 = time.monotonic()
                 try:
-                    step()
+                    step(go, paths, log, env, jobs)
                 except (subprocess.CalledProcessError, OSError, ValueError, BuildError) as exc:
                     log.write(f"\nBUILD FAILED: {exc}\n")
                     log.flush()
@@ -427,31 +488,6 @@ def build(paths: Paths | None = None, force: bool = False, jobs: int | None = No
                 paths.stamp.write_text(json.dumps(stamp))
             elapsed = time.monotonic() - started
             log.write(f"\nbuild finished in {elapsed:.0f}s\n")
-        _say(f"built in {elapsed:.0f}s")
-        return paths
-        go = _find_go()
-        env = _go_env()
-        env.setdefault("GOMAXPROCS", str(jobs))
-        paths.bin.mkdir(parents=True, exist_ok=True)
-        started = time.monotonic()
-        _say(f"building control-plane binaries into {paths.bin} (log: {paths.build_log}); "
-             "a cold build takes about 10 minutes on 2 cores")
-        with open(paths.build_log, "w") as log:
-            log.write(f"go: {go}\nversions: {json.dumps(_wanted_versions())}\n")
-            try:
-                _say(f"KubeRay CRDs {KUBERAY_VERSION}")
-                _fetch_kuberay_crds(go, paths, log, env)
-                _say(f"etcd {ETCD_VERSION}")
-                _build_etcd(go, paths, log, env, jobs)
-                _say(f"kube-apiserver, kube-controller-manager, kubectl {KUBERNETES_VERSION}")
-                _build_kubernetes(go, paths, log, env, jobs)
-            except (subprocess.CalledProcessError, OSError, ValueError, BuildError) as exc:
-                log.write(f"\nBUILD FAILED: {exc}\n")
-                log.flush()
-                raise BuildError(f"build failed: {exc}\n--- tail of {paths.build_log} ---\n{log_tail(paths)}") from exc
-            elapsed = time.monotonic() - started
-            log.write(f"\nbuild finished in {elapsed:.0f}s\n")
-        paths.stamp.write_text(json.dumps(_wanted_versions()))
         _say(f"built in {elapsed:.0f}s")
         return paths
 
@@ -557,6 +593,240 @@ def _kubeconfig(server: str, pki: Path, user: str, cert: str) -> str:
     )
 
 
+# --------------------------------------------------------------------------- scheduling
+
+#: The controllers that make Pods land on nodes, started by `up(scheduling=True)` after the
+#: control plane: kube-scheduler binds Pods, kwok plays the kubelet of fake nodes (marks bound
+#: Pods Running and Ready; no container runs), the KubeRay operator turns RayJobs and
+#: RayServices into RayClusters and Pods, and Kueue admits queued workloads against quota.
+SCHEDULING = ("kube-scheduler", "kwok", "ray-operator", "kueue")
+KUEUE_NAMESPACE = "kueue-system"
+KUEUE_CERT_SECRET = "kueue-webhook-server-cert"
+#: Kueue's integrations that Anneal's objects use; its webhooks for other kinds are not installed.
+KUEUE_FRAMEWORKS = ("ray.io/rayjob", "ray.io/raycluster", "ray.io/rayservice")
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_TAINT = {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
+
+
+def fake_node(name: str, *, cpu: str = "32", memory: str = "128Gi", gpus: int = 0, product: str = "",
+              labels: dict[str, str] | None = None, taints: list[dict[str, str]] | None = None) -> dict:
+    """A Node that kwok runs: allocatable capacity as given; a GPU node gets what the NVIDIA
+    device plugin and GPU Feature Discovery put on a real one (`nvidia.com/gpu` capacity,
+    `nvidia.com/gpu.product` etc.) and the GPU taint that GPU node pools carry."""
+    node_labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+                   "type": "kwok"}
+    capacity = {"cpu": cpu, "memory": memory, "pods": "110", "ephemeral-storage": "1Ti"}
+    node_taints = list(taints or [])
+    if gpus:
+        node_labels.update({"nvidia.com/gpu.present": "true", "nvidia.com/gpu.count": str(gpus),
+                            "nvidia.com/gpu.product": product})
+        capacity[GPU_RESOURCE] = str(gpus)
+        if taints is None:
+            node_taints.append(dict(GPU_TAINT))
+    node_labels.update(labels or {})
+    spec: dict = {"taints": node_taints} if node_taints else {}
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": node_labels, "annotations": {KWOK_NODE_ANNOTATION: "fake"}},
+            "spec": spec, "status": {"capacity": capacity, "allocatable": dict(capacity)}}
+
+
+#: `up --scheduling` creates these unless told otherwise: one CPU node for Ray heads, two 8×H100
+#: SXM nodes and one 8×A100 80GB node (the product values GFD writes for those GPUs).
+DEFAULT_NODES = (
+    fake_node("cpu-0"),
+    fake_node("gpu-h100-0", cpu="192", memory="2Ti", gpus=8, product="NVIDIA-H100-80GB-HBM3"),
+    fake_node("gpu-h100-1", cpu="192", memory="2Ti", gpus=8, product="NVIDIA-H100-80GB-HBM3"),
+    fake_node("gpu-a100-0", cpu="96", memory="1Ti", gpus=8, product="NVIDIA-A100-SXM4-80GB"),
+)
+
+
+def _apply_objects(paths: Paths, state: State, objects: list[dict], what: str) -> None:
+    proc = subprocess.run([str(paths.binary("kubectl")), f"--kubeconfig={state.kubeconfig}", "apply",
+                           "--server-side", "--force-conflicts", "--field-manager=anneal-local", "-f", "-"],
+                          input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}),
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise ClusterError(f"creating {what} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+
+
+def add_nodes(state_dir: Path | str, nodes: list[dict] | tuple[dict, ...], paths: Paths | None = None) -> None:
+    """Create (or update) fake nodes; kwok marks them Ready. Their status is written through the
+    status subresource, as a kubelet would (a create ignores `status`)."""
+    paths = paths or Paths.default()
+    state = State(Path(state_dir).resolve())
+    _apply_objects(paths, state, [{k: v for k, v in n.items() if k != "status"} for n in nodes], "fake nodes")
+    for node in nodes:
+        # The API server's TaintNodesByCondition admission adds node.kubernetes.io/not-ready at
+        # creation; the node lifecycle controller (not run here) would lift it once kwok reports
+        # Ready. The node's own taints are set instead, as that controller would leave them.
+        proc = _kubectl(paths, state, "patch", "node", node["metadata"]["name"], "--type=merge", "-p",
+                        json.dumps({"spec": {"taints": (node.get("spec") or {}).get("taints") or None}}))
+        if proc.returncode != 0:
+            raise ClusterError(f"setting the taints of node {node['metadata']['name']} failed: {proc.stderr.strip()}")
+        proc = _kubectl(paths, state, "patch", "node", node["metadata"]["name"], "--subresource=status",
+                        "--type=merge", "-p", json.dumps({"status": node["status"]}))
+        if proc.returncode != 0:
+            raise ClusterError(f"setting the capacity of node {node['metadata']['name']} failed: {proc.stderr.strip()}")
+
+
+#: The CRDs whose conversion webhook Kueue's certificate rotator fills in (cmd/kueue, pkg/util/cert).
+KUEUE_CONVERSION_CRDS = tuple(f"{r}.kueue.x-k8s.io" for r in
+                              ("localqueues", "clusterqueues", "workloads", "cohorts", "multikueueclusters"))
+KUEUE_WEBHOOK_SERVICE = {"name": "kueue-webhook-service", "namespace": KUEUE_NAMESPACE}
+KUEUE_CONVERSION = {"strategy": "Webhook", "webhook": {
+    "conversionReviewVersions": ["v1"], "clientConfig": {"service": {**KUEUE_WEBHOOK_SERVICE, "path": "/convert"}}}}
+
+
+def _kueue_webhook_placeholders() -> list[dict]:
+    """The validating and mutating webhook configurations Kueue's certificate rotator injects its CA
+    into (it does not start until it has), each with one webhook that matches nothing.
+
+    Kueue's real webhooks are not installed: the API server reaches a webhook through a Service,
+    and nothing routes Services here (docs/local-cluster.md). The same holds for the CRDs'
+    conversion webhook, declared (KUEUE_CONVERSION) only for the rotator: v1beta2 is the storage
+    version and the only one to use here; a v1beta1 request would fail to convert.
+    """
+    out = []
+    for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):
+        suffix = "validating" if kind.startswith("Validating") else "mutating"
+        out.append({"apiVersion": "admissionregistration.k8s.io/v1", "kind": kind,
+                    "metadata": {"name": f"kueue-{suffix}-webhook-configuration"},
+                    "webhooks": [{
+                        "name": f"placeholder.{suffix}.kueue.x-k8s.io", "admissionReviewVersions": ["v1"],
+                        "sideEffects": "None", "failurePolicy": "Ignore", "timeoutSeconds": 1,
+                        "clientConfig": {"service": {**KUEUE_WEBHOOK_SERVICE, "path": "/placeholder"}},
+                        # a group no object has: the API server never calls it
+                        "rules": [{"apiGroups": ["placeholder.anneal.invalid"], "apiVersions": ["v1"],
+                                   "operations": ["CREATE"], "resources": ["nothing"]}]}]})
+    return out
+
+
+def _kueue_config(state: State, ports: dict[str, int]) -> Path:
+    """Kueue's Configuration (JSON is YAML) on loopback ports.
+
+    Kueue's admission webhooks are not installed. The API server reaches a webhook through a
+    Service, verifying a certificate for `<service>.<namespace>.svc`; nothing routes Services here,
+    and Kueue hard-codes where it reads other certificates from (/etc/kueue/...). Kueue makes its
+    own certificates (internal cert management) for the webhook server nobody calls. What the
+    rayjob/rayservice webhooks would add, suspending a queued job at creation, Anneal does itself.
+    """
+    certs = state.dir / "kueue-certs"
+    certs.mkdir(exist_ok=True)
+    config = {
+        "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration",
+        "namespace": KUEUE_NAMESPACE,
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{ports['kueue_health']}"},
+        "metrics": {"bindAddress": "0"},
+        "webhook": {"port": ports["kueue_webhook"], "host": "127.0.0.1", "certDir": str(certs)},
+        "leaderElection": {"leaderElect": False},
+        "internalCertManagement": {"enable": True},
+        "manageJobsWithoutQueueName": False,
+        "integrations": {"frameworks": list(KUEUE_FRAMEWORKS)},
+        # The on-demand visibility API is an aggregated API server: nothing here routes to it.
+        "featureGates": {"VisibilityOnDemand": False},
+    }
+    path = state.dir / "kueue-config.json"
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def _kueue_probe(paths: Paths, state: State, ports: dict[str, int]):
+    """Kueue's readiness, doing the kubelet's part meanwhile: Kueue's certificate rotator writes its
+    webhook certificate into a Secret and waits for the file in its cert dir (in a pod: the
+    Secret's volume), so the Secret's keys are copied there as soon as they are filled in."""
+    certs = state.dir / "kueue-certs"
+    ready = _http_probe(f"http://127.0.0.1:{ports['kueue_health']}/readyz")
+
+    def probe() -> tuple[bool, str]:
+        if not (certs / "tls.crt").is_file():
+            proc = _kubectl(paths, state, "get", "secret", KUEUE_CERT_SECRET, "-n", KUEUE_NAMESPACE, "-o", "json")
+            data = (json.loads(proc.stdout).get("data") or {}) if proc.returncode == 0 else {}
+            if not {"tls.crt", "tls.key", "ca.crt"} <= data.keys():
+                return False, f"Secret {KUEUE_NAMESPACE}/{KUEUE_CERT_SECRET} not yet filled in by Kueue"
+            for name in ("ca.crt", "tls.key", "tls.crt"):  # tls.crt last: the one Kueue waits for
+                target = certs / name
+                target.write_bytes(base64.b64decode(data[name]))
+                target.chmod(0o600)
+        return ready()
+
+    return probe
+
+
+def start_scheduling(state_dir: Path | str, paths: Paths | None = None,
+                     nodes: list[dict] | tuple[dict, ...] | None = DEFAULT_NODES, timeout: float = 180.0) -> dict:
+    """Start kube-scheduler, kwok, the KubeRay operator and Kueue against a running control
+    plane (or find them running), then create `nodes` (default: DEFAULT_NODES; None or () for none).
+
+    Returns the ports they listen on, also recorded in cluster.json under "scheduling"."""
+    paths = paths or Paths.default()
+    state = State(Path(state_dir).resolve())
+    missing = [b for b in SCHEDULING if not paths.binary(b).is_file()] + \
+        [str(f) for f in (paths.kwok_stages,) if not f.is_file()]
+    if missing:
+        raise ClusterError(f"not built: {', '.join(missing)}; run `{sys.argv[0]} build` first")
+    if not _ready(state):
+        raise ClusterError(f"no control plane is ready in {state.dir}; run `up` first")
+    info = json.loads(state.info.read_text())
+    running = {c: _pid_alive(state, c) for c in SCHEDULING}
+    if all(running.values()) and info.get("scheduling"):
+        ports = info["scheduling"]
+    else:
+        for component in SCHEDULING:  # a partial set from an earlier run: start clean
+            if running[component]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(running[component], signal.SIGTERM)
+        ports = {}
+        for name in ("scheduler", "kwok", "ray_operator_health", "kueue_health", "kueue_webhook"):
+            port = _free_port()
+            while port in ports.values():
+                port = _free_port()
+            ports[name] = port
+        started = time.monotonic()
+        kubeconfig = str(state.kubeconfig)
+        env = {**os.environ, "KUBECONFIG": kubeconfig}
+        insecure = ssl._create_unverified_context()  # their serving certs are self-signed
+        # Kueue's CRDs, namespace, (empty) webhook certificate Secret and the webhook configurations
+        # its certificate rotator injects a CA into first: Kueue waits for them before it starts.
+        apply_crds(state.dir, [paths.kueue_crds], paths=paths)
+        _apply_objects(paths, state, [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": KUEUE_NAMESPACE}},
+            {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+             "metadata": {"name": KUEUE_CERT_SECRET, "namespace": KUEUE_NAMESPACE}},
+            *_kueue_webhook_placeholders(),
+        ], "Kueue's namespace, certificate Secret and webhook configurations")
+        for crd in KUEUE_CONVERSION_CRDS:
+            proc = _kubectl(paths, state, "patch", "crd", crd, "--type=merge", "-p",
+                            json.dumps({"spec": {"conversion": KUEUE_CONVERSION}}))
+            if proc.returncode != 0:
+                raise ClusterError(f"declaring the conversion webhook of {crd} failed: {proc.stderr.strip()}")
+        proc = _start(state, paths, "kube-scheduler", [
+            f"--kubeconfig={kubeconfig}", f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}", "--leader-elect=false", "--bind-address=127.0.0.1",
+            f"--secure-port={ports['scheduler']}", f"--cert-dir={state.dir / 'scheduler-certs'}", "--profiling=false"])
+        _wait_for(proc, state, "kube-scheduler",
+                  _http_probe(f"https://127.0.0.1:{ports['scheduler']}/healthz", insecure), timeout)
+        proc = _start(state, paths, "kwok", [
+            f"--kubeconfig={kubeconfig}", f"--config={paths.kwok_stages}",
+            f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+            f"--server-address=127.0.0.1:{ports['kwok']}", "--cidr=10.244.0.0/16", "--node-ip=10.1.0.1"], env=env)
+        _wait_for(proc, state, "kwok", _http_probe(f"http://127.0.0.1:{ports['kwok']}/healthz"), timeout)
+        proc = _start(state, paths, "ray-operator", [
+            "--metrics-addr=0", f"--health-probe-bind-address=127.0.0.1:{ports['ray_operator_health']}",
+            "--enable-leader-election=false", "--log-stdout-encoder=console"], env=env)
+        _wait_for(proc, state, "ray-operator",
+                  _http_probe(f"http://127.0.0.1:{ports['ray_operator_health']}/readyz"), timeout)
+        proc = _start(state, paths, "kueue", [f"--config={_kueue_config(state, ports)}"], env=env)
+        _wait_for(proc, state, "kueue", _kueue_probe(paths, state, ports), timeout)
+        info["scheduling"] = ports
+        state.info.write_text(json.dumps(info, indent=2))
+        _say(f"kube-scheduler, kwok, KubeRay operator and Kueue ready in {time.monotonic() - started:.1f}s")
+    if nodes:
+        add_nodes(state.dir, nodes, paths=paths)
+        _say(f"{len(nodes)} fake nodes: {', '.join(n['metadata']['name'] for n in nodes)}")
+    return ports
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -644,7 +914,8 @@ def _pid_alive(state: State, component: str) -> int | None:
 _CHILDREN: list[subprocess.Popen] = []
 
 
-def _start(state: State, paths: Paths, component: str, args: list[str]) -> subprocess.Popen:
+def _start(state: State, paths: Paths, component: str, args: list[str],
+           env: dict[str, str] | None = None) -> subprocess.Popen:
     state.pidfile(component).parent.mkdir(parents=True, exist_ok=True)
     state.logfile(component).parent.mkdir(parents=True, exist_ok=True)
     with open(state.logfile(component), "ab") as log:
@@ -657,6 +928,7 @@ def _start(state: State, paths: Paths, component: str, args: list[str]) -> subpr
             stderr=subprocess.STDOUT,
             start_new_session=True,  # outlives `up`; not killed by the terminal's ^C
             cwd=state.dir,
+            env=env,
         )
     state.pidfile(component).write_text(f"{proc.pid}\n")
     _CHILDREN.append(proc)  # keeps Popen from warning when collected; it outlives us on purpose
@@ -830,16 +1102,25 @@ def up(
     paths: Paths | None = None,
     controllers: tuple[str, ...] = DEFAULT_CONTROLLERS,
     timeout: float = 120.0,
+    scheduling: bool = False,
+    nodes: list[dict] | tuple[dict, ...] | None = DEFAULT_NODES,
 ) -> dict:
-    """Start the control plane (or find it running) and create CRDs.
+    """Start the control plane (or find it running) and create CRDs; with `scheduling`, also
+    kube-scheduler, kwok, the KubeRay operator and Kueue, and the fake `nodes`
+    (`start_scheduling`), with the job controller added to `controllers` (KubeRay's job
+    submitter is a Job).
 
     Returns the cluster description written to <state>/cluster.json:
-    {"server", "kubeconfig", "state_dir", "bin_dir", "ports"}.
+    {"server", "kubeconfig", "state_dir", "bin_dir", "ports"} (+ "scheduling": their ports).
     """
+    if scheduling and "job-controller" not in controllers:
+        controllers = (*controllers, "job-controller")
     paths = paths or Paths.default()
     state = State(Path(state_dir or default_state_dir()).resolve())
-    if not all(paths.binary(b).is_file() for b in BINARIES):
-        raise ClusterError(f"binaries missing under {paths.bin}; run `{sys.argv[0]} build` first")
+    needed = (*COMPONENTS, "kubectl", *(SCHEDULING if scheduling else ()))
+    missing = [b for b in needed if not paths.binary(b).is_file()]
+    if missing:
+        raise ClusterError(f"{', '.join(missing)} missing under {paths.bin}; run `{sys.argv[0]} build` first")
     state.dir.mkdir(parents=True, exist_ok=True)
 
     running = _running(state)
@@ -873,6 +1154,10 @@ def up(
     dirs += [Path(d) for d in crd_dirs or []]
     if dirs:
         apply_crds(state.dir, dirs, paths=paths)
+    if scheduling:
+        if not kuberay:
+            raise ClusterError("scheduling runs the KubeRay operator, which needs the KubeRay CRDs")
+        info["scheduling"] = start_scheduling(state.dir, paths=paths, nodes=nodes)
     _say(f"export KUBECONFIG={state.kubeconfig}")
     return info
 
@@ -915,7 +1200,7 @@ def apply_crds(state_dir: Path | str, dirs: list[Path | str], paths: Paths | Non
 def down(state_dir: Path | str | None = None, timeout: float = 15.0) -> None:
     """Stop every component recorded in the state directory's pidfiles (reverse order)."""
     state = State(Path(state_dir or default_state_dir()).resolve())
-    for component in reversed(COMPONENTS):
+    for component in (*reversed(SCHEDULING), *reversed(COMPONENTS)):
         pid = _pid_alive(state, component)
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -945,6 +1230,9 @@ def status(state_dir: Path | str | None = None) -> dict:
     with contextlib.suppress(OSError, ValueError):
         info = json.loads(state.info.read_text())
     running = _running(state)
+    scheduling = {c: _pid_alive(state, c) for c in SCHEDULING}
+    if any(scheduling.values()) or state.pidfile(SCHEDULING[0]).exists():
+        running = {**running, **scheduling}
     return {
         "state_dir": str(state.dir),
         "server": info.get("server"),
@@ -978,6 +1266,9 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--build", action="store_true", help="build first if the cache is incomplete")
     p_up.add_argument("--controllers", default=",".join(DEFAULT_CONTROLLERS),
                       help="kube-controller-manager --controllers list")
+    p_up.add_argument("--scheduling", action="store_true",
+                      help="also run kube-scheduler, kwok, the KubeRay operator and Kueue, with fake GPU nodes")
+    p_up.add_argument("--no-nodes", action="store_true", help="with --scheduling: create no fake nodes")
 
     p_crds = sub.add_parser("crds", help="create CRDs in a running cluster")
     state_opt(p_crds)
@@ -995,7 +1286,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.build:
                 build()
             up(args.state_dir, args.crds, kuberay=not args.no_kuberay,
-               controllers=tuple(c for c in args.controllers.split(",") if c))
+               controllers=tuple(c for c in args.controllers.split(",") if c),
+               scheduling=args.scheduling, nodes=() if args.no_nodes else DEFAULT_NODES)
         elif args.command == "crds":
             apply_crds(args.state_dir or default_state_dir(), args.dirs)
         elif args.command == "down":
