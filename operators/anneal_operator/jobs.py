@@ -95,6 +95,10 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+#: How a RayJob's wait for Kueue's admission begins (its status message while it lasts).
+KUEUE_WAIT = "queued in Kueue LocalQueue"
+
+
 def observe(status: Mapping[str, Any], obs: Observation, retry: Retry, now: float) -> Outcome:
     """The next status of a submitted job, given what Ray and MLflow say (pure).
 
@@ -133,6 +137,11 @@ def observe(status: Mapping[str, Any], obs: Observation, retry: Retry, now: floa
         return _attempt_failed(out, f"Ray has no job {new.get('submissionId')} (the cluster lost it)", retry, now)
     if rs == jobs_api.PENDING:
         new["phase"] = SUBMITTED if phase in (PENDING, SUBMITTED, None) else phase
+        # A wait for Kueue's admission is said in the status; so is its end.
+        if obs.ray_message.startswith(KUEUE_WAIT):
+            new["message"] = obs.ray_message
+        elif str(new.get("message") or "").startswith(KUEUE_WAIT):
+            new["message"] = f"admitted by Kueue: {obs.ray_message or 'starting'}"
     elif rs == jobs_api.RUNNING:
         new["phase"] = RUNNING
         new["message"] = "running"
@@ -204,7 +213,7 @@ def ray_job_state(rayjob: Mapping[str, Any] | None) -> tuple[str | None, str]:
     message = st.get("message") or st.get("reason") or ""
     queue = ((rayjob.get("metadata") or {}).get("labels") or {}).get(kuberay.KUEUE_QUEUE_LABEL)
     if queue and (rayjob.get("spec") or {}).get("suspend") and deployment in ("", "New", "Suspended"):
-        return jobs_api.PENDING, f"queued in Kueue LocalQueue {queue}: waiting for admission (quota)"
+        return jobs_api.PENDING, f"{KUEUE_WAIT} {queue}: waiting for admission (quota)"
     if deployment == "Failed" and job not in (jobs_api.SUCCEEDED, jobs_api.STOPPED):
         return jobs_api.FAILED, message or "RayJob failed"
     if job in (jobs_api.PENDING, jobs_api.RUNNING, jobs_api.SUCCEEDED, jobs_api.FAILED, jobs_api.STOPPED):

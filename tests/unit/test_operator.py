@@ -120,6 +120,14 @@ def test_a_rayjob_held_by_kueue_says_which_queue_it_waits_in():
     assert state == "PENDING" and message == "queued in Kueue LocalQueue team-a: waiting for admission (quota)"
     # Before KubeRay's first pass (no status yet) it is the same wait.
     assert jobs.ray_job_state({**rayjob, "status": {}})[1] == message
+    # The resource's status says so while it waits, then that Kueue admitted it.
+    submitted = {"phase": "Submitted", "attempts": 1, "message": "attempt 1: submitted to RayJob x"}
+    waiting = jobs.observe(submitted, _obs("PENDING", message=message), RETRY, 0.0).status
+    assert waiting["phase"] == "Submitted" and waiting["message"] == message
+    admitted = jobs.observe(waiting, _obs("PENDING", message="Initializing"), RETRY, 1.0).status
+    assert admitted["phase"] == "Submitted" and admitted["message"] == "admitted by Kueue: Initializing"
+    assert jobs.observe(submitted, _obs("PENDING", message="Initializing"), RETRY, 0.0).status["message"] == \
+        submitted["message"]  # any other wait leaves the submission's message
 
 
 def test_the_operator_context_is_the_recipe_job_context_with_attempt_tags():
