@@ -50,7 +50,7 @@ def gpu_cluster(mlflow_server) -> KubeCluster:
     except cluster.ClusterError as exc:
         error = f"could not start the control plane with its schedulers (logs in {state_dir / 'logs'}):\n{exc}"
     if error:
-        cluster.down(state_dir)
+        cluster.down(state_dir)  # its logs stay for the failure's message to point at
         pytest.fail(error, pytrace=False)
     kube = KubeCluster(kubeconfig=Path(info["kubeconfig"]), server=info["server"], state_dir=Path(info["state_dir"]),
                        bin_dir=Path(info["bin_dir"]))
@@ -67,10 +67,14 @@ def gpu_cluster(mlflow_server) -> KubeCluster:
 @pytest.fixture(scope="module")
 def sched_operator(gpu_cluster, mlflow_server):
     """Anneal's operator on that cluster, in per-job mode (no Ray address: every job gets a RayJob)."""
-    op = Operator(gpu_cluster.kubeconfig, mlflow_server, Path(tempfile.mkdtemp(prefix="anneal-e2e-sched-op-")))
+    work = Path(tempfile.mkdtemp(prefix="anneal-e2e-sched-op-"))
+    op = Operator(gpu_cluster.kubeconfig, mlflow_server, work)
     op.start()
-    yield op
-    op.stop()
+    try:
+        yield op
+    finally:
+        op.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture
