@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -205,22 +203,14 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures here too")
     a = parser.parse_args()
 
-    from tests.e2e.conftest import KubeCluster, cluster, mlflow_service
-    from tests.e2e.test_operator import Operator
+    from benchmarks.local_operator import local_operator
+    from tests.e2e.conftest import cluster
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-kuberay-sched-"))
-    mlflow = mlflow_service(tmp / "mlflow")
-    mlflow.launch()
-    cluster.build()
     nodes = [cluster.fake_node(f"cpu-{i}") for i in range(1, 4)]
-    info = cluster.up(tmp / "k8s", crd_dirs=[REPO / "charts" / "anneal" / "crds"], kuberay=True, scheduling=True)
-    cluster.add_nodes(tmp / "k8s", nodes)
-    kube = KubeCluster(Path(info["kubeconfig"]), info["server"], Path(info["state_dir"]), Path(info["bin_dir"]))
-    op = None
-    out: dict[str, Any] = {"load_average_start": [round(x, 2) for x in os.getloadavg()]}
-    try:
-        (tmp / "operator").mkdir()
-        op = Operator(kube.kubeconfig, mlflow.url(), tmp / "operator").start()
+    with local_operator("bench-kuberay-sched-", kuberay=True, scheduling=True, nodes=nodes) as env:
+        out: dict[str, Any] = {"load_average_start": [round(x, 2) for x in os.getloadavg()]}
+        env.start_operator()
+        kube = env.kube
         api = Api(kube)
         ns = f"bench-{uuid.uuid4().hex[:5]}"
         kube.kubectl("create", "namespace", ns)
@@ -242,12 +232,6 @@ def main() -> None:
         print(json.dumps(out, indent=2))
         if a.json:
             Path(a.json).write_text(json.dumps(out, indent=2))
-    finally:
-        if op is not None:
-            op.stop()
-        cluster.down(tmp / "k8s")
-        mlflow.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -129,32 +128,22 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures here too")
     a = parser.parse_args()
 
-    from tests.e2e.conftest import KubeCluster, cluster, mlflow_service, ray_head_service
-    from tests.e2e.test_operator import Operator
+    from benchmarks.local_operator import local_operator
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-rollout-operator-"))
-    services = [ray_head_service(tmp / "ray"), mlflow_service(tmp / "mlflow")]
-    for s in services:
-        s.launch()
-    cluster.build()
-    info = cluster.up(tmp / "k8s", crd_dirs=[REPO / "charts" / "anneal" / "crds"], kuberay=False)
-    kube = KubeCluster(Path(info["kubeconfig"]), info["server"], Path(info["state_dir"]), Path(info["bin_dir"]))
-    op = None
     rows: list[dict[str, Any]] = []
-    try:
+    with local_operator("bench-rollout-operator-", ray=True) as env:
         import httpx
 
         from tests.e2e.test_operator import _free_port
 
-        ray, mlflow = services[0].url(), services[1].url()
+        tmp, kube, ray = env.tmp, env.kube, env.urls["ray"]
         port = _free_port()  # Serve on a free port, started the way `serve deploy` starts it
         httpx.put(ray + "/api/serve/applications/", timeout=300,
                   json={"applications": [], "http_options": {"host": "127.0.0.1", "port": port}}).raise_for_status()
         _wait("Serve's HTTP port", lambda: (httpx.get(ray + "/api/serve/applications/", timeout=10).json().get(
             "http_options") or {}).get("port") == port, 300, every=1)
         models = _models(tmp / "models")
-        (tmp / "operator").mkdir()
-        op = Operator(kube.kubeconfig, mlflow, tmp / "operator").start()
+        env.start_operator()
         ns = f"bench-{uuid.uuid4().hex[:5]}"
         kube.kubectl("create", "namespace", ns)
         load = os.getloadavg()
@@ -176,13 +165,6 @@ def main() -> None:
         print(json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=2))
         if a.json:
             Path(a.json).write_text(json.dumps(out, indent=2))
-    finally:
-        if op is not None:
-            op.stop()
-        cluster.down(tmp / "k8s")
-        for s in services:
-            s.stop()
-        shutil.rmtree(services[0].temp_dir, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
