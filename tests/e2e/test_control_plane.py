@@ -213,7 +213,10 @@ def test_anneal_rayjob_is_accepted_strictly_and_its_pods_pass_restricted_pod_sec
     kube.kubectl("create", "--validate=strict", "-n", namespace, "-f", "-", input=yaml.safe_dump(rj))
     stored = json.loads(kube.kubectl("get", "rayjob", "kd-dj-a1", "-n", namespace, "-o", "json").stdout)
     worker = stored["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
-    assert worker["resources"] == {"accelerator_type:H100": "1"}
+    # The GPU count lives in the group's resources only: KubeRay >= 1.4 rejects a group that
+    # sets it both there and in rayStartParams (ValidationFailed).
+    assert worker["resources"] == {"GPU": "1", "accelerator_type:H100": "1"}
+    assert not {"num-gpus", "resources"} & set(worker["rayStartParams"])
     terms = worker["template"]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert terms["nodeSelectorTerms"][0]["matchExpressions"][0]["values"][0] == "NVIDIA-H100-80GB-HBM3"
 
