@@ -19,6 +19,7 @@ import pytest
 
 from anneal.api.distillation import DistillationJobSpec
 from anneal.distill import harness, recipe
+from anneal.runtime import placement
 from anneal.tracking import mlflow_store as store
 
 pytestmark = pytest.mark.integration
@@ -115,6 +116,12 @@ def test_kd_from_a_depth_and_width_pruned_teacher(home, teacher):
     assert metrics["studentLayers"] == 2
     assert metrics["studentParams"] < metrics["teacherParams"]
     assert metrics["train/kd"] >= 0 and metrics["train/step"] == 8
+    # The teacher was pruned and the models scored on a Ray worker (one training worker's
+    # resources: the GPU node on a cluster), not in the driver, which is this process here.
+    tags = store.client(home["tracking_uri"]).get_run(result.mlflow_run_id).data.tags
+    for tag in (placement.TAG_STUDENT_MADE_ON, placement.TAG_EVALUATED_ON):
+        host_pid, device = tags[tag].split(" ")
+        assert device == "(cpu)" and int(host_pid.rsplit(":", 1)[1]) != os.getpid(), (tag, tags[tag])
 
 
 def test_kd_with_a_student_of_another_tokenizer_fails_clearly(home, teacher, tmp_path):

@@ -27,6 +27,7 @@ from typing import Any, Callable
 from anneal.api.common import now_iso
 from anneal.api.compression import CompressionJobSpec
 from anneal.distill.recipe import JobContext, JobResult, model_uri_of, resolve_dir
+from anneal.runtime import placement
 from anneal.tracking import mlflow_store as store
 
 log = logging.getLogger(__name__)
@@ -105,20 +106,12 @@ def gate(metrics: dict[str, float], min_retention: float | None, questions: int 
 
 
 def _on_ray(fn: Callable[..., Any], spec: CompressionJobSpec, *args: Any) -> Any:
-    """Run `fn(*args)` as a Ray task with the spec's per-worker resources (inline without Ray)."""
-    import ray
-
-    if not ray.is_initialized():
-        return fn(*args)
-    r = spec.resources
-    opts: dict[str, Any] = {"num_cpus": r.cpus_per_worker, "num_gpus": r.gpus_per_worker, "max_retries": 0}
-    if r.gpus_per_worker > 0 and r.accelerator_type:
-        opts["accelerator_type"] = r.accelerator_type
-    return ray.get(ray.remote(**opts)(fn).remote(*args))
+    """Run `fn(*args)` on a Ray worker with the spec's per-worker resources (inline without Ray)."""
+    return placement.on_a_worker(spec.resources, fn, *args)
 
 
 def _device(spec: CompressionJobSpec) -> str:
-    return "cuda" if spec.resources.gpus_per_worker > 0 else "cpu"
+    return placement.device_of(spec.resources)
 
 
 def eval_plan(spec: CompressionJobSpec) -> Any:

@@ -97,8 +97,9 @@ def text_perplexity(model: Any, tokenizer: Any, texts: Sequence[str], block_size
     return math.exp(total / max(count, 1)), count
 
 
-def dir_perplexity(model_dir: str | Path, texts: Sequence[str], block_size: int) -> tuple[float, int]:
-    """`text_perplexity` of a checkpoint directory (CPU, fp32)."""
+def dir_perplexity(model_dir: str | Path, texts: Sequence[str], block_size: int,
+                   device: str = "cpu") -> tuple[float, int]:
+    """`text_perplexity` of a checkpoint directory (fp32, on `device`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,12 +107,12 @@ def dir_perplexity(model_dir: str | Path, texts: Sequence[str], block_size: int)
 
     register_anneal_llama()  # a fused (anneal_llama) checkpoint is a usual cpt start
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
     return text_perplexity(model, tokenizer, texts, block_size)
 
 
 def heldout_metrics(spec: DistillationJobSpec, docs: Documents, student_dir: Path, start_dir: Path,
-                    teacher_dir: Path | None) -> dict[str, float]:
+                    teacher_dir: Path | None, device: str = "cpu") -> dict[str, float]:
     """Perplexity on the held-out text of the trained student, its start, and the teacher.
 
     Returns:
@@ -119,9 +120,9 @@ def heldout_metrics(spec: DistillationJobSpec, docs: Documents, student_dir: Pat
         teacher), `heldoutTokens` (how many predicted tokens each averages over).
     """
     block = spec.dataset.max_seq_length
-    ppl, tokens = dir_perplexity(student_dir, docs.heldout, block)
-    out = {"perplexity": ppl, "startPerplexity": dir_perplexity(start_dir, docs.heldout, block)[0],
+    ppl, tokens = dir_perplexity(student_dir, docs.heldout, block, device)
+    out = {"perplexity": ppl, "startPerplexity": dir_perplexity(start_dir, docs.heldout, block, device)[0],
            "heldoutTokens": float(tokens)}
     if teacher_dir is not None:
-        out["teacherPerplexity"] = dir_perplexity(teacher_dir, docs.heldout, block)[0]
+        out["teacherPerplexity"] = dir_perplexity(teacher_dir, docs.heldout, block, device)[0]
     return out

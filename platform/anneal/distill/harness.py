@@ -81,7 +81,7 @@ def student_toggle(spec: DistillationJobSpec, student_init: str | Path) -> bool:
     """Whether the student is trained and scored with the reasoning toggle's system message.
 
     `spec.reasoningToggle` when set, else what the student's starting checkpoint declares (a fresh or
-    derived student's init carries its teacher's declaration, `anneal.distill.recipe.prepare_student`).
+    derived student's init carries its teacher's declaration, `anneal.distill.recipe.make_student`).
     The driver and every worker read the same init directory, so they agree.
     """
     from anneal.modeling.chat import dir_declares_reasoning_toggle, resolve_reasoning_toggle

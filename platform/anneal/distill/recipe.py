@@ -39,6 +39,7 @@ from anneal.distill.harness import (
     start_worker,
     student_toggle,
 )
+from anneal.runtime import placement
 from anneal.tracking import mlflow_store as store
 
 log = logging.getLogger(__name__)
@@ -135,23 +136,35 @@ def resolve_dir(uri: str, ctx: JobContext) -> Path:
 def prepare_student(spec: DistillationJobSpec, ctx: JobContext, teacher_dir: Path | None) -> tuple[Path, dict[str, Any]]:
     """The directory of the student's starting checkpoint, and figures about how it was made.
 
-    A fresh (`config`) or derived (`fromTeacher`) student's init declares the reasoning toggle as
-    its teacher does (`anneal.modeling.chat`); without a teacher it is Anneal's own and takes it.
+    A registered student is resolved here; a fresh (`config`) or derived (`fromTeacher`) one is
+    built on a Ray worker with one training worker's resources (`make_student`: the teacher is
+    loaded there, on the GPU when the job has one, not in the driver).
     """
-    from anneal.modeling.chat import dir_declares_reasoning_toggle
-
-    from anneal.modeling.tiny import LlamaShape, build_llama, count_parameters, save_pretrained
-    from anneal.modeling.tokenizer import builtin_tokenizer
-    from transformers import AutoTokenizer
-
     init_dir = Path(ctx.work_dir) / "student-init"
-    info: dict[str, Any] = {}
-    student = spec.student
-    ref_uri = model_uri_of(student.uri, ctx, "student")
+    ref_uri = model_uri_of(spec.student.uri, ctx, "student")
     if ref_uri is not None:
         return resolve_dir(ref_uri, ctx), {"studentSource": ref_uri}
     if (init_dir / "config.json").exists():
         return init_dir, {"studentSource": "resumed"}  # a retried job starts from the same init
+    info = placement.on_a_worker(spec.resources, make_student, spec, ctx, teacher_dir, init_dir,
+                                 placement.device_of(spec.resources), name="anneal-make-student")
+    return init_dir, info
+
+
+def make_student(spec: DistillationJobSpec, ctx: JobContext, teacher_dir: Path | None, init_dir: Path,
+                 device: str = "cpu") -> dict[str, Any]:
+    """Build a fresh (`config`) or derived (`fromTeacher`) student into `init_dir`; figures about it.
+
+    Its init declares the reasoning toggle as its teacher does (`anneal.modeling.chat`);
+    without a teacher it is Anneal's own and takes it.
+    """
+    from anneal.modeling.chat import dir_declares_reasoning_toggle
+    from anneal.modeling.tiny import LlamaShape, build_llama, count_parameters, save_pretrained
+    from anneal.modeling.tokenizer import builtin_tokenizer
+    from transformers import AutoTokenizer
+
+    info: dict[str, Any] = {"madeOn": placement.here(device)}
+    student = spec.student
     if student.config is not None:
         c = student.config
         tokenizer = (
@@ -171,15 +184,16 @@ def prepare_student(spec: DistillationJobSpec, ctx: JobContext, teacher_dir: Pat
         info["studentParams"] = float(count_parameters(model))
         _atomic_save(model, tokenizer, init_dir, save_pretrained,
                      toggle=dir_declares_reasoning_toggle(teacher_dir) if teacher_dir is not None else True)
-        return init_dir, info
+        return info
     if student.from_teacher is not None:
         assert teacher_dir is not None
         from anneal.distill.students import derive_student
 
-        model, tokenizer, report = derive_student(teacher_dir, student.from_teacher, ctx.cache_dir)
+        model, tokenizer, report = derive_student(teacher_dir, student.from_teacher, ctx.cache_dir, device=device)
         info.update(report)
-        _atomic_save(model, tokenizer, init_dir, save_pretrained, toggle=dir_declares_reasoning_toggle(teacher_dir))
-        return init_dir, info
+        _atomic_save(model.to("cpu"), tokenizer, init_dir, save_pretrained,
+                     toggle=dir_declares_reasoning_toggle(teacher_dir))
+        return info
     raise ValueError("spec.student: nothing to start from")
 
 
@@ -408,11 +422,18 @@ def attention_maps(spec: DistillationJobSpec, ctx: JobContext, student_dir: Path
         result.warnings.append("evaluation.attentionMaps: this cpt job scores no questions (set evaluation.dataset); "
                                "no attention maps were made")
         return {}
+    return placement.on_a_worker(
+        spec.resources, _attention_maps_task, ctx.tracking_uri, ctx.run_id, student_dir, plan,
+        spec.evaluation.attention_maps, Path(ctx.work_dir) / "explain", Path(ctx.cache_dir) / "datasets",
+        placement.device_of(spec.resources), f"student of {ctx.namespace}/{ctx.name}", name="anneal-attention-maps")
+
+
+def _attention_maps_task(tracking_uri: str, run_id: str, student_dir: Path, plan: Any, n: int, out_dir: Path,
+                         cache_dir: Path, device: str, model_name: str) -> dict[str, float]:
     from anneal.explain.evaluation import log_attention_maps
 
-    return log_attention_maps(ctx.tracking_uri, ctx.run_id, student_dir, plan, spec.evaluation.attention_maps,
-                              Path(ctx.work_dir) / "explain", cache_dir=Path(ctx.cache_dir) / "datasets",
-                              model_name=f"student of {ctx.namespace}/{ctx.name}")
+    return log_attention_maps(tracking_uri, run_id, student_dir, plan, n, out_dir, cache_dir=cache_dir,
+                              device=device, model_name=model_name)
 
 
 def evaluate(
@@ -421,31 +442,44 @@ def evaluate(
 ) -> dict[str, float]:
     """Student (and cached teacher) accuracy per reasoning mode, retention and perplexity.
 
-    With `cache_key`, the student's figures are cached too (a retried kd-rl job scores its
-    starting point once). The student is scored with `toggle` (its training's reasoning toggle),
-    the teacher as it declares.
+    Scored on a Ray worker with one training worker's resources (`score_models`; on its GPU when
+    the job has one), not in the driver. With `cache_key`, the student's figures are cached too
+    (a retried kd-rl job scores its starting point once). The student is scored with `toggle`
+    (its training's reasoning toggle), the teacher as it declares.
     """
-    import dataclasses
-
-    from anneal.compress.evaluation import cached_evaluate_dir, evaluate_dir, model_key
-
     plan = eval_plan(spec, toggle)
     if plan is None:
         return {}  # cpt's perplexity is on held-out text (`anneal.distill.cpt`); no questions to score
-    cache = Path(ctx.cache_dir)
-    if cache_key is not None:
-        student = cached_evaluate_dir(student_dir, plan, f"{cache_key}|{model_key(student_dir)}", cache)
-    else:
-        student = evaluate_dir(student_dir, plan, cache_dir=cache / "datasets")
+    student, teacher, where = placement.on_a_worker(
+        spec.resources, score_models, plan, Path(ctx.cache_dir), student_dir, cache_key, teacher_dir, teacher_uri,
+        placement.device_of(spec.resources), name="anneal-evaluate")
+    if ctx.run_id:
+        store.set_tags(ctx.tracking_uri, ctx.run_id, {placement.TAG_EVALUATED_ON: where})
     metrics = {("perplexity" if k == "perplexity" else f"student{k[0].upper()}{k[1:]}"): v for k, v in student.items()}
-    if teacher_dir is not None:
-        key = f"{teacher_uri}|{model_key(teacher_dir)}"
-        teacher = cached_evaluate_dir(teacher_dir, dataclasses.replace(plan, toggle=None), key, cache)
+    if teacher is not None:
         for k, v in teacher.items():
             metrics[f"teacher{k[0].upper()}{k[1:]}"] = v
         if teacher.get("accuracy"):
             metrics["retention"] = student.get("accuracy", 0.0) / teacher["accuracy"]
     return metrics
+
+
+def score_models(plan: Any, cache: Path, student_dir: Path, cache_key: str | None, teacher_dir: Path | None,
+                 teacher_uri: str | None, device: str = "cpu") -> tuple[dict[str, float], dict[str, float] | None, str]:
+    """The student's figures under `plan`, the teacher's as it declares (cached per teacher version), and where."""
+    import dataclasses
+
+    from anneal.compress.evaluation import cached_evaluate_dir, evaluate_dir, model_key
+
+    if cache_key is not None:
+        student = cached_evaluate_dir(student_dir, plan, f"{cache_key}|{model_key(student_dir)}", cache, device=device)
+    else:
+        student = evaluate_dir(student_dir, plan, cache_dir=cache / "datasets", device=device)
+    teacher = None
+    if teacher_dir is not None:
+        key = f"{teacher_uri}|{model_key(teacher_dir)}"
+        teacher = cached_evaluate_dir(teacher_dir, dataclasses.replace(plan, toggle=None), key, cache, device=device)
+    return student, teacher, placement.here(device)
 
 
 # ----------------------------------------------------------------------------- run
@@ -483,6 +517,8 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
         store.set_tags(ctx.tracking_uri, run_id, tags)
         if info:
             store.log_metrics(ctx.tracking_uri, run_id, {k: v for k, v in info.items() if isinstance(v, (int, float))})
+        if "madeOn" in info:
+            store.set_tags(ctx.tracking_uri, run_id, {placement.TAG_STUDENT_MADE_ON: info["madeOn"]})
         # Read the data once up front: a bad data set fails here, clearly, before any worker starts.
         docs = None
         if spec.method == "cpt":
@@ -516,7 +552,9 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
         if docs is not None:
             from anneal.distill.cpt import heldout_metrics
 
-            metrics.update(heldout_metrics(spec, docs, final_dir, student_init, teacher_dir))
+            metrics.update(placement.on_a_worker(spec.resources, heldout_metrics, spec, docs, final_dir, student_init,
+                                                 teacher_dir, placement.device_of(spec.resources),
+                                                 name="anneal-heldout-perplexity"))
             if final_metrics.get("train/loss") is not None:
                 metrics["trainLoss"] = final_metrics["train/loss"]
         for k, v in start_metrics.items():

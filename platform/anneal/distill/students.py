@@ -31,8 +31,12 @@ def calibration_batches(tokenizer: Any, ref: DatasetRef, cache_dir: str | Path, 
         yield {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-def derive_student(teacher_dir: str | Path, plan: FromTeacher, cache_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:
+def derive_student(teacher_dir: str | Path, plan: FromTeacher, cache_dir: str | Path,
+                   device: str = "cpu") -> tuple[Any, Any, dict[str, Any]]:
     """Prune the teacher into a student by depth and/or width importance on `plan.calibration`.
+
+    The teacher is loaded in fp32 on `device` (the importance passes run there); the student
+    comes back on it too.
 
     Returns:
         (student model, the teacher's tokenizer, a report of figures: params before/after, kept layers).
@@ -46,7 +50,7 @@ def derive_student(teacher_dir: str | Path, plan: FromTeacher, cache_dir: str | 
 
     register_anneal_llama()  # model_type anneal_llama (attention removal, FFN fusion)
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
-    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).to(device).eval()
     pruning_plan = PruningPlan.from_spec(plan.to_dict(), field_prefix="student.fromTeacher")
     batches = list(calibration_batches(tokenizer, plan.calibration, cache_dir,
                                        toggle=dir_declares_reasoning_toggle(teacher_dir)))
