@@ -35,23 +35,26 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-async def stream_one(http: httpx.AsyncClient, variant: str, i: int, tokens: int) -> tuple[float, int]:
-    """(seconds to the first piece, answer tokens) of one streamed chat request pinned to `variant`."""
+async def stream_one(http: httpx.AsyncClient, variant: str, i: int, tokens: int) -> tuple[float, int, int]:
+    """(seconds to the first piece, answer tokens, SSE chunks with text) of one streamed chat request
+    pinned to `variant`."""
     body = {"model": variant, "messages": [{"role": "user", "content": f"What is {i} + {i % 7}?"}],
             "max_tokens": tokens, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    first, used = None, 0
+    first, used, chunks = None, 0, 0
     async with http.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
-            if first is None and any(c["delta"].get("content") for c in event["choices"]):
-                first = time.perf_counter() - t0
+            if any(c["delta"].get("content") for c in event["choices"]):
+                chunks += 1
+                if first is None:
+                    first = time.perf_counter() - t0
             if event.get("usage"):
                 used = event["usage"]["completion_tokens"]
-    return (first if first is not None else time.perf_counter() - t0), used
+    return (first if first is not None else time.perf_counter() - t0), used, chunks
 
 
 async def round_of(base: str, variant: str, n: int, tokens: int) -> dict[str, float]:
@@ -64,7 +67,7 @@ async def round_of(base: str, variant: str, n: int, tokens: int) -> dict[str, fl
     total = sum(r[1] for r in results)
     assert total == n * tokens, f"{variant}: {total} tokens, expected {n * tokens}"
     return {"tokens_per_s": total / wall, "ttft_p50_ms": statistics.median(ttft), "ttft_p95_ms": pct(ttft, 95),
-            "wall_s": wall}
+            "wall_s": wall, "chunks_per_answer": sum(r[2] for r in results) / n}
 
 
 def main() -> None:
@@ -116,19 +119,21 @@ def main() -> None:
             h, v = rows[n]["hf"], rows[n]["vllm"]
             print(f"{n:>3} streams  hf {h['tokens_per_s']:8.1f} tok/s ttft p50 {h['ttft_p50_ms']:8.1f} ms | "
                   f"vllm {v['tokens_per_s']:8.1f} tok/s ttft p50 {v['ttft_p50_ms']:8.1f} ms | "
-                  f"{v['tokens_per_s'] / h['tokens_per_s']:.1f}x", flush=True)
+                  f"{v['tokens_per_s'] / h['tokens_per_s']:.1f}x | chunks per answer hf {h['chunks_per_answer']:.0f} "
+                  f"vllm {v['chunks_per_answer']:.0f}", flush=True)
         running.stop()
     load_after = os.getloadavg()
     print()
     print(f"load average {load_before[0]:.1f} -> {load_after[0]:.1f}; {a.tokens} tokens per answer, "
           f"median of {a.rounds} rounds; vLLM {'eager' if a.eager else 'compiled'}")
     print("| streams | transformers tok/s | vllm tok/s | vllm / transformers | transformers TTFT p50 / p95 ms "
-          "| vllm TTFT p50 / p95 ms |")
-    print("|---|---|---|---|---|---|")
+          "| vllm TTFT p50 / p95 ms | SSE chunks per answer transformers / vllm |")
+    print("|---|---|---|---|---|---|---|")
     for n, r in rows.items():
         h, v = r["hf"], r["vllm"]
         print(f"| {n} | {h['tokens_per_s']:.1f} | {v['tokens_per_s']:.1f} | {v['tokens_per_s'] / h['tokens_per_s']:.1f}x "
-              f"| {h['ttft_p50_ms']:.0f} / {h['ttft_p95_ms']:.0f} | {v['ttft_p50_ms']:.0f} / {v['ttft_p95_ms']:.0f} |")
+              f"| {h['ttft_p50_ms']:.0f} / {h['ttft_p95_ms']:.0f} | {v['ttft_p50_ms']:.0f} / {v['ttft_p95_ms']:.0f} "
+              f"| {h['chunks_per_answer']:.0f} / {v['chunks_per_answer']:.0f} |")
 
 
 if __name__ == "__main__":
