@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--levels", default="1,8,32")
+    ap.add_argument("--hidden", type=int, default=128, help="model width (heads of 64)")
+    ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--eager", action="store_true", help="vLLM without torch.compile")
     a = ap.parse_args()
     levels = [int(x) for x in a.levels.split(",")]
@@ -85,9 +87,9 @@ def main() -> None:
     from anneal.serve.engines import TransformersEngine, VllmEngine
 
     root = Path(tempfile.mkdtemp(prefix="bench-engines-"))
-    model = save_family_model("llama3", root / "model", LlamaShape(hidden_size=128, layers=2, heads=2, kv_heads=1,
-                                                                    intermediate_size=256,
-                                                                    max_position_embeddings=512))
+    shape = LlamaShape(hidden_size=a.hidden, layers=a.layers, heads=a.hidden // 64, kv_heads=max(1, a.hidden // 128),
+                       intermediate_size=2 * a.hidden, max_position_embeddings=512)
+    model = save_family_model("llama3", root / "model", shape)
     load_before = os.getloadavg()
     tf = TransformersEngine(str(model), cache_dir=str(root / "cache"), device="cpu", num_threads=1)
     t0 = time.perf_counter()

@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="answer tokens per request")
     ap.add_argument("--rounds", type=int, default=2, help="rounds per engine and concurrency")
     ap.add_argument("--levels", default="1,8,32", help="concurrent streams")
+    ap.add_argument("--hidden", type=int, default=128, help="model width (heads of 64)")
+    ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--eager", action="store_true", help="vLLM without torch.compile (engineOptions.enforceEager)")
     a = ap.parse_args()
     levels = [int(x) for x in a.levels.split(",")]
@@ -87,9 +89,9 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     os.environ["ANNEAL_HOME"] = str(root / "home")
-    model = save_family_model("llama3", root / "model", LlamaShape(hidden_size=128, layers=2, heads=2, kv_heads=1,
-                                                                    intermediate_size=256,
-                                                                    max_position_embeddings=512))
+    shape = LlamaShape(hidden_size=a.hidden, layers=a.layers, heads=a.hidden // 64, kv_heads=max(1, a.hidden // 128),
+                       intermediate_size=2 * a.hidden, max_position_embeddings=512)
+    model = save_family_model("llama3", root / "model", shape)
     settings = Settings()
     settings.ray.num_cpus, settings.ray.address = 2, None
     vllm_options = {"dtype": "bfloat16", "maxModelLen": 512, "maxNumSeqs": max(levels), "kvCacheMemory": "512Mi"}
