@@ -116,12 +116,27 @@ def test_kd_from_a_depth_and_width_pruned_teacher(home, teacher):
     assert metrics["studentLayers"] == 2
     assert metrics["studentParams"] < metrics["teacherParams"]
     assert metrics["train/kd"] >= 0 and metrics["train/step"] == 8
-    # The teacher was pruned and the models scored on a Ray worker (one training worker's
-    # resources: the GPU node on a cluster), not in the driver, which is this process here.
+    # Where the teacher was pruned and the models scored is on the run. A CPU job on this one-node
+    # local Ray: in the driver (this process), which has the node's cores; with GPUs, or on a Ray of
+    # several nodes, the same call is a Ray task with one training worker's resources (below).
     tags = store.client(home["tracking_uri"]).get_run(result.mlflow_run_id).data.tags
     for tag in (placement.TAG_STUDENT_MADE_ON, placement.TAG_EVALUATED_ON):
         host_pid, device = tags[tag].split(" ")
-        assert device == "(cpu)" and int(host_pid.rsplit(":", 1)[1]) != os.getpid(), (tag, tags[tag])
+        assert device == "(cpu)" and int(host_pid.rsplit(":", 1)[1]) == os.getpid(), (tag, tags[tag])
+    # The task path, as distill takes it off one node (and compress always): another process, with
+    # the function's own error class when it fails.
+    pid, where = placement.on_a_worker(spec.resources, _where)
+    assert pid != os.getpid() and where.endswith("(cpu)")
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        placement.on_a_worker(spec.resources, _fail, "no such checkpoint")
+
+
+def _where() -> tuple[int, str]:
+    return os.getpid(), placement.here("cpu")
+
+
+def _fail(message: str) -> None:
+    raise ValueError(message)
 
 
 def test_kd_with_a_student_of_another_tokenizer_fails_clearly(home, teacher, tmp_path):

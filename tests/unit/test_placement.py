@@ -37,3 +37,9 @@ def test_without_ray_the_work_runs_inline_and_its_error_is_its_own():
 
 def _fail(message: str) -> None:
     raise ValueError(message)
+
+
+@pytest.mark.parametrize("gpus,nodes,inline", [(0, 1, True), (0, 3, False), (1, 1, False), (0.5, 1, False)])
+def test_only_a_cpu_job_on_a_one_node_ray_may_stay_in_the_driver(gpus, nodes, inline):
+    # one node: a task would land on the driver's node anyway, with one worker's CPUs as torch threads
+    assert placement.stays_in_driver(Resources.model_validate({"gpusPerWorker": gpus}), nodes) is inline

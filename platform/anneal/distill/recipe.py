@@ -147,7 +147,8 @@ def prepare_student(spec: DistillationJobSpec, ctx: JobContext, teacher_dir: Pat
     if (init_dir / "config.json").exists():
         return init_dir, {"studentSource": "resumed"}  # a retried job starts from the same init
     info = placement.on_a_worker(spec.resources, make_student, spec, ctx, teacher_dir, init_dir,
-                                 placement.device_of(spec.resources), name="anneal-make-student")
+                                 placement.device_of(spec.resources), name="anneal-make-student",
+                                 inline_on_one_node=True)
     return init_dir, info
 
 
@@ -425,7 +426,8 @@ def attention_maps(spec: DistillationJobSpec, ctx: JobContext, student_dir: Path
     return placement.on_a_worker(
         spec.resources, _attention_maps_task, ctx.tracking_uri, ctx.run_id, student_dir, plan,
         spec.evaluation.attention_maps, Path(ctx.work_dir) / "explain", Path(ctx.cache_dir) / "datasets",
-        placement.device_of(spec.resources), f"student of {ctx.namespace}/{ctx.name}", name="anneal-attention-maps")
+        placement.device_of(spec.resources), f"student of {ctx.namespace}/{ctx.name}", name="anneal-attention-maps",
+        inline_on_one_node=True)
 
 
 def _attention_maps_task(tracking_uri: str, run_id: str, student_dir: Path, plan: Any, n: int, out_dir: Path,
@@ -452,7 +454,7 @@ def evaluate(
         return {}  # cpt's perplexity is on held-out text (`anneal.distill.cpt`); no questions to score
     student, teacher, where = placement.on_a_worker(
         spec.resources, score_models, plan, Path(ctx.cache_dir), student_dir, cache_key, teacher_dir, teacher_uri,
-        placement.device_of(spec.resources), name="anneal-evaluate")
+        placement.device_of(spec.resources), name="anneal-evaluate", inline_on_one_node=True)
     if ctx.run_id:
         store.set_tags(ctx.tracking_uri, ctx.run_id, {placement.TAG_EVALUATED_ON: where})
     metrics = {("perplexity" if k == "perplexity" else f"student{k[0].upper()}{k[1:]}"): v for k, v in student.items()}
@@ -554,7 +556,7 @@ def run(spec: DistillationJobSpec, ctx: JobContext, on_progress: Callable[[dict[
 
             metrics.update(placement.on_a_worker(spec.resources, heldout_metrics, spec, docs, final_dir, student_init,
                                                  teacher_dir, placement.device_of(spec.resources),
-                                                 name="anneal-heldout-perplexity"))
+                                                 name="anneal-heldout-perplexity", inline_on_one_node=True))
             if final_metrics.get("train/loss") is not None:
                 metrics["trainLoss"] = final_metrics["train/loss"]
         for k, v in start_metrics.items():
