@@ -19,7 +19,6 @@ average before and after. Runs in the serving environment (vLLM pins its own tor
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
@@ -72,24 +71,14 @@ async def vllm_round(engine, n: int, tokens: int) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--levels", default="1,8,32")
-    ap.add_argument("--hidden", type=int, default=128, help="model width (heads of 64)")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--eager", action="store_true", help="vLLM without torch.compile")
-    a = ap.parse_args()
-    levels = [int(x) for x in a.levels.split(",")]
+    from bench_serving import bench_model, parse_args  # the same options and model as the served benchmark
 
-    from anneal.modeling.families import save_family_model
-    from anneal.modeling.tiny import LlamaShape
     from anneal.serve.engines import TransformersEngine, VllmEngine
 
+    a = parse_args(__doc__)
+    levels = a.levels
     root = Path(tempfile.mkdtemp(prefix="bench-engines-"))
-    shape = LlamaShape(hidden_size=a.hidden, layers=a.layers, heads=a.hidden // 64, kv_heads=max(1, a.hidden // 128),
-                       intermediate_size=2 * a.hidden, max_position_embeddings=512)
-    model = save_family_model("llama3", root / "model", shape)
+    model = bench_model(root, a)
     load_before = os.getloadavg()
     tf = TransformersEngine(str(model), cache_dir=str(root / "cache"), device="cpu", num_threads=1)
     t0 = time.perf_counter()

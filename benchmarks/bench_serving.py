@@ -70,8 +70,9 @@ async def round_of(base: str, variant: str, n: int, tokens: int) -> dict[str, fl
             "wall_s": wall, "chunks_per_answer": sum(r[2] for r in results) / n}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str) -> argparse.Namespace:
+    """The options both engine benchmarks take (this one and bench_engines.py): load and model shape."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64, help="answer tokens per request")
     ap.add_argument("--rounds", type=int, default=2, help="rounds per engine and concurrency")
     ap.add_argument("--levels", default="1,8,32", help="concurrent streams")
@@ -79,19 +80,31 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--eager", action="store_true", help="vLLM without torch.compile (engineOptions.enforceEager)")
     a = ap.parse_args()
-    levels = [int(x) for x in a.levels.split(",")]
+    a.levels = [int(x) for x in a.levels.split(",")]
+    return a
+
+
+def bench_model(root: Path, a: argparse.Namespace) -> Path:
+    """The Llama-3-style chat model both engines serve: `--hidden` wide (heads of 64), `--layers` deep, random."""
+    from anneal.modeling.families import save_family_model
+    from anneal.modeling.tiny import LlamaShape
+
+    shape = LlamaShape(hidden_size=a.hidden, layers=a.layers, heads=a.hidden // 64, kv_heads=max(1, a.hidden // 128),
+                       intermediate_size=2 * a.hidden, max_position_embeddings=512)
+    return save_family_model("llama3", root / "model", shape)
+
+
+def main() -> None:
+    a = parse_args(__doc__)
+    levels = a.levels
 
     from anneal.local.jobs import ray_session
     from anneal.local.service import start_service
-    from anneal.modeling.families import save_family_model
-    from anneal.modeling.tiny import LlamaShape
     from anneal.settings import Settings
 
     root = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     os.environ["ANNEAL_HOME"] = str(root / "home")
-    shape = LlamaShape(hidden_size=a.hidden, layers=a.layers, heads=a.hidden // 64, kv_heads=max(1, a.hidden // 128),
-                       intermediate_size=2 * a.hidden, max_position_embeddings=512)
-    model = save_family_model("llama3", root / "model", shape)
+    model = bench_model(root, a)
     settings = Settings()
     settings.ray.num_cpus, settings.ray.address = 2, None
     vllm_options = {"dtype": "bfloat16", "maxModelLen": 512, "maxNumSeqs": max(levels), "kvCacheMemory": "512Mi"}
