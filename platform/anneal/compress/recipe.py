@@ -105,15 +105,6 @@ def gate(metrics: dict[str, float], min_retention: float | None, questions: int 
 # ----------------------------------------------------------------------------- Ray tasks
 
 
-def _on_ray(fn: Callable[..., Any], spec: CompressionJobSpec, *args: Any) -> Any:
-    """Run `fn(*args)` on a Ray worker with the spec's per-worker resources (inline without Ray)."""
-    return placement.on_a_worker(spec.resources, fn, *args)
-
-
-def _device(spec: CompressionJobSpec) -> str:
-    return placement.device_of(spec.resources)
-
-
 def eval_plan(spec: CompressionJobSpec) -> Any:
     from anneal.compress.evaluation import EvalPlan
 
@@ -133,8 +124,8 @@ def evaluate_task(cfg: dict[str, Any], model_dir: str, cache_key: str | None) ->
     spec, cache = c.typed_spec, Path(c.ctx.cache_dir)
     plan = eval_plan(spec)
     if cache_key:
-        return cached_evaluate_dir(model_dir, plan, cache_key, cache, device=_device(spec))
-    return evaluate_dir(model_dir, plan, cache_dir=cache / "datasets", device=_device(spec))
+        return cached_evaluate_dir(model_dir, plan, cache_key, cache, device=placement.device_of(spec.resources))
+    return evaluate_dir(model_dir, plan, cache_dir=cache / "datasets", device=placement.device_of(spec.resources))
 
 
 def attention_maps_task(cfg: dict[str, Any], model_dir: str) -> dict[str, float]:
@@ -145,7 +136,7 @@ def attention_maps_task(cfg: dict[str, Any], model_dir: str) -> dict[str, float]
     spec, ctx = c.typed_spec, c.ctx
     return log_attention_maps(ctx.tracking_uri, ctx.run_id, model_dir, eval_plan(spec), spec.evaluation.attention_maps,
                               Path(ctx.work_dir) / "explain", cache_dir=Path(ctx.cache_dir) / "datasets",
-                              device=_device(spec), model_name=f"compressed {c.source_uri}")
+                              device=placement.device_of(spec.resources), model_name=f"compressed {c.source_uri}")
 
 
 def prune_task(cfg: dict[str, Any], out_dir: str) -> dict[str, Any]:
@@ -334,7 +325,8 @@ def compress(spec: CompressionJobSpec, cfg: CompressionConfig, result: JobResult
     source_dir = Path(cfg.source_dir)
 
     _progress(result, on_progress, step, stages, "evaluating the source model")
-    source_eval = _on_ray(evaluate_task, spec, asdict(cfg), str(source_dir), f"{cfg.source_uri}|{model_key(source_dir)}")
+    source_eval = placement.on_a_worker(spec.resources, evaluate_task, asdict(cfg), str(source_dir),
+                                        f"{cfg.source_uri}|{model_key(source_dir)}")
     step += 1
     source_size = checkpoint_bytes(source_dir)
     metrics.update(prefixed("source", source_eval))
@@ -346,7 +338,7 @@ def compress(spec: CompressionJobSpec, cfg: CompressionConfig, result: JobResult
     current_eval = source_eval
     if spec.pruning is not None:
         _progress(result, on_progress, step, stages, "pruning")
-        report = _on_ray(prune_task, spec, asdict(cfg), str(work / "pruned"))
+        report = placement.on_a_worker(spec.resources, prune_task, asdict(cfg), str(work / "pruned"))
         step += 1
         current = work / "pruned"
         figures = {k: v for k, v in report.items() if isinstance(v, float)}
@@ -357,7 +349,7 @@ def compress(spec: CompressionJobSpec, cfg: CompressionConfig, result: JobResult
             current = recovered
             figures.update(rec)
         _progress(result, on_progress, step, stages, "evaluating the pruned model")
-        current_eval = _on_ray(evaluate_task, spec, asdict(cfg), str(current), None)
+        current_eval = placement.on_a_worker(spec.resources, evaluate_task, asdict(cfg), str(current), None)
         step += 1
         size = checkpoint_bytes(current)
         pruned_metrics = {**current_eval, "sizeBytes": float(size), "sizeRatio": size / source_size}
@@ -377,11 +369,11 @@ def compress(spec: CompressionJobSpec, cfg: CompressionConfig, result: JobResult
         q = spec.quantization
         _progress(result, on_progress, step, stages, f"quantizing {q.scheme} ({q.algorithm})")
         before = current
-        qfig = _on_ray(quantize_task, spec, asdict(cfg), str(before), str(work / "quantized"))
+        qfig = placement.on_a_worker(spec.resources, quantize_task, asdict(cfg), str(before), str(work / "quantized"))
         step += 1
         current = work / "quantized"
         _progress(result, on_progress, step, stages, "evaluating the quantized model")
-        current_eval = _on_ray(evaluate_task, spec, asdict(cfg), str(current), None)
+        current_eval = placement.on_a_worker(spec.resources, evaluate_task, asdict(cfg), str(current), None)
         step += 1
         size = checkpoint_bytes(current)
         linear = linear_size_figures(tensor_bytes(current), tensor_bytes(before))
@@ -404,7 +396,7 @@ def compress(spec: CompressionJobSpec, cfg: CompressionConfig, result: JobResult
         metrics["retention"] = ret
     if spec.evaluation.attention_maps:
         _progress(result, on_progress, stages, stages, "drawing attention maps")
-        metrics.update(_on_ray(attention_maps_task, spec, asdict(cfg), str(current)))
+        metrics.update(placement.on_a_worker(spec.resources, attention_maps_task, asdict(cfg), str(current)))
     mlflow_metrics.update({k: v for k, v in metrics.items() if not k.startswith(("source", "pruned", "quantized"))})
     store.log_metrics(ctx.tracking_uri, ctx.run_id, {k: v for k, v in mlflow_metrics.items() if v == v})
     result.progress = {"step": stages, "totalSteps": stages}
