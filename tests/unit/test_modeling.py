@@ -9,7 +9,7 @@ import torch
 
 from anneal.data.datasets import load_samples
 from anneal.data.formats import format_chat
-from anneal.modeling.tiny import LlamaShape, build_llama, count_parameters, estimate_parameters
+from anneal.modeling.tiny import LlamaShape, build_llama, copy_task, count_parameters, estimate_parameters
 from anneal.modeling.tokenizer import BUILTIN_TOKENIZER_VERSION, SPECIAL_TOKENS, builtin_tokenizer, train_tokenizer
 from anneal.modeling.uris import ModelURI, parse_model_uri
 
@@ -161,3 +161,17 @@ def test_unmerged_adapter_resolves_and_loads_onto_its_base(tmp_path, tokenizer):
         got = model(input_ids=ids).logits
     assert torch.allclose(got, expected, atol=1e-5)
     assert len(tok) == len(tokenizer)
+
+
+def test_copy_task_held_out_numbers_are_never_trained_on(tmp_path):
+    train = copy_task(tmp_path / "copy.jsonl", 70, held_out=20)
+    held = tmp_path / "copy-held-out.jsonl"
+    seen = [int(s.completion.split()[-1]) for s in load_samples(str(train), format="prompt-completion")]
+    unseen = [int(s.completion.split()[-1]) for s in load_samples(str(held), format="prompt-completion")]
+    assert len(seen) == 70 and len(unseen) == 20 and not set(seen) & set(unseen)
+    assert all(10 <= x < 100 for x in seen + unseen)
+    # without held_out: one file, the same for the same seed
+    assert copy_task(tmp_path / "plain.jsonl", 16).read_text() == copy_task(tmp_path / "again.jsonl", 16).read_text()
+    assert not (tmp_path / "plain-held-out.jsonl").exists()
+    with pytest.raises(ValueError, match="only 90"):
+        copy_task(tmp_path / "big.jsonl", 80, held_out=11)

@@ -142,38 +142,47 @@ def save_pretrained(model: Any, tokenizer: Any, path: str | Path) -> Path:
     return path
 
 
-def copy_task(path: str | Path, n: int, seed: int = 0) -> Path:
+def copy_task(path: str | Path, n: int, seed: int = 0, held_out: int = 0) -> Path:
     """A JSONL data set of `n` trivially learnable samples ("Repeat: 42" → "Answer: 42").
 
     A tiny model memorises it in a few hundred steps, which gives compression tests and
-    benchmarks a source model whose accuracy (1.0) any loss shows up against.
+    benchmarks a source model whose accuracy (1.0) any loss shows up against. With `held_out`
+    > 0, that many further numbers (none of the `n`) go to `<stem>-held-out.jsonl` beside it
+    (`n + held_out` <= 90).
     """
     import json
     import random
 
     path = Path(path)
+    if n + held_out > 90:
+        raise ValueError(f"copy_task: {n} + {held_out} items; there are only 90 two-digit numbers")
     rng = random.Random(seed)
-    with path.open("w") as f:
-        for x in rng.sample(range(10, 100), n):
-            f.write(json.dumps({"prompt": f"Repeat: {x}\n", "completion": f"Answer: {x}", "answer": x}) + "\n")
+    numbers = rng.sample(range(10, 100), n + held_out)
+    for target, chosen in ((path, numbers[:n]), (path.with_name(f"{path.stem}-held-out.jsonl"), numbers[n:])):
+        if target is path or chosen:
+            with target.open("w") as f:
+                for x in chosen:
+                    f.write(json.dumps({"prompt": f"Repeat: {x}\n", "completion": f"Answer: {x}", "answer": x}) + "\n")
     return path
 
 
 def memorize_copy_task(root: str | Path, shape: LlamaShape, samples: int, max_steps: int,
-                       seed: int = 1) -> tuple[Path, Path]:
+                       seed: int = 1, held_out: int = 0) -> tuple[Path, Path]:
     """Train a tiny Llama (local tokenizer) until it has memorised a copy task.
 
     Full-batch AdamW until the loss is below 0.01 or `max_steps`; the model is saved under
-    `root/source`, the data under `root/copy.jsonl`.
+    `root/source`, the data under `root/copy.jsonl`. With `held_out` > 0, that many further
+    items (numbers the model never saw) go to `root/copy-held-out.jsonl`, to measure copying
+    rather than recall (`samples + held_out` <= 90).
 
     Returns:
-        (model directory, data file).
+        (model directory, training data file).
     """
     from anneal.data.datasets import collate, load_samples, tokenize_sample
     from anneal.modeling.tokenizer import builtin_tokenizer
 
     root = Path(root)
-    data = copy_task(root / "copy.jsonl", samples)
+    data = copy_task(root / "copy.jsonl", samples, held_out=held_out)
     tokenizer = builtin_tokenizer(root / "cache" / "tokenizers")
     model = build_llama(shape, tokenizer, seed=seed)
     batch = collate([tokenize_sample(tokenizer, s, 64) for s in load_samples(str(data), format="prompt-completion")],
