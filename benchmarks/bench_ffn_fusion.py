@@ -17,9 +17,13 @@ round, so machine load hits them alike), and the ratio to the source. Also:
   random token sequences: mean KL(p_sequential ‖ p_fused) per token, top-1 agreement, and the
   relative L2 error of the fused block's output against the two sequential blocks on the same input.
 
-Part 2 (``--retention``): a 4-layer copy-task Llama is trained here (as in bench_compress.py) and
-put through the real compression recipe on a local Ray: attention of blocks 1 and 2 removed and
-fused, without and with KD recovery; accuracy retention and the fusion gap of a trained model.
+Part 2 (``--retention``): the issue's figure on one model. A copy-task Llama (hidden 128,
+``--retention-layers`` blocks) is trained here on ``--retention-samples`` items and put through
+the real compression recipe on a local Ray: ``--retention-drop`` attention sub-layers removed
+(a count: the least important on the calibration data, as ``dropLayers: N`` does; or indices),
+FFNs fused, without and with KD recovery. Accuracy retention is scored on ``--held-out`` numbers
+the model never saw (copying, not recall), or on the trained items when 0; then the source and
+the recovered model it became are timed side by side as in part 1.
 
     .venv/bin/python benchmarks/bench_ffn_fusion.py --out /tmp/bench-ffn-fusion.json [--retention]
 """
@@ -127,28 +131,44 @@ def part1(args) -> dict:
             "rows": rows, **exactness_and_gap(dropped, fused, runs, args.hidden)}
 
 
-def part2(args, root: Path) -> list[dict]:
+def _drop_spec(text: str) -> int | list[int]:
+    """``--retention-drop``: a count (the least important by the recipe's measure) or block indices."""
+    return [int(i) for i in text.split(",")] if "," in text else int(text)
+
+
+def part2(args, root: Path) -> dict:
+    """Retention and decode latency on the same trained model, through the real compression recipe."""
+    import mlflow
     import ray
+    import torch
 
     from anneal.api.compression import CompressionJobSpec
     from anneal.compress import recipe
     from anneal.modeling.tiny import LlamaShape, memorize_copy_task
+    from anneal.modeling.uris import load_model
 
-    shape = LlamaShape(hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate_size=384)
-    source, data = memorize_copy_task(root, shape, samples=16, max_steps=400)
+    shape = LlamaShape(hidden_size=128, layers=args.retention_layers, heads=4, kv_heads=2, intermediate_size=384)
+    t0 = time.perf_counter()
+    source_dir, data = memorize_copy_task(root, shape, samples=args.retention_samples, max_steps=600,
+                                          held_out=args.held_out)
+    scored = root / "copy-held-out.jsonl" if args.held_out else data  # numbers never trained on, or the trained
+    n_scored = args.held_out or args.retention_samples
+    trained_s = round(time.perf_counter() - t0, 1)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    cal = {"uri": str(data), "format": "prompt-completion", "samples": 16}
-    rows = []
+    cal = {"uri": str(data), "format": "prompt-completion", "samples": min(args.retention_samples, 64)}
+    drop = _drop_spec(args.retention_drop)
+    rows, outputs = [], {}
     try:
-        for label, recovery in (("attention 1,2 removed + fused", None),
-                                ("+ KD recovery", {"steps": args.recovery_steps, "batchSize": 8,
-                                                   "learningRate": 0.003, "dataset": cal, "kd": {"alpha": 0.5}})):
+        for label, recovery in (("removed + fused", None),
+                                (f"+ KD recovery ({args.recovery_steps} steps)",
+                                 {"steps": args.recovery_steps, "batchSize": 8, "learningRate": 0.003,
+                                  "dataset": cal, "kd": {"alpha": 0.5}})):
             spec = CompressionJobSpec.model_validate({
-                "model": {"uri": str(source)},
-                "pruning": {"attention": {"dropLayers": [1, 2], "fuseFfn": True}, "calibration": cal,
+                "model": {"uri": str(source_dir)},
+                "pruning": {"attention": {"dropLayers": drop, "fuseFfn": True}, "calibration": cal,
                             **({"recovery": recovery} if recovery else {})},
-                "evaluation": {"dataset": {"uri": str(data), "format": "prompt-completion"}, "samples": 16,
+                "evaluation": {"dataset": {"uri": str(scored), "format": "prompt-completion"}, "samples": n_scored,
                                "reasoningModes": ["off"], "maxNewTokens": 8},
             })
             uid = uuid.uuid4().hex[:8]
@@ -156,20 +176,50 @@ def part2(args, root: Path) -> list[dict]:
                                     tracking_uri=f"sqlite:///{root / 'mlflow.db'}", experiment="bench-ffn-fusion",
                                     registered_model_name="bench-ffn-fusion", work_dir=str(root / "work" / uid),
                                     cache_dir=str(root / "cache"), artifact_root=str(root / "artifacts"))
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             result = recipe.run(spec, ctx)
             m = result.metrics
-            row = {"label": label, "phase": result.phase, "seconds": round(time.perf_counter() - t0, 1),
+            row = {"label": label, "phase": result.phase, "seconds": round(time.perf_counter() - t1, 1),
                    **{k: m.get(k) for k in ("sourceAccuracy", "accuracy", "retention", "perplexity",
                                             "sourcePerplexity", "prunedSequentialDepth", "prunedSequentialDepthRatio",
                                             "prunedFusionGapKl", "prunedFusionGapTop1", "prunedParamRatio",
                                             "recoveryLoss")},
                    "message": result.message[:300]}
+            if result.mlflow_run_id:  # which blocks the recipe chose (by importance, for a count)
+                tags = mlflow.MlflowClient(ctx.tracking_uri).get_run(result.mlflow_run_id).data.tags
+                row["droppedAttention"] = json.loads(tags.get("anneal.pruning.dropped_attention", "null"))
             rows.append(row)
+            outputs[label] = result.model_uri
             print(json.dumps(row), flush=True)
     finally:
         ray.shutdown()
-    return rows
+    # Decode latency of the source and the recovered model it became, side by side (as part 1).
+    source, tokenizer = load_model(str(source_dir), cache_dir=root / "cache")
+    final_label = rows[-1]["label"]
+    final, _ = load_model(outputs[final_label], cache_dir=root / "cache", tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    prompt = tokenizer("Repeat: 42\n", return_tensors="pt").input_ids
+    models = {"source": source, final_label: final}
+    for model in models.values():
+        decode_ms(model, prompt, 4)
+    times = {name: [] for name in models}
+    names = list(models)
+    for r in range(args.repeats):
+        for name in names[r % 2:] + names[:r % 2]:
+            times[name].append(decode_ms(models[name], prompt, args.tokens))
+    from anneal.compress.ffn_fusion import sequential_depth
+
+    base = statistics.median(times["source"])
+    latency = []
+    for name, model in models.items():
+        ms = statistics.median(times[name])
+        latency.append({"model": name, "blocks": len(model.model.layers), "sequentialDepth": sequential_depth(model),
+                        "msPerToken": round(ms, 3), "speedup": round(base / ms, 3)})
+        print(json.dumps(latency[-1]), flush=True)
+    return {"shape": {"layers": shape.layers, "hidden": shape.hidden_size, "ffn": shape.intermediate_size,
+                      "drop": drop, "threads": torch.get_num_threads(), "trainSeconds": trained_s,
+                      "trainItems": args.retention_samples, "scoredItems": n_scored,
+                      "scoredOn": "held-out numbers" if args.held_out else "the trained items"},
+            "rows": rows, "latency": latency}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--retention", action="store_true", help="also run part 2 (trains a copy-task model)")
     parser.add_argument("--recovery-steps", type=int, default=40)
+    parser.add_argument("--retention-layers", type=int, default=8, help="blocks of part 2's copy-task model")
+    parser.add_argument("--retention-samples", type=int, default=16, help="part 2: copy items trained on")
+    parser.add_argument("--held-out", type=int, default=0,
+                        help="part 2: score on this many numbers never trained on (0: on the trained items)")
+    parser.add_argument("--retention-drop", default="4",
+                        help="part 2: attention sub-layers removed: a count (least important) or block indices")
     parser.add_argument("--work", default=None)
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
