@@ -66,6 +66,23 @@ def decode_ms(model, prompt, tokens: int) -> float:
     return (time.perf_counter() - t0) * 1000 / tokens
 
 
+def side_by_side(models: dict, prompt, tokens: int, repeats: int) -> dict[str, float]:
+    """Median ms per generated token of each model, measured in turns within each round.
+
+    Each model is warmed up first; the model going first rotates every round, so load that drifts
+    within a round hits them alike.
+    """
+    for model in models.values():
+        decode_ms(model, prompt, 4)
+    times = {name: [] for name in models}
+    names = list(models)
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            times[name].append(decode_ms(models[name], prompt, tokens))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def exactness_and_gap(dropped, fused, runs, layers_hidden: int, seed: int = 0) -> dict:
     import torch
 
@@ -109,17 +126,11 @@ def part1(args) -> dict:
     models = {"source": source, "attention removed": dropped, "removed + fused": fused}
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(1, 512, (1, args.prompt), generator=g)
-    for model in models.values():  # warm up
-        decode_ms(model, prompt, 4)
-    times = {name: [] for name in models}
-    names = list(models)
-    for r in range(args.repeats):
-        for name in names[r % 3:] + names[:r % 3]:  # rotate who goes first: load drifts within a round
-            times[name].append(decode_ms(models[name], prompt, args.tokens))
+    medians = side_by_side(models, prompt, args.tokens, args.repeats)
     rows = []
-    base = statistics.median(times["source"])
+    base = medians["source"]
     for name, model in models.items():
-        ms = statistics.median(times[name])
+        ms = medians[name]
         rows.append({"model": name, "blocks": len(model.model.layers), "sequentialDepth": sequential_depth(model),
                      "params": count_parameters(model), "msPerToken": round(ms, 3),
                      "latencyRatio": round(ms / base, 3), "speedup": round(base / ms, 3),
@@ -144,20 +155,21 @@ def part2(args, root: Path) -> dict:
 
     from anneal.api.compression import CompressionJobSpec
     from anneal.compress import recipe
-    from anneal.modeling.tiny import LlamaShape, memorize_copy_task
+    from anneal.compress.ffn_fusion import sequential_depth
+    from anneal.modeling.tiny import LlamaShape, held_out_path, memorize_copy_task
     from anneal.modeling.uris import load_model
 
     shape = LlamaShape(hidden_size=128, layers=args.retention_layers, heads=4, kv_heads=2, intermediate_size=384)
     t0 = time.perf_counter()
     source_dir, data = memorize_copy_task(root, shape, samples=args.retention_samples, max_steps=600,
                                           held_out=args.held_out)
-    scored = root / "copy-held-out.jsonl" if args.held_out else data  # numbers never trained on, or the trained
+    scored = held_out_path(data) if args.held_out else data  # numbers never trained on, or the trained
     n_scored = args.held_out or args.retention_samples
     trained_s = round(time.perf_counter() - t0, 1)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     cal = {"uri": str(data), "format": "prompt-completion", "samples": min(args.retention_samples, 64)}
-    drop = _drop_spec(args.retention_drop)
+    drop = args.retention_drop
     rows, outputs = [], {}
     try:
         for label, recovery in (("removed + fused", None),
@@ -199,19 +211,11 @@ def part2(args, root: Path) -> dict:
     final, _ = load_model(outputs[final_label], cache_dir=root / "cache", tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     prompt = tokenizer("Repeat: 42\n", return_tensors="pt").input_ids
     models = {"source": source, final_label: final}
-    for model in models.values():
-        decode_ms(model, prompt, 4)
-    times = {name: [] for name in models}
-    names = list(models)
-    for r in range(args.repeats):
-        for name in names[r % 2:] + names[:r % 2]:
-            times[name].append(decode_ms(models[name], prompt, args.tokens))
-    from anneal.compress.ffn_fusion import sequential_depth
-
-    base = statistics.median(times["source"])
+    medians = side_by_side(models, prompt, args.tokens, args.repeats)
+    base = medians["source"]
     latency = []
     for name, model in models.items():
-        ms = statistics.median(times[name])
+        ms = medians[name]
         latency.append({"model": name, "blocks": len(model.model.layers), "sequentialDepth": sequential_depth(model),
                         "msPerToken": round(ms, 3), "speedup": round(base / ms, 3)})
         print(json.dumps(latency[-1]), flush=True)
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retention-samples", type=int, default=16, help="part 2: copy items trained on")
     parser.add_argument("--held-out", type=int, default=0,
                         help="part 2: score on this many numbers never trained on (0: on the trained items)")
-    parser.add_argument("--retention-drop", default="4",
+    parser.add_argument("--retention-drop", default="4", type=_drop_spec,
                         help="part 2: attention sub-layers removed: a count (least important) or block indices")
     parser.add_argument("--work", default=None)
     parser.add_argument("--out", default=None, help="write the figures as JSON here")

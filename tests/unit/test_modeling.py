@@ -9,7 +9,8 @@ import torch
 
 from anneal.data.datasets import load_samples
 from anneal.data.formats import format_chat
-from anneal.modeling.tiny import LlamaShape, build_llama, copy_task, count_parameters, estimate_parameters
+from anneal.modeling.tiny import (LlamaShape, build_llama, copy_task, count_parameters, estimate_parameters,
+                                 held_out_path)
 from anneal.modeling.tokenizer import BUILTIN_TOKENIZER_VERSION, SPECIAL_TOKENS, builtin_tokenizer, train_tokenizer
 from anneal.modeling.uris import ModelURI, parse_model_uri
 
@@ -166,6 +167,7 @@ def test_unmerged_adapter_resolves_and_loads_onto_its_base(tmp_path, tokenizer):
 def test_copy_task_held_out_numbers_are_never_trained_on(tmp_path):
     train = copy_task(tmp_path / "copy.jsonl", 70, held_out=20)
     held = tmp_path / "copy-held-out.jsonl"
+    assert held_out_path(train) == held
     seen = [int(s.completion.split()[-1]) for s in load_samples(str(train), format="prompt-completion")]
     unseen = [int(s.completion.split()[-1]) for s in load_samples(str(held), format="prompt-completion")]
     assert len(seen) == 70 and len(unseen) == 20 and not set(seen) & set(unseen)

@@ -142,12 +142,18 @@ def save_pretrained(model: Any, tokenizer: Any, path: str | Path) -> Path:
     return path
 
 
+def held_out_path(path: str | Path) -> Path:
+    """Where `copy_task(path, ..., held_out=N)` writes its held-out items: `<stem>-held-out.jsonl` beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-held-out.jsonl")
+
+
 def copy_task(path: str | Path, n: int, seed: int = 0, held_out: int = 0) -> Path:
     """A JSONL data set of `n` trivially learnable samples ("Repeat: 42" → "Answer: 42").
 
     A tiny model memorises it in a few hundred steps, which gives compression tests and
     benchmarks a source model whose accuracy (1.0) any loss shows up against. With `held_out`
-    > 0, that many further numbers (none of the `n`) go to `<stem>-held-out.jsonl` beside it
+    > 0, that many further numbers (none of the `n`) go to `held_out_path(path)` beside it
     (`n + held_out` <= 90).
     """
     import json
@@ -158,11 +164,15 @@ def copy_task(path: str | Path, n: int, seed: int = 0, held_out: int = 0) -> Pat
         raise ValueError(f"copy_task: {n} + {held_out} items; there are only 90 two-digit numbers")
     rng = random.Random(seed)
     numbers = rng.sample(range(10, 100), n + held_out)
-    for target, chosen in ((path, numbers[:n]), (path.with_name(f"{path.stem}-held-out.jsonl"), numbers[n:])):
-        if target is path or chosen:
-            with target.open("w") as f:
-                for x in chosen:
-                    f.write(json.dumps({"prompt": f"Repeat: {x}\n", "completion": f"Answer: {x}", "answer": x}) + "\n")
+
+    def write(target: Path, chosen: list[int]) -> None:
+        with target.open("w") as f:
+            for x in chosen:
+                f.write(json.dumps({"prompt": f"Repeat: {x}\n", "completion": f"Answer: {x}", "answer": x}) + "\n")
+
+    write(path, numbers[:n])
+    if held_out:
+        write(held_out_path(path), numbers[n:])
     return path
 
 
@@ -172,7 +182,7 @@ def memorize_copy_task(root: str | Path, shape: LlamaShape, samples: int, max_st
 
     Full-batch AdamW until the loss is below 0.01 or `max_steps`; the model is saved under
     `root/source`, the data under `root/copy.jsonl`. With `held_out` > 0, that many further
-    items (numbers the model never saw) go to `root/copy-held-out.jsonl`, to measure copying
+    items (numbers the model never saw) go to `held_out_path(root/copy.jsonl)`, to measure copying
     rather than recall (`samples + held_out` <= 90).
 
     Returns:
